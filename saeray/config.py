@@ -1,0 +1,288 @@
+"""Run configuration: frozen dataclasses read from YAML, validated strictly.
+
+Unknown keys and wrong types are errors that name the key and the valid choices, so a
+typo never silently falls back to a default. `--set key.path=value` overrides are
+applied to the raw mapping before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    """Short name of an embedded model, a hub id, a local directory, or a .gguf file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 where the device supports it (CPU and recent GPUs), else float16."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust the repository."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    name: str
+    """The value of column `sae` in outputs."""
+    path: str | None = None
+    """A sae-lens disk directory (cfg.json + sae_weights.safetensors)."""
+    release: str | None = None
+    """A sae-lens pretrained release, e.g. gemma-scope-2b-pt-res-canonical (with `id`)."""
+    id: str | None = None
+    """The SAE id inside `release`, e.g. layer_12/width_16k/canonical."""
+    hook: str | None = None
+    """Hook name to read from; defaults to the SAE's own hook name."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the SAE encoder; inputs are cast to it."""
+    threshold: float = 0.0
+    """A feature is active where |value| > threshold (0: any nonzero value)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    """Hub dataset id, or local files: a file, a directory, or a glob."""
+    format: Literal["auto", "parquet", "json", "text"] = "auto"
+    """Local file format; auto picks it from the file extension."""
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    text_column: str = "text"
+    keep_columns: tuple[str, ...] = ()
+    """Dataset columns copied into docs (labels, categories)."""
+    shards: int | None = None
+    """Number of shards; default one per dataset file."""
+    max_tokens: int | None = None
+    """Token budget over the whole run, taken in the dataset's order (the last document is cut)."""
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    context_size: int | None = None
+    """Longer documents are split into windows of this many tokens (BOS included).
+    Default: the smallest context_size among the SAEs, else 1024."""
+    batch_tokens: int = 16384
+    """Tokens per forward pass per worker (padding included)."""
+    prepend_bos: bool | None = None
+    """Prepend BOS to every window; default: what the SAEs were trained with (else True)."""
+    exclude_special: bool = True
+    """Leave special tokens (BOS/EOS/PAD/template tokens) out of outputs and statistics."""
+
+
+@dataclass(frozen=True)
+class MarkerGroup:
+    marker: str
+    """Token string to anchor on (one or several tokens; anchored at its last token)."""
+    offset: int = 0
+    """Position relative to the anchor (-1 = the token before it)."""
+
+
+@dataclass(frozen=True)
+class PositionsConfig:
+    mode: Literal["all", "last", "markers"] = "all"
+    """all: every counted token; last: the last counted token of each document;
+    markers: the named groups below."""
+    groups: dict[str, MarkerGroup] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/example"
+    activations: bool = True
+    """false = statistics only (per-shard partials, no activation rows)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    saes: tuple[SAEConfig, ...]
+    data: DataConfig
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    positions: PositionsConfig = field(default_factory=PositionsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    workers: Union[Literal["auto"], int] = "auto"
+    """auto = one worker per GPU, else one CPU worker; N = N workers."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def __post_init__(self) -> None:
+        _check_semantics(self)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _check_semantics(cfg: RunConfig) -> None:
+    if not cfg.saes:
+        raise ConfigError("saes: at least one SAE is required (a `path`, or a `release` and `id`)")
+    names = [s.name for s in cfg.saes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"saes: names must be unique, got {names}")
+    for i, s in enumerate(cfg.saes):
+        if bool(s.path) == bool(s.release):
+            raise ConfigError(f"saes[{i}] ({s.name}): give exactly one of `path` or `release` (+ `id`)")
+        if s.release and not s.id:
+            raise ConfigError(f"saes[{i}] ({s.name}): `release` needs an `id`")
+        if s.threshold < 0:
+            raise ConfigError(f"saes[{i}].threshold must be >= 0, got {s.threshold}")
+        if not s.name or "/" in s.name or s.name.startswith("."):
+            raise ConfigError(f"saes[{i}].name {s.name!r} must be a plain name (no '/', not starting with '.')")
+    if cfg.tokens.context_size is not None and cfg.tokens.context_size < 2:
+        raise ConfigError(f"tokens.context_size must be >= 2, got {cfg.tokens.context_size}")
+    if cfg.tokens.batch_tokens < 1:
+        raise ConfigError(f"tokens.batch_tokens must be >= 1, got {cfg.tokens.batch_tokens}")
+    if cfg.data.shards is not None and cfg.data.shards < 1:
+        raise ConfigError(f"data.shards must be >= 1 or null, got {cfg.data.shards}")
+    if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
+        raise ConfigError(f"data.max_tokens must be >= 1 or null, got {cfg.data.max_tokens}")
+    if cfg.data.text_column in cfg.data.keep_columns:
+        raise ConfigError(f"data.keep_columns must not repeat the text column {cfg.data.text_column!r}")
+    reserved = {"doc_id", "n_tokens", "token_ids"}
+    if reserved & set(cfg.data.keep_columns):
+        raise ConfigError(f"data.keep_columns: {sorted(reserved & set(cfg.data.keep_columns))} are reserved names in docs")
+    if cfg.positions.mode == "markers" and not cfg.positions.groups:
+        raise ConfigError("positions.mode is 'markers' but positions.groups is empty: add e.g. "
+                          "groups: {assistant: {marker: '<|im_start|>assistant', offset: 0}}")
+    if cfg.positions.mode != "markers" and cfg.positions.groups:
+        raise ConfigError(f"positions.groups is only used with mode 'markers' (mode is {cfg.positions.mode!r})")
+    if isinstance(cfg.workers, int) and cfg.workers < 1:
+        raise ConfigError(f"workers must be 'auto' or >= 1, got {cfg.workers}")
+
+
+# ---- parsing -------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}: valid keys here are {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set tokens.batch_tokens=4096")
+        path, _, text = item.partition("=")
+        value = yaml.safe_load(text) if text else None
+        node = raw
+        parts = path.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,162 @@
+"""The pure core: (model, SAEs, documents) -> sparse activation rows + per-feature partials.
+
+No Ray here. Everything per token stays on the device: hidden states are gathered at the
+selected positions, encoded in chunks, and only the active (row, feature, value) triples
+and per-feature accumulators leave the encoder. Partials merge with Chan's formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .contexts import Batch, Document, Tokenization
+from .models import HookSite, run_to_hooks
+from .saes import encode_sparse
+
+_KEY_SHIFT = 32  # max location key = doc_id << 32 | pos
+_NO_KEY = torch.iinfo(torch.int64).max
+
+STATS_SCHEMA = pa.schema([
+    ("sae", pa.string()), ("group", pa.string()), ("feature", pa.int32()),
+    ("n_tokens", pa.int64()), ("n_active", pa.int64()), ("n_docs_active", pa.int64()),
+    ("sum", pa.float64()), ("m2", pa.float64()),
+    ("max", pa.float32()), ("max_doc_id", pa.int64()), ("max_pos", pa.int32()),
+])
+
+
+class FeatureStats:
+    """Mergeable per-feature partials for one (SAE, position group), kept on the device.
+
+    mean/m2 are over all counted tokens (inactive tokens count as 0); m2 is the sum of
+    squared deviations from the mean, merged across batches with Chan's formula in float64.
+    max is over active values; ties go to the smallest (doc_id, pos).
+    """
+
+    def __init__(self, d_sae: int, device: torch.device):
+        self.d_sae = d_sae
+        self.n_tokens = 0
+        z = dict(device=device)
+        self.n_active = torch.zeros(d_sae, dtype=torch.int64, **z)
+        self.n_docs = torch.zeros(d_sae, dtype=torch.int64, **z)
+        self.mean = torch.zeros(d_sae, dtype=torch.float64, **z)
+        self.m2 = torch.zeros(d_sae, dtype=torch.float64, **z)
+        self.max = torch.full((d_sae,), float("-inf"), dtype=torch.float32, **z)
+        self.max_key = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
+
+    def add(self, n: int, feat: torch.Tensor, val: torch.Tensor, key: torch.Tensor) -> None:
+        """Fold in a batch of `n` counted tokens whose active entries are (feat, val, key)."""
+        if n == 0:
+            return
+        v = val.double()
+        count = torch.bincount(feat, minlength=self.d_sae)
+        s = torch.zeros(self.d_sae, dtype=torch.float64, device=v.device).index_add_(0, feat, v)
+        mean_b = s / n
+        dev = v - mean_b[feat]
+        m2_b = torch.zeros_like(s).index_add_(0, feat, dev * dev) + (n - count) * mean_b * mean_b
+        na, nb = self.n_tokens, n
+        tot = na + nb
+        delta = mean_b - self.mean
+        self.mean += delta * (nb / tot)
+        self.m2 += m2_b + delta * delta * (na * nb / tot)
+        self.n_tokens = tot
+        self.n_active += count
+        if feat.numel():
+            bmax = torch.full_like(self.max, float("-inf")).scatter_reduce(0, feat, val, "amax")
+            hit = val == bmax[feat]
+            bkey = torch.full_like(self.max_key, _NO_KEY).scatter_reduce(0, feat[hit], key[hit], "amin")
+            better = (bmax > self.max) | ((bmax == self.max) & (bkey < self.max_key))
+            self.max = torch.where(better, bmax, self.max)
+            self.max_key = torch.where(better, bkey, self.max_key)
+
+    def add_docs(self, feat: torch.Tensor, doc: torch.Tensor) -> None:
+        """Count documents per feature; call once per set of whole documents."""
+        if feat.numel():
+            pairs = torch.unique(doc * self.d_sae + feat)
+            self.n_docs += torch.bincount(pairs % self.d_sae, minlength=self.d_sae)
+
+    def to_table(self, sae: str, group: str) -> pa.Table:
+        key = self.max_key.cpu().numpy()
+        seen = key != _NO_KEY
+        mx = self.max.cpu().numpy()
+        return pa.table({
+            "sae": pa.array([sae] * self.d_sae, pa.string()),
+            "group": pa.array([group] * self.d_sae, pa.string()),
+            "feature": pa.array(np.arange(self.d_sae, dtype=np.int32)),
+            "n_tokens": pa.array(np.full(self.d_sae, self.n_tokens, dtype=np.int64)),
+            "n_active": pa.array(self.n_active.cpu().numpy()),
+            "n_docs_active": pa.array(self.n_docs.cpu().numpy()),
+            "sum": pa.array(self.mean.cpu().numpy() * self.n_tokens),
+            "m2": pa.array(self.m2.cpu().numpy()),
+            "max": pa.array(mx, mask=~seen),
+            "max_doc_id": pa.array(key >> _KEY_SHIFT, mask=~seen),
+            "max_pos": pa.array((key & ((1 << _KEY_SHIFT) - 1)).astype(np.int32), mask=~seen),
+        }, schema=STATS_SCHEMA)
+
+
+@dataclass
+class SAEHandle:
+    name: str
+    sae: Any
+    site: HookSite
+    threshold: float
+
+
+class Extractor:
+    """Runs blocks of whole documents through the model and SAEs."""
+
+    def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
+                 device: torch.device, encode_chunk: int = 4096):
+        self.model = model
+        self.saes = saes
+        self.tok = tok
+        self.batch_tokens = batch_tokens
+        self.device = device
+        self.encode_chunk = encode_chunk
+        self.sites = list({h.site.name: h.site for h in saes}.values())
+        self.groups = list(tok.markers) if tok.positions.mode == "markers" else [tok.positions.mode]
+        self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
+        self.forward_tokens = 0
+
+    def process(self, docs: list[Document], keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Run whole documents; update statistics; return {(sae, group): rows} when `keep_rows`."""
+        found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]] = {k: [] for k in self.stats}
+        for batch in self.tok.batches(docs, self.batch_tokens, self.device):
+            self._run_batch(batch, found)
+        out = {}
+        for key, parts in found.items():
+            st = self.stats[key]
+            if not parts:
+                if keep_rows:
+                    out[key] = {"doc_id": np.empty(0, np.int64), "pos": np.empty(0, np.int32),
+                                "feature": np.empty(0, np.int32), "value": np.empty(0, np.float32)}
+                continue
+            doc, pos, feat, val = (torch.cat(p) for p in zip(*parts))
+            st.add_docs(feat, doc)
+            if keep_rows:
+                order = np.lexsort((feat.cpu().numpy(), pos.cpu().numpy(), doc.cpu().numpy()))
+                out[key] = {"doc_id": doc.cpu().numpy()[order], "pos": pos.cpu().numpy().astype(np.int32)[order],
+                            "feature": feat.cpu().numpy().astype(np.int32)[order],
+                            "value": val.cpu().numpy()[order]}
+        return out
+
+    def _run_batch(self, batch: Batch, found: dict) -> None:
+        self.forward_tokens += batch.n_tokens
+        hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask)
+        for h in self.saes:
+            hs = hidden[h.site.name]
+            for g in self.groups:
+                if g not in batch.sel_row or len(batch.sel_row[g]) == 0:
+                    continue
+                rows = torch.from_numpy(batch.sel_row[g]).to(self.device)
+                cols = torch.from_numpy(batch.sel_col[g]).to(self.device)
+                doc = torch.from_numpy(batch.sel_doc[g]).to(self.device)
+                pos = torch.from_numpy(batch.sel_pos[g].astype(np.int64)).to(self.device)
+                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.encode_chunk)
+                d, p = doc[r], pos[r]
+                self.stats[(h.name, g)].add(len(rows), f, v, (d << _KEY_SHIFT) | p)
+                found[(h.name, g)].append((d, p, f, v))

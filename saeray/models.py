@@ -1,0 +1,230 @@
+"""Load a `transformers` causal LM and read TransformerLens-named hook points from it.
+
+Hook names are the ones sae-lens SAEs carry (`blocks.L.hook_resid_pre`, ...). They are
+mapped onto the Hugging Face decoder layers; the forward pass is stopped by an
+exception right after the deepest hooked module, so later layers and the LM head never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(\w+)$")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or does not have the requested hook point."""
+
+
+class _StopForward(Exception):
+    """Raised inside the deepest hook to end the forward pass early."""
+
+
+@dataclass(frozen=True)
+class HookSite:
+    name: str
+    layer: int
+    kind: str
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config (the text config of a vision-language model)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter else config
+
+
+def n_layers_of(config: Any) -> int:
+    tc = text_config(config)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(tc, attr, None):
+            return int(getattr(tc, attr))
+    raise ModelError(f"cannot tell the number of layers of model type {tc.model_type!r}")
+
+
+def d_model_of(config: Any) -> int:
+    tc = text_config(config)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if getattr(tc, attr, None):
+            return int(getattr(tc, attr))
+    raise ModelError(f"cannot tell the hidden size of model type {tc.model_type!r}")
+
+
+def parse_hook(name: str, n_layers: int) -> HookSite:
+    m = _HOOK_RE.match(name)
+    valid = f"blocks.L.{{{','.join(HOOK_KINDS)}}} with L in 0-{n_layers - 1}"
+    if not m or m.group(2) not in HOOK_KINDS:
+        raise ModelError(f"unknown hook {name!r}: valid hooks are {valid}")
+    layer = int(m.group(1))
+    if layer >= n_layers:
+        raise ModelError(f"unknown hook {name!r}: the model has {n_layers} layers (0-{n_layers - 1})")
+    return HookSite(name, layer, m.group(2))
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def resolve_source(name: str) -> tuple[str, dict[str, Any]]:
+    """Turn a model name into (path or hub id, extra from_pretrained kwargs)."""
+    from . import embedded
+
+    if name in embedded.MODELS:
+        return embedded.resolve(name)
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file {p} does not exist")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.exists():
+        return str(p), {}
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model directory {name} does not exist")
+    return name, {}
+
+
+def load_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    source, kwargs = resolve_source(cfg.name)
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load the config of model {cfg.name!r}: {e}. Give an embedded short "
+                         "name, a local directory, a .gguf file, or a hub id available offline") from None
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = resolve_source(cfg.name)
+    dtype = torch_dtype(cfg.dtype, device)
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+# ---- hooks --------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (the language model's, for multimodal models)."""
+    n = n_layers_of(model.config)
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not candidates:
+        raise ModelError(f"no list of {n} decoder layers found in {type(model).__name__}")
+    preferred = [c for c in candidates if c[0].split(".")[-1] in ("layers", "h", "layer", "blocks")]
+    return (preferred or candidates)[0][1]
+
+
+def _child(block: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for n in names:
+        if hasattr(block, n):
+            return getattr(block, n)
+    raise ModelError(f"{type(block).__name__} has no {what} submodule (looked for {', '.join(names)})")
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def hook_target(block: nn.Module, kind: str) -> tuple[nn.Module, str]:
+    """(module, 'input' | 'output') whose value is the hook point `kind` of this block."""
+    sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
+    if kind == "hook_resid_pre":
+        return block, "input"
+    if kind == "hook_resid_post":
+        return block, "output"
+    if kind == "hook_attn_out":
+        # Gemma 2/3 normalise the attention output before adding it to the residual stream.
+        return (block.post_attention_layernorm, "output") if sandwich else (_child(block, _ATTN_NAMES, "attention"), "output")
+    if kind == "hook_mlp_out":
+        return (block.post_feedforward_layernorm, "output") if sandwich else (_child(block, _MLP_NAMES, "MLP"), "output")
+    if kind == "hook_resid_mid":
+        if sandwich:
+            return block.pre_feedforward_layernorm, "input"
+        for n in ("post_attention_layernorm", "ln_2"):
+            if hasattr(block, n):
+                return getattr(block, n), "input"
+        raise ModelError(f"cannot locate hook_resid_mid in {type(block).__name__}")
+    raise ModelError(f"unknown hook kind {kind!r}")
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, sites: list[HookSite]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, a forward pass fills the dict {hook name: [batch, seq, d]} and stops
+    right after the deepest hook. Call the model through `run_to_hooks`."""
+    layers = decoder_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+    names = {s.name for s in sites}
+    handles = []
+
+    def make(name: str, where: str):
+        def record(value: torch.Tensor) -> None:
+            captured[name] = value
+            if names.issubset(captured):
+                raise _StopForward
+
+        if where == "input":
+            def pre_hook(module, args, kwargs):
+                record(args[0] if args else kwargs["hidden_states"])
+            return pre_hook, True
+
+        def post_hook(module, args, kwargs, output):
+            record(_first(output))
+        return post_hook, False
+
+    try:
+        for s in sites:
+            module, where = hook_target(layers[s.layer], s.kind)
+            fn, is_pre = make(s.name, where)
+            if is_pre:
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def run_to_hooks(model: nn.Module, sites: list[HookSite], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward `input_ids` until every hook in `sites` has fired; return their values."""
+    with capture(model, sites) as captured:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    missing = {s.name for s in sites} - set(captured)
+    if missing:
+        raise ModelError(f"hooks {sorted(missing)} never fired during the forward pass")
+    return captured

@@ -1,0 +1,125 @@
+"""Resolve a config into a checked plan before any work starts.
+
+Everything that can be wrong with a run (bad hook, SAE/model width mismatch, missing
+column, empty dataset) is found here, on the driver, from configs and file metadata
+only: no weights are loaded and the run directory is not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__, data, models, saes
+from .config import RunConfig
+from .store import fingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 1024
+
+
+class PlanError(ValueError):
+    """The config is well-formed but the run it describes cannot work."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    config: RunConfig
+    plan: data.DataPlan
+    saes: tuple[saes.SAEInfo, ...]
+    prepend_bos: bool
+    context_size: int
+    n_layers: int
+    fingerprint: str
+
+    def manifest(self) -> dict[str, Any]:
+        import pyarrow
+        import torch
+        import transformers
+
+        return {
+            "saeray_version": __version__,
+            "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(),
+            "resolved": {"prepend_bos": self.prepend_bos, "context_size": self.context_size,
+                         "saes": [s.__dict__ for s in self.saes]},
+            "plan": self.plan.to_dict(),
+            "n_shards": len(self.plan.shards),
+            "definitions": DEFINITIONS,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "pyarrow": pyarrow.__version__},
+        }
+
+
+DEFINITIONS = {
+    "pos": "index into the document's text token ids (docs.token_ids); BOS added per window is not a position",
+    "counted_tokens": "positions selected by the position mode; in modes all/last special tokens "
+                      "(BOS/EOS/PAD/template tokens) are excluded unless tokens.exclude_special is false",
+    "active": "|value| > the SAE's threshold (default: value != 0)",
+    "mean": "sum of values / counted tokens (inactive tokens count as 0)",
+    "mean_active": "sum of values / active tokens",
+    "std": "population standard deviation over counted tokens, merged with Chan's formula in float64",
+    "max": "largest active value; ties go to the smallest (doc_id, pos)",
+    "activations_order": "within a file, rows are sorted by (sae, group, doc_id, pos, feature) per row group",
+}
+
+
+def _check_widths(sae_infos: list[saes.SAEInfo], d_model: int, n_layers: int) -> list[models.HookSite]:
+    sites = []
+    for s in sae_infos:
+        site = models.parse_hook(s.hook, n_layers)
+        if s.d_in != d_model:
+            raise PlanError(f"SAE {s.name!r} has d_in={s.d_in} but {s.hook} of this model has width {d_model}: "
+                            "pick an SAE trained on this model, or another model")
+        sites.append(site)
+    return sites
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Check the config against model/SAE/dataset metadata and plan the shards."""
+    model_config = models.load_config(cfg.model)
+    n_layers = models.n_layers_of(model_config)
+    d_model = models.d_model_of(model_config)
+    infos = []
+    for s in cfg.saes:
+        info = saes.describe(s)
+        infos.append(info)
+    _check_widths(infos, d_model, n_layers)
+
+    bos_wanted = {s.prepend_bos for s in infos if s.prepend_bos is not None}
+    if cfg.tokens.prepend_bos is not None:
+        prepend_bos = cfg.tokens.prepend_bos
+    elif len(bos_wanted) > 1:
+        raise PlanError("the SAEs disagree on prepend_bos: set tokens.prepend_bos explicitly")
+    else:
+        prepend_bos = bos_wanted.pop() if bos_wanted else True
+    sizes = [s.context_size for s in infos if s.context_size]
+    context_size = cfg.tokens.context_size or (min(sizes) if sizes else DEFAULT_CONTEXT)
+
+    plan = data.plan(cfg.data)
+    if cfg.data.max_tokens is not None:
+        from transformers import AutoTokenizer
+
+        source, kwargs = models.resolve_source(cfg.model.name)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+
+        def n_tokens(text: Any) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if isinstance(text, str) and text else 0
+
+        plan = data.with_budget(plan, cfg.data, n_tokens, cfg.data.max_tokens)
+
+    identity = {
+        "model": cfg.model.__dict__,
+        "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
+        "data": {**cfg.data.__dict__, "files": [(f.path, f.n_rows) for f in plan.files], "n_rows": plan.n_rows,
+                 "shards": [(s.start, s.end) for s in plan.shards]},
+        "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,
+                   "exclude_special": cfg.tokens.exclude_special},
+        "positions": cfg.to_dict()["positions"],
+        "activations": cfg.output.activations,
+    }
+    return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fingerprint(identity))

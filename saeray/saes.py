@@ -1,0 +1,134 @@
+"""Load SAEs through sae-lens and turn their dense codes into sparse rows on the device.
+
+Every inference architecture sae-lens registers (standard, topk, jumprelu, gated,
+abstopk, ...) is encoded with the SAE's own `encode`, so its normalisation and
+activation function are the ones it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import SAEConfig
+
+log = logging.getLogger(__name__)
+
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+
+class SAEError(ValueError):
+    """An SAE cannot be found, loaded, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    """What the driver needs to know about an SAE before any weights are loaded."""
+
+    name: str
+    hook: str
+    d_in: int
+    d_sae: int
+    architecture: str
+    prepend_bos: bool | None
+    context_size: int | None
+    neuronpedia_id: str | None
+    digest: str
+    """Hash of the SAE's config and weights (disk SAEs) or of its release and id."""
+
+
+def _check_disk(path: Path, name: str) -> None:
+    if not (path / SAE_CFG_FILENAME).is_file():
+        raise SAEError(f"SAE {name!r}: {path} is not a sae-lens SAE directory (no {SAE_CFG_FILENAME}). "
+                       "Give a directory written by SAE.save_model, or a `release` and `id`")
+    if not (path / SAE_WEIGHTS_FILENAME).is_file():
+        raise SAEError(f"SAE {name!r}: {path} has no {SAE_WEIGHTS_FILENAME} (only safetensors weights are loaded)")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_config(cfg: SAEConfig) -> dict[str, Any]:
+    """The SAE's sae-lens config dict, without loading its weights."""
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting, load_sae_config_from_huggingface
+
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        _check_disk(path, cfg.name)
+        return handle_config_defaulting(json.loads((path / SAE_CFG_FILENAME).read_text()))
+    try:
+        return load_sae_config_from_huggingface(cfg.release, cfg.id)
+    except Exception as e:  # sae-lens raises ValueError/KeyError/HTTP errors alike
+        raise SAEError(f"SAE {cfg.name!r}: cannot read config of release {cfg.release!r} id {cfg.id!r}: {e}") from None
+
+
+def describe(cfg: SAEConfig) -> SAEInfo:
+    raw = read_config(cfg)
+    meta = raw.get("metadata") or {}
+    hook = cfg.hook or meta.get("hook_name") or raw.get("hook_name")
+    if not hook:
+        raise SAEError(f"SAE {cfg.name!r} does not say which hook it reads: set `hook:` in its config entry")
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        digest = hashlib.sha256(((path / SAE_CFG_FILENAME).read_bytes()) +
+                                _file_digest(path / SAE_WEIGHTS_FILENAME).encode()).hexdigest()
+    else:
+        digest = hashlib.sha256(f"{cfg.release}\0{cfg.id}".encode()).hexdigest()
+    return SAEInfo(
+        name=cfg.name, hook=hook, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
+        architecture=str(raw.get("architecture", "standard")),
+        prepend_bos=meta.get("prepend_bos", raw.get("prepend_bos")),
+        context_size=meta.get("context_size", raw.get("context_size")),
+        neuronpedia_id=meta.get("neuronpedia_id", raw.get("neuronpedia_id")),
+        digest=digest,
+    )
+
+
+def load(cfg: SAEConfig, device: torch.device) -> Any:
+    """Load an SAE with sae-lens onto `device`, in eval mode without gradients."""
+    from sae_lens import SAE
+
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        _check_disk(path, cfg.name)
+        sae = SAE.load_from_disk(path, device=str(device), dtype=cfg.dtype)
+    else:
+        sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=cfg.dtype)
+    sae.eval()
+    sae.requires_grad_(False)
+    return sae
+
+
+@torch.inference_mode()
+def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode `x` [n, d_in] and keep the active entries.
+
+    Returns (row [nnz] int64, feature [nnz] int64, value [nnz] float32), all on x's
+    device, sorted by (row, feature). The dense code exists only `chunk_tokens` rows at a time.
+    """
+    rows, feats, vals = [], [], []
+    for start in range(0, x.shape[0], chunk_tokens):
+        acts = sae.encode(x[start:start + chunk_tokens].to(sae.dtype))
+        mask = acts.abs() > threshold if threshold > 0 else acts != 0
+        idx = mask.nonzero()
+        rows.append(idx[:, 0] + start)
+        feats.append(idx[:, 1])
+        vals.append(acts[idx[:, 0], idx[:, 1]].float())
+        del acts, mask
+    if not rows:
+        empty = torch.empty(0, dtype=torch.int64, device=x.device)
+        return empty, empty, torch.empty(0, dtype=torch.float32, device=x.device)
+    return torch.cat(rows), torch.cat(feats), torch.cat(vals)

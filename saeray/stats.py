@@ -1,0 +1,74 @@
+"""Merge per-shard partials into corpus statistics with Polars.
+
+Only committed shards (those with a completion marker) are read. Counts and sums add;
+max takes the max (ties: smallest doc_id, pos); mean and variance merge in float64 as
+M2 = sum_i [m2_i + n_i (mean_i - mean)^2], the many-way form of Chan's formula, which
+does not depend on shard order or count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from .store import RunDir
+
+
+def scan_partials(run: str | Path) -> pl.LazyFrame:
+    rd = RunDir(run)
+    rd.read_manifest()
+    files = [str(rd.final_paths(i)["stats"]) for i in sorted(rd.committed())]
+    if not files:
+        raise FileNotFoundError(f"{run} has no committed shards yet: run `saeray run` to completion first")
+    return pl.scan_parquet(files)
+
+
+def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
+    """Per (sae, group, feature) statistics from per-shard partials (see DESIGN definitions)."""
+    keys = ["sae", "group", "feature"]
+    with_mean = partials.with_columns(
+        (pl.col("sum") / pl.col("n_tokens")).fill_nan(0.0).alias("_mean_i"))
+    totals = with_mean.group_by(keys).agg(
+        pl.col("n_tokens").sum(), pl.col("n_active").sum(), pl.col("n_docs_active").sum(),
+        pl.col("sum").sum(),
+    ).with_columns((pl.col("sum") / pl.col("n_tokens")).alias("mean"))
+    spread = with_mean.join(totals.select(*keys, pl.col("mean").alias("_mean")), on=keys).group_by(keys).agg(
+        (pl.col("m2") + pl.col("n_tokens") * (pl.col("_mean_i") - pl.col("_mean")) ** 2).sum().alias("m2"))
+    best = (with_mean.filter(pl.col("max").is_not_null())
+            .sort(["max", "max_doc_id", "max_pos"], descending=[True, False, False])
+            .group_by(keys).first().select(*keys, "max", "max_doc_id", "max_pos"))
+    return (totals.join(spread, on=keys).join(best, on=keys, how="left")
+            .with_columns(
+                (pl.col("n_active") / pl.col("n_tokens")).alias("density"),
+                pl.when(pl.col("n_active") > 0).then(pl.col("sum") / pl.col("n_active")).otherwise(None).alias("mean_active"),
+                (pl.col("m2") / pl.col("n_tokens")).sqrt().alias("std"))
+            .select(*keys, "n_tokens", "n_active", "density", "mean", "mean_active", "std",
+                    "max", "max_doc_id", "max_pos", "n_docs_active")
+            .sort(keys))
+
+
+def features(run: str | Path) -> pl.LazyFrame:
+    return merge_partials(scan_partials(run))
+
+
+def write_features(run: str | Path) -> Path:
+    """Write RUN/features.parquet (atomically) and return its path."""
+    out = Path(run) / "features.parquet"
+    tmp = out.with_name(".features.parquet.tmp")
+    features(run).collect().write_parquet(tmp)
+    tmp.replace(out)
+    return out
+
+
+def summary(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (sae, group): tokens behind the figures, features alive/dead, dense/ultra-dense/ultra-rare counts."""
+    return frame.group_by(["sae", "group"]).agg(
+        pl.col("n_tokens").first().alias("tokens"),
+        pl.len().alias("features"),
+        (pl.col("n_active") > 0).sum().alias("alive"),
+        (pl.col("n_active") == 0).sum().alias("dead"),
+        (pl.col("density") > 0.01).sum().alias("dense_gt_1pct"),
+        (pl.col("density") > 0.10).sum().alias("ultra_dense_gt_10pct"),
+        ((pl.col("density") < 1e-6) & (pl.col("n_active") > 0)).sum().alias("ultra_rare_lt_1e-6"),
+    ).sort(["sae", "group"])

@@ -1,0 +1,158 @@
+"""A shard worker: loads the model and SAEs once, then turns shards into committed outputs.
+
+Ray-free; the Ray executor wraps it in an actor and the local executor calls it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import config as config_mod
+from . import models, saes
+from .contexts import Document, Tokenization
+from .data import DataPlan, iter_rows
+from .extract import STATS_SCHEMA, Extractor, SAEHandle
+from .store import ACTIVATIONS_SCHEMA, RunDir
+
+log = logging.getLogger(__name__)
+
+BLOCK_BATCHES = 4
+"""Documents are processed in blocks of about this many forward batches of tokens."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class ShardWorker:
+    def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if threads:
+            torch.set_num_threads(threads)
+        self.manifest = manifest
+        self.cfg = config_mod.from_dict(manifest["config"])
+        self.plan = DataPlan.from_dict(manifest["plan"])
+        self.run = RunDir(run_dir)
+        self.device = pick_device()
+        resolved = manifest["resolved"]
+        self.model, tokenizer = models.load_model(self.cfg.model, self.device)
+        n_layers = models.n_layers_of(self.model.config)
+        self.handles = []
+        for s, info in zip(self.cfg.saes, resolved["saes"]):
+            sae = saes.load(s, self.device)
+            self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
+        self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
+                                context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special)
+        self.keep_schema = self.plan.keep_arrow_schema()
+        self.docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()),
+                                      ("token_ids", pa.list_(pa.int32())), *self.keep_schema])
+
+    def process(self, shard_index: int) -> dict[str, Any]:
+        """Process one shard and commit it; return its completion summary."""
+        shard = self.plan.shards[shard_index]
+        t0 = time.time()
+        tmp = self.run.new_attempt(shard_index)
+        try:
+            summary = self._process(shard, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        summary.update(shard=shard_index, seconds=round(time.time() - t0, 3), host=socket.gethostname(),
+                       pid=os.getpid(), fingerprint=self.manifest["fingerprint"])
+        self.run.commit(shard_index, tmp, summary)
+        return summary
+
+    def _process(self, shard: Any, tmp: Path) -> dict[str, Any]:
+        keep_rows = self.cfg.output.activations
+        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.cfg.tokens.batch_tokens, device=self.device)
+        act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
+        docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
+        pending: list[Future] = []
+        n_rows = n_docs = n_tokens = 0
+        block: list[Document] = []
+        block_tokens = 0
+        block_budget = BLOCK_BATCHES * self.cfg.tokens.batch_tokens
+
+        def flush() -> None:
+            nonlocal n_rows, block, block_tokens
+            if not block:
+                return
+            rows = ext.process(block, keep_rows)
+            docs_table = self._docs_table(block)
+            act_table = _rows_table(rows) if keep_rows else None
+            n_rows += act_table.num_rows if act_table is not None else 0
+            for f in pending:
+                f.result()  # at most one block waits on disk while the next one computes
+            pending.clear()
+            pending.append(io.submit(_write, docs_writer, act_writer, docs_table, act_table))
+            block, block_tokens = [], 0
+
+        try:
+            last_row = self.plan.n_rows - 1
+            for doc_id, text, extras in iter_rows(self.plan, shard.start, shard.end,
+                                                  self.cfg.data.text_column, self.cfg.data.keep_columns):
+                cut = self.plan.last_doc_tokens if doc_id == last_row else None
+                doc = self.tok.document(doc_id, text, extras, cut)
+                block.append(doc)
+                n_docs += 1
+                n_tokens += len(doc.token_ids)
+                block_tokens += len(doc.token_ids)
+                if block_tokens >= block_budget:
+                    flush()
+            flush()
+            for f in pending:
+                f.result()
+        finally:
+            io.shutdown(wait=True)
+            docs_writer.close()
+            if act_writer is not None:
+                act_writer.close()
+        stats = pa.concat_tables([st.to_table(sae, g) for (sae, g), st in ext.stats.items()])
+        pq.write_table(stats.cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
+        counted = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
+        return {"rows": n_rows, "docs": n_docs, "tokens": n_tokens, "forward_tokens": ext.forward_tokens,
+                "counted_tokens": counted}
+
+    def _docs_table(self, block: list[Document]) -> pa.Table:
+        cols: dict[str, Any] = {
+            "doc_id": pa.array([d.doc_id for d in block], pa.int64()),
+            "n_tokens": pa.array([len(d.token_ids) for d in block], pa.int32()),
+            "token_ids": pa.array([d.token_ids for d in block], pa.list_(pa.int32())),
+        }
+        for field in self.keep_schema:
+            cols[field.name] = pa.array([d.extras.get(field.name) for d in block], field.type)
+        return pa.table(cols, schema=self.docs_schema)
+
+
+def _rows_table(rows: dict[tuple[str, str], dict[str, np.ndarray]]) -> pa.Table:
+    parts = []
+    for (sae, group), r in rows.items():
+        n = len(r["doc_id"])
+        if n == 0:
+            continue
+        parts.append(pa.table({
+            "sae": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([sae])).cast(pa.string()),
+            "group": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([group])).cast(pa.string()),
+            "doc_id": r["doc_id"], "pos": r["pos"], "feature": r["feature"], "value": r["value"],
+        }, schema=ACTIVATIONS_SCHEMA))
+    return pa.concat_tables(parts) if parts else ACTIVATIONS_SCHEMA.empty_table()
+
+
+def _write(docs_writer: pq.ParquetWriter, act_writer: pq.ParquetWriter | None,
+           docs_table: pa.Table, act_table: pa.Table | None) -> None:
+    docs_writer.write_table(docs_table)
+    if act_writer is not None and act_table is not None and act_table.num_rows:
+        act_writer.write_table(act_table, row_group_size=1 << 20)

@@ -56,7 +56,7 @@ def read_rows(run: Path, sae: str | None = None, group: str | None = None) -> pl
 
 def assert_same_rows(got: pl.DataFrame, want: pl.DataFrame, atol: float = 1e-4, small: float = 1e-3) -> None:
     """Every (doc_id, pos, feature) matches to `atol`; entries on one side only must be below `small`."""
-    keys = ["doc_id", "pos", "feature"]
+    keys = [c for c in ("sae", "group") if c in got.columns and c in want.columns] + ["doc_id", "pos", "feature"]
     j = got.select(*keys, "value").join(want.select(*keys, pl.col("value").alias("ref")), on=keys, how="full",
                                         coalesce=True)
     only = j.filter(pl.col("value").is_null() | pl.col("ref").is_null())

@@ -2,6 +2,7 @@
 
     saeray run CONFIG [--out RUN] [--set key.path=value ...] [--workers N] [--overwrite] [--local]
     saeray stats RUN
+    saeray demo [--out DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.out, args.workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saeray", description="SAE feature extraction and analysis at corpus scale.")
     p.add_argument("--version", action="version", version=f"saeray {__version__}")
@@ -61,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="merge per-shard partials into RUN/features.parquet and print a summary")
     s.add_argument("run")
     s.set_defaults(fn=_cmd_stats)
+    d = sub.add_parser("demo", help="the default job end to end, offline (currently on a tiny in-process model)")
+    d.add_argument("--out", default="runs/demo", help="where assets and the run go (default runs/demo)")
+    d.add_argument("--workers", type=int, help="number of Ray workers (default: one per GPU, else one)")
+    d.set_defaults(fn=_cmd_demo)
     return p
 
 

@@ -119,21 +119,25 @@ def _run_local(manifest: dict, run_dir: str, pending: list[int], result: RunResu
             result.errors[i] = f"{type(e).__name__}: {e}"
 
 
-def _resources(n_workers: int | str | None) -> tuple[int, dict[str, Any], int]:
-    """(number of actors, actor resource options, torch threads per actor)."""
+def _resources(n_workers: int | str | None) -> tuple[int, dict[str, Any]]:
+    """(number of actors, actor resource options). Threads are sized inside each actor."""
     import ray
 
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = int(sum(r.get("GPU", 0) for r in nodes))
+    biggest = max([int(r.get("CPU", 0)) for r in nodes] or [1]) or 1
+    total = int(sum(r.get("CPU", 0) for r in nodes)) or 1
     if n_workers in (None, "auto"):
         n = gpus if gpus else 1
+        if not gpus:
+            log.warning("no GPUs in the Ray cluster: running 1 CPU worker (GPU nodes that join later are not used)")
     else:
         n = int(n_workers)
     if gpus:
-        return n, {"num_gpus": 1, "num_cpus": 1}, max(1, (os.cpu_count() or 1) // max(1, min(n, gpus)))
-    per = cpus // n if n <= cpus else cpus / n
-    threads = max(1, int((os.cpu_count() or 1) // n))
-    return n, {"num_cpus": per}, threads
+        return n, {"num_gpus": 1, "num_cpus": 1}
+    # Whole CPUs per actor, never more than one node has; fractions when actors outnumber CPUs.
+    per = min(biggest, total // n) if n <= total else total / n
+    return n, {"num_cpus": per}
 
 
 def _run_ray(manifest: dict, run_dir: str, pending: list[int], result: RunResult, prog: Progress,
@@ -145,13 +149,13 @@ def _run_ray(manifest: dict, run_dir: str, pending: list[int], result: RunResult
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    n, options, threads = _resources(n_workers)
+    n, options = _resources(n_workers)
     n = min(n, len(pending))
     Actor = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0, **options)
     rd = RunDir(run_dir)
 
     def spawn() -> Any:
-        return Actor.remote(manifest, run_dir, threads)
+        return Actor.remote(manifest, run_dir)
 
     idle = [spawn() for _ in range(n)]
     queue = deque(pending)

@@ -36,11 +36,26 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _default_threads() -> int:
+    """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
+    cpus = os.cpu_count() or 1
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            assigned = ray.get_runtime_context().get_assigned_resources()
+            if assigned.get("GPU"):
+                return max(1, cpus // max(1, torch.cuda.device_count()))
+            return max(1, int(assigned.get("CPU", 1)))
+    except ImportError:
+        pass
+    return cpus
+
+
 class ShardWorker:
     def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or _default_threads())
         self.manifest = manifest
         self.cfg = config_mod.from_dict(manifest["config"])
         self.plan = DataPlan.from_dict(manifest["plan"])

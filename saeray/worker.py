@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
 import time
@@ -85,7 +86,8 @@ class ShardWorker:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         summary.update(shard=shard_index, seconds=round(time.time() - t0, 3), host=socket.gethostname(),
-                       pid=os.getpid(), fingerprint=self.manifest["fingerprint"])
+                       pid=os.getpid(), fingerprint=self.manifest["fingerprint"],
+                       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         self.run.commit(shard_index, tmp, summary)
         return summary
 

@@ -177,3 +177,15 @@ def test_max_tokens_budget(tiny, tmp_path):
                       data__max_tokens=500)
     run(config.from_dict(cfg), executor="local")
     assert_same_rows(read_rows(out2), read_rows(out), atol=1e-5)
+
+
+def test_stats_only_mode_matches_full_run(tiny, tmp_path):
+    full = _run(tiny, tmp_path / "full", "llama", [("a", "sae_standard")], data__shards=4)
+    lean = _run(tiny, tmp_path / "lean", "llama", [("a", "sae_standard")], data__shards=4,
+                output={"dir": str(tmp_path / "lean" / "run"), "activations": False})
+    assert not any((lean / "activations").iterdir())
+    assert sorted(p.name for p in (lean / "completions").iterdir()) == [f"{i:05d}.json" for i in range(4)]
+    a, b = features(full).collect(), features(lean).collect()
+    assert a["n_active"].to_list() == b["n_active"].to_list()
+    np.testing.assert_allclose(a["mean"].to_numpy(), b["mean"].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(a["std"].to_numpy(), b["std"].to_numpy(), rtol=1e-12)

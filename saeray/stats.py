@@ -15,13 +15,37 @@ import polars as pl
 from .store import RunDir
 
 
-def scan_partials(run: str | Path) -> pl.LazyFrame:
+def _committed_files(run: str | Path, kind: str) -> list[str]:
+    """Parquet files of `kind` (activations | docs | stats) of committed shards only."""
     rd = RunDir(run)
     rd.read_manifest()
-    files = [str(rd.final_paths(i)["stats"]) for i in sorted(rd.committed())]
-    if not files:
+    shards = sorted(rd.committed())
+    if not shards:
         raise FileNotFoundError(f"{run} has no committed shards yet: run `saeray run` to completion first")
+    if kind == "stats":
+        return [str(rd.final_paths(i)["stats"]) for i in shards]
+    return [str(f) for i in shards for f in sorted(rd.final_paths(i)[kind].glob("*.parquet"))]
+
+
+def scan_partials(run: str | Path) -> pl.LazyFrame:
+    return pl.scan_parquet(_committed_files(run, "stats"))
+
+
+def scan_activations(run: str | Path) -> pl.LazyFrame:
+    """Activation rows (sae, group, doc_id, pos, feature, value) of committed shards."""
+    files = _committed_files(run, "activations")
+    if not files:
+        manifest = RunDir(run).read_manifest()
+        if not manifest["config"]["output"]["activations"]:
+            raise FileNotFoundError(f"{run} is a statistics-only run (output.activations: false): it has no activation rows")
+        from .store import ACTIVATIONS_SCHEMA
+        return pl.LazyFrame(schema=pl.from_arrow(ACTIVATIONS_SCHEMA.empty_table()).schema)
     return pl.scan_parquet(files)
+
+
+def scan_docs(run: str | Path) -> pl.LazyFrame:
+    """Documents (doc_id, n_tokens, token_ids, kept columns) of committed shards."""
+    return pl.scan_parquet(_committed_files(run, "docs"))
 
 
 def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:

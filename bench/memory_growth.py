@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from saeray import config, tiny  # noqa: E402
 from saeray.executor import run  # noqa: E402
+from saeray.worker import peak_rss_mb  # noqa: E402
 
 WORDS = tiny.WORDS
 
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=20_000, help="approximate tokens of the small corpus")
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--d-sae", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=32, help="active latents per token of the random TopK SAE")
     ap.add_argument("--stats-only", action="store_true")
     ap.add_argument("--json", default="bench/memory_growth.json")
     args = ap.parse_args()
@@ -65,8 +66,9 @@ def main() -> None:
     else:
         model_name, layer = args.model, args.layer
     d_model = models.d_model_of(models.load_config(config.ModelConfig(name=model_name)))
-    sae = tiny.make_sae(work / "sae", "standard", d_model, f"blocks.{layer}.hook_resid_post",
-                        d_sae=args.d_sae, context_size=512)
+    # TopK with random weights: exactly k active latents per token, as sparse as a trained SAE.
+    sae = tiny.make_sae(work / "sae", "topk", d_model, f"blocks.{layer}.hook_resid_post",
+                        d_sae=args.d_sae, context_size=512, k=args.k)
     rows = []
     for i, n in enumerate([args.small, args.small * args.factor]):
         data = write_corpus(work / f"data{i}", n, seed=i)
@@ -78,15 +80,15 @@ def main() -> None:
         summary = next(iter(result.done.values()))
         rows.append({"tokens": result.tokens, "rows": summary["rows"], "seconds": round(time.time() - t0, 1),
                      "worker_peak_rss_mb": summary["peak_rss_mb"],
-                     "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+                     "driver_peak_rss_mb": peak_rss_mb()})
     growth = rows[1]["worker_peak_rss_mb"] / rows[0]["worker_peak_rss_mb"] - 1
-    print(f"model {model_name} layer {layer}, SAE d_sae {args.d_sae}, batch 4096 tokens, 1 shard per corpus, "
+    print(f"model {model_name} layer {layer}, random TopK SAE d_sae {args.d_sae} k {args.k}, batch 4096 tokens, 1 shard per corpus, "
           f"{'stats only' if args.stats_only else 'activations + stats'}")
     print(f"{'tokens':>10} {'act rows':>12} {'seconds':>8} {'worker peak RSS MB':>19} {'driver peak RSS MB':>19}")
     for r in rows:
         print(f"{r['tokens']:>10,} {r['rows']:>12,} {r['seconds']:>8} {r['worker_peak_rss_mb']:>19} {r['driver_peak_rss_mb']:>19}")
     print(f"corpus x{rows[1]['tokens'] / rows[0]['tokens']:.1f} -> worker peak RSS {growth:+.1%}")
-    Path(args.json).write_text(json.dumps({"model": model_name, "layer": layer, "d_sae": args.d_sae,
+    Path(args.json).write_text(json.dumps({"model": model_name, "layer": layer, "d_sae": args.d_sae, "k": args.k,
                                            "runs": rows, "growth": growth}, indent=2))
 
 

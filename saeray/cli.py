@@ -2,6 +2,10 @@
 
     saeray run CONFIG [--out RUN] [--set key.path=value ...] [--workers N] [--overwrite] [--local]
     saeray stats RUN
+    saeray diff RUN_A RUN_B --out DIR [--preset default|vlm_transfer] ...
+    saeray separate RUN --label COL [--reference REF_RUN] [--max-density 0.02] --out DIR
+    saeray train-sae CONFIG --hook HOOK --out DIR [--arch topk|jumprelu] [--d-sae N] [--k K] ...
+    saeray corpus [--out DIR]
     saeray demo [--out DIR]
 """
 
@@ -49,6 +53,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.out, args.workers)
 
 
+def _cmd_train_sae(args: argparse.Namespace) -> int:
+    import json
+
+    from . import config
+    from .train import TrainOptions, train
+
+    cfg = config.load(args.config, args.set)
+    opts = TrainOptions(hook=args.hook, arch=args.arch, d_sae=args.d_sae, k=args.k, l0_coefficient=args.l0_coefficient,
+                        train_tokens=args.train_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        eval_tokens=args.eval_tokens, held_out_fraction=args.held_out_fraction, seed=args.seed)
+    report = train(cfg, opts, args.out)
+    print(json.dumps(report["held_out"], indent=2))
+    print(f"saved {args.out} (sae-lens disk format; training report in {args.out}/saeray_training.json)")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .diff import write_diff
+
+    out = write_diff(args.run_a, args.run_b, args.out, k=args.top_k, preset=args.preset, pseudo=args.pseudo,
+                     active_value=args.active_value, active_fraction=args.active_fraction, new_ratio=args.new_ratio,
+                     stable_rho=args.stable_rho, shifted_rho=args.shifted_rho, significance=not args.no_significance)
+    frame = pl.read_parquet(out)
+    print(f"wrote {out} ({frame.height:,} rows) and top-change CSVs in {args.out}")
+    with pl.Config(tbl_rows=30):
+        print(frame.group_by("sae", "group", "class").len().sort("sae", "group", "class"))
+    return 0
+
+
+def _cmd_separate(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .separate import write_separation
+
+    out = write_separation(args.run, args.out, label=args.label, positive=args.positive, reference=args.reference,
+                           max_density=args.max_density, reference_group=args.reference_group,
+                           train_fraction=args.train_fraction, seed=args.seed, select_by=args.select_by,
+                           top_k=args.top_k)
+    frame = pl.read_parquet(out)
+    print(f"wrote {out} ({frame.height:,} features kept)")
+    with pl.Config(tbl_rows=20, tbl_width_chars=160):
+        key = "auroc" if "auroc" in frame.columns else frame.columns[-1]
+        print(frame.sort((pl.col(key) - 0.5).abs(), descending=True).head(10))
+    return 0
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from .corpus import build
+
+    path = build(args.out, n_files=args.files)
+    print(f"corpus at {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saeray", description="SAE feature extraction and analysis at corpus scale.")
     p.add_argument("--version", action="version", version=f"saeray {__version__}")
@@ -68,6 +128,56 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="merge per-shard partials into RUN/features.parquet and print a summary")
     s.add_argument("run")
     s.set_defaults(fn=_cmd_stats)
+    t = sub.add_parser("train-sae", help="train an SAE (sae-lens) on activations streamed by saeray's engine")
+    t.add_argument("config", help="a run config: its model, data and tokens sections are used (saes may be empty)")
+    t.add_argument("--hook", required=True, help="e.g. blocks.6.hook_resid_post")
+    t.add_argument("--out", required=True, help="new directory for the SAE (sae-lens disk format)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--arch", default="topk", choices=["topk", "jumprelu"])
+    t.add_argument("--d-sae", type=int, default=4096)
+    t.add_argument("--k", type=int, default=32, help="TopK: active latents per token")
+    t.add_argument("--l0-coefficient", type=float, default=1.0, help="JumpReLU sparsity coefficient")
+    t.add_argument("--train-tokens", type=int, default=1_000_000, help="activations collected for training")
+    t.add_argument("--epochs", type=float, default=4.0, help="passes over the collected activations")
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--eval-tokens", type=int, default=1_000_000, help="held-out tokens for the evaluation")
+    t.add_argument("--held-out-fraction", type=float, default=0.4, help="last fraction of documents held out")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_cmd_train_sae)
+
+    df = sub.add_parser("diff", help="per-feature differences between two runs of the same SAE(s)")
+    df.add_argument("run_a")
+    df.add_argument("run_b")
+    df.add_argument("--out", required=True, help="directory for diff.parquet, diff.json and top_<group>_<metric>.csv")
+    df.add_argument("--preset", default="default", choices=["default", "vlm_transfer"],
+                    help="classification rules; vlm_transfer = workflow 1 (value > 0.1 on > 1%% of tokens, 3x, 0.7/0.3)")
+    df.add_argument("--pseudo", type=float, default=1.0, help="pseudo-count (tokens) for log2 fold changes")
+    for opt in ("active-value", "active-fraction", "new-ratio", "stable-rho", "shifted-rho"):
+        df.add_argument(f"--{opt}", type=float, default=None, help="override the preset's threshold")
+    df.add_argument("--top-k", type=int, default=100, help="rows per top-increase table")
+    df.add_argument("--no-significance", action="store_true", help="skip the per-document Welch tests")
+    df.set_defaults(fn=_cmd_diff)
+
+    sp = sub.add_parser("separate", help="features that separate labelled documents (last position by default)")
+    sp.add_argument("run")
+    sp.add_argument("--label", required=True, help="a docs column kept with data.keep_columns")
+    sp.add_argument("--positive", help="the positive label value (default: True for booleans)")
+    sp.add_argument("--reference", help="a run on a generic corpus; features too dense there are dropped")
+    sp.add_argument("--max-density", type=float, default=0.02)
+    sp.add_argument("--reference-group", help="position group of the reference run to read densities from")
+    sp.add_argument("--train-fraction", type=float, default=0.5)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--select-by", default="auroc", choices=["auroc", "f_diff", "cohens_d"])
+    sp.add_argument("--top-k", type=int, default=1, help="features combined by the held-out classifier")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=_cmd_separate)
+
+    c = sub.add_parser("corpus", help="build the local corpus (Python stdlib source and docstrings) as parquet")
+    c.add_argument("--out", default="runs/corpus")
+    c.add_argument("--files", type=int, default=8)
+    c.set_defaults(fn=_cmd_corpus)
+
     d = sub.add_parser("demo", help="the default job end to end, offline (currently on a tiny in-process model)")
     d.add_argument("--out", default="runs/demo", help="where assets and the run go (default runs/demo)")
     d.add_argument("--workers", type=int, help="number of Ray workers (default: one per GPU, else one)")

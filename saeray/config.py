@@ -108,8 +108,9 @@ class OutputConfig:
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
-    saes: tuple[SAEConfig, ...]
     data: DataConfig
+    saes: tuple[SAEConfig, ...] = ()
+    """Required by `saeray run`; `saeray train-sae` reads only model, data and tokens."""
     tokens: TokensConfig = field(default_factory=TokensConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -134,8 +135,6 @@ def _to_plain(value: Any) -> Any:
 
 
 def _check_semantics(cfg: RunConfig) -> None:
-    if not cfg.saes:
-        raise ConfigError("saes: at least one SAE is required (a `path`, or a `release` and `id`)")
     names = [s.name for s in cfg.saes]
     if len(set(names)) != len(names):
         raise ConfigError(f"saes: names must be unique, got {names}")

@@ -80,6 +80,8 @@ def _check_widths(sae_infos: list[saes.SAEInfo], d_model: int, n_layers: int) ->
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Check the config against model/SAE/dataset metadata and plan the shards."""
+    if not cfg.saes:
+        raise PlanError("saes: at least one SAE is required (a `path`, or a `release` and `id`)")
     model_config = models.load_config(cfg.model)
     n_layers = models.n_layers_of(model_config)
     d_model = models.d_model_of(model_config)

@@ -71,7 +71,7 @@ def make_model(path: Path, arch: str, n_layers: int = 4, d_model: int = 64, seed
 
 
 def make_sae(path: Path, arch: str, d_in: int, hook: str, d_sae: int = 96, seed: int = 0,
-             prepend_bos: bool = True, context_size: int = 24) -> Path:
+             prepend_bos: bool = True, context_size: int = 24, k: int = 8) -> Path:
     """A sae-lens SAE of architecture standard | topk | jumprelu with random weights, saved to `path`."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -80,7 +80,7 @@ def make_sae(path: Path, arch: str, d_in: int, hook: str, d_sae: int = 96, seed:
     if arch == "standard":
         sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
     elif arch == "topk":
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8, metadata=meta))
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=meta))
     elif arch == "jumprelu":
         sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
     else:

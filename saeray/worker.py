@@ -37,6 +37,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss can carry a parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _default_threads() -> int:
     """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
     cpus = os.cpu_count() or 1
@@ -87,7 +98,7 @@ class ShardWorker:
             raise
         summary.update(shard=shard_index, seconds=round(time.time() - t0, 3), host=socket.gethostname(),
                        pid=os.getpid(), fingerprint=self.manifest["fingerprint"],
-                       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                       peak_rss_mb=peak_rss_mb())
         self.run.commit(shard_index, tmp, summary)
         return summary
 

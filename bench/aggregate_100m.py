@@ -1,0 +1,217 @@
+"""Aggregation over ~100M activation rows: wall time and peak memory of the Polars readers.
+
+    python bench/aggregate_100m.py                         # 100M rows (about 1 GB of parquet, minutes)
+    python bench/aggregate_100m.py --rows 10_000_000       # 10M rows, a quick check
+    python bench/aggregate_100m.py --dir /data/fake --keep # keep the fake run to re-measure later
+    python bench/aggregate_100m.py --dir /data/fake --reuse
+
+Writes a fake but valid run directory (manifest, completion markers, activations/docs/stats
+parquet per shard) of synthetic rows: ~24 active features per token drawn from a skewed
+distribution over d_sae features (low indices dense), documents of 32-512 tokens, rows
+sorted by (doc_id, pos, feature) as a worker writes them. Generation goes shard by shard in
+chunks of whole documents, so it needs bounded memory too. Then each measurement runs in
+its own subprocess (peak RSS from resource.getrusage is per process):
+
+    features   stats.features(run).collect()           (merge per-shard partials)
+    top        top.top_examples(run, 100 features, k=10)
+    interval   top.interval_examples(run, 100 features)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from saeray.store import ACTIVATIONS_SCHEMA, RunDir, shard_name, write_json_atomic  # noqa: E402
+
+PER_TOKEN = 24          # feature draws per token (duplicates removed: ~23.5 rows per token)
+CHUNK_ROWS = 2_000_000  # rows generated and written at a time (one parquet row group per 1M rows)
+
+
+def _const(value: str, n: int) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value])).cast(pa.string())
+
+
+def _manifest(root: Path, n_shards: int) -> dict:
+    from saeray import config  # imports torch: only the generating process pays for it
+
+    cfg = config.from_dict({"model": {"name": "synthetic"}, "saes": [{"name": "res", "path": "synthetic"}],
+                            "data": {"dataset": "synthetic"}, "output": {"dir": str(root)}})
+    return {"saeray_version": "bench", "fingerprint": "synthetic0000000", "config": cfg.to_dict(),
+            "n_shards": n_shards, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int, rng: np.random.Generator) -> int:
+    """Write one committed shard of about `n_rows` rows; return the next doc_id."""
+    from saeray.extract import STATS_SCHEMA
+
+    final = rd.final_paths(shard)
+    for kind in ("activations", "docs"):
+        final[kind].mkdir(parents=True, exist_ok=True)
+    docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()), ("token_ids", pa.list_(pa.int32()))])
+    aw = pq.ParquetWriter(final["activations"] / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd")
+    dw = pq.ParquetWriter(final["docs"] / "part-0.parquet", docs_schema, compression="zstd")
+    n_act = np.zeros(d_sae, np.int64)
+    n_docs = np.zeros(d_sae, np.int64)
+    s1 = np.zeros(d_sae)
+    s2 = np.zeros(d_sae)
+    mx = np.full(d_sae, -np.inf, np.float32)
+    mx_doc = np.zeros(d_sae, np.int64)
+    mx_pos = np.zeros(d_sae, np.int32)
+    written = n_tokens = 0
+    doc = first_doc
+    while written < n_rows:
+        lengths = rng.integers(32, 513, size=max(1, (min(CHUNK_ROWS, n_rows - written) // PER_TOKEN) // 272))
+        tok = int(lengths.sum())
+        doc_of = np.repeat(np.arange(doc, doc + len(lengths), dtype=np.int64), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        pos_of = (np.arange(tok) - starts).astype(np.int32)
+        feats = (d_sae * rng.random((tok, PER_TOKEN)) ** 2).astype(np.int64)
+        key = np.unique(np.arange(tok, dtype=np.int64)[:, None] * d_sae + feats)  # sorted by (token, feature)
+        t, f = key // d_sae, (key % d_sae).astype(np.int32)
+        v = (rng.exponential(1.0, len(key)) * (1 + f % 5)).astype(np.float32)
+        d, p = doc_of[t], pos_of[t]
+        aw.write_table(pa.table({"sae": _const("res", len(key)), "group": _const("all", len(key)), "doc_id": d,
+                                 "pos": p, "feature": f, "value": v}, schema=ACTIVATIONS_SCHEMA), row_group_size=1 << 20)
+        ids = rng.integers(5, 50_000, size=tok, dtype=np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        dw.write_table(pa.table({"doc_id": np.arange(doc, doc + len(lengths), dtype=np.int64),
+                                 "n_tokens": lengths.astype(np.int32),
+                                 "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))},
+                                schema=docs_schema))
+        # partial statistics, as a worker computes them
+        n_act += np.bincount(f, minlength=d_sae)
+        s1 += np.bincount(f, weights=v, minlength=d_sae)
+        s2 += np.bincount(f, weights=v.astype(np.float64) ** 2, minlength=d_sae)
+        n_docs += np.bincount((np.unique(d * d_sae + f) % d_sae), minlength=d_sae)
+        cmax = np.full(d_sae, -np.inf, np.float32)
+        np.maximum.at(cmax, f, v)
+        at = np.flatnonzero(v == cmax[f])
+        ff, first = np.unique(f[at], return_index=True)  # rows are in (doc, pos) order: first = smallest
+        better = cmax[ff] > mx[ff]
+        ff, rows = ff[better], at[first[better]]
+        mx[ff], mx_doc[ff], mx_pos[ff] = v[rows], d[rows], p[rows]
+        written += len(key)
+        n_tokens += tok
+        doc += len(lengths)
+    aw.close()
+    dw.close()
+    seen = n_act > 0
+    mean = s1 / n_tokens
+    pq.write_table(pa.table({
+        "sae": pa.array(["res"] * d_sae), "group": pa.array(["all"] * d_sae),
+        "feature": np.arange(d_sae, dtype=np.int32), "n_tokens": np.full(d_sae, n_tokens, np.int64),
+        "n_active": n_act, "n_docs_active": n_docs, "sum": s1, "m2": s2 - n_tokens * mean * mean,
+        "max": pa.array(mx, mask=~seen), "max_doc_id": pa.array(mx_doc, mask=~seen),
+        "max_pos": pa.array(mx_pos, mask=~seen)}, schema=STATS_SCHEMA), final["stats"], compression="zstd")
+    write_json_atomic(rd.marker(shard), {"shard": shard, "rows": written, "docs": doc - first_doc,
+                                         "tokens": n_tokens, "fingerprint": "synthetic0000000"})
+    return doc
+
+
+def generate(root: Path, n_rows: int, n_shards: int, d_sae: int, seed: int) -> dict:
+    rd = RunDir(root)
+    rd.prepare(_manifest(root, n_shards), overwrite=True)
+    rng = np.random.default_rng(seed)
+    doc = 0
+    for shard in range(n_shards):
+        doc = write_shard(rd, shard, n_rows // n_shards, doc, d_sae, rng)
+    rows = sum(json.loads(p.read_text())["rows"] for p in (root / "completions").glob("*.json"))
+    size = sum(p.stat().st_size for p in root.rglob("*.parquet"))
+    return {"rows": rows, "docs": doc, "bytes_on_disk": size}
+
+
+def peak_rss_mb() -> dict:
+    """Peak RSS of this process: VmHWM (Linux; this exec's own peak) and getrusage's ru_maxrss.
+
+    On Linux ru_maxrss survives fork+exec, so a child reports at least its parent's RSS at
+    the fork; VmHWM starts afresh with the new program, so it is the figure to read.
+    """
+    out = {"ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+    out.setdefault("peak_rss_mb", out["ru_maxrss_mb"])
+    return out
+
+
+def step(what: str, root: Path, a: argparse.Namespace) -> dict:
+    """One measured step, run in its own process."""
+    from saeray import stats, top
+
+    features = np.linspace(0, a.d_sae - 1, a.features).astype(int).tolist()
+    t0 = time.perf_counter()
+    if what == "generate":
+        result = generate(root, a.rows, a.shards, a.d_sae, a.seed)
+    elif what == "baseline":
+        result = {"out_rows": 0}  # imports only: what every step pays before reading anything
+    elif what == "features":
+        result = {"out_rows": stats.features(root).collect().height}
+    elif what == "top":
+        result = {"out_rows": top.top_examples(root, features, k=a.k).height}
+    elif what == "interval":
+        result = {"out_rows": top.interval_examples(root, features).height}
+    else:
+        raise ValueError(what)
+    return {"step": what, "wall_s": round(time.perf_counter() - t0, 2), **result, **peak_rss_mb()}
+
+
+def _child(args: list[str]) -> dict:
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=lambda s: int(s.replace("_", "")), default=100_000_000, help="activation rows")
+    p.add_argument("--shards", type=int, default=10)
+    p.add_argument("--d-sae", type=int, default=16384)
+    p.add_argument("--features", type=int, default=100, help="features asked of top_examples (spread over d_sae)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--dir", help="where the fake run goes (default: a temporary directory, deleted after)")
+    p.add_argument("--keep", action="store_true", help="keep the fake run")
+    p.add_argument("--reuse", action="store_true", help="measure an existing fake run in --dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.step:
+        print(json.dumps(step(a.step, Path(a.dir), a)))
+        return
+    root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="saeray-bench-")) / "run"
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                   if k in ("rows", "shards", "d_sae", "features", "k", "seed")]
+    report: dict = {"config": {k: getattr(a, k) for k in ("rows", "shards", "d_sae", "features", "k", "seed")},
+                    "dir": str(root)}
+    try:
+        steps = ["baseline", "features", "top", "interval"]
+        for what in steps if a.reuse else ["generate", *steps]:
+            report[what] = _child(["--dir", str(root), "--step", what, *passthrough])
+            print(json.dumps(report[what]), flush=True)
+    finally:
+        if not a.dir and not a.keep:
+            shutil.rmtree(root.parent, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

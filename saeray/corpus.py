@@ -1,0 +1,92 @@
+"""A local text corpus built from what every Python install has: the standard library.
+
+Each top-level function or class of a stdlib module becomes a `code` document (its
+source) and, if it has one, a `prose` document (its docstring); each module docstring is
+a `prose` document too. Deterministic for a given Python version: modules in sorted
+order, definitions in file order. Nothing is downloaded. Columns: text, kind
+(prose | code), module, name.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+              "__pycache__", "ensurepip", "tkinter", "pydoc_data", "config-3.11-x86_64-linux-gnu"}
+MAX_CHARS = 200_000
+"""Definitions longer than this are cut (a few generated tables in the stdlib are huge)."""
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """(dotted module name, path) of the stdlib's own .py files, sorted by name."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for f in filenames:
+            if f.endswith(".py") and not f.startswith(("test_", "_test")):
+                rel = Path(dirpath, f).relative_to(root).with_suffix("")
+                parts = [p for p in rel.parts if p != "__init__"]
+                out.append((".".join(parts), Path(dirpath, f)))
+    return sorted(out)
+
+
+def documents() -> Iterator[dict[str, str]]:
+    for module, path in stdlib_files():
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        doc = ast.get_docstring(tree)
+        if doc and len(doc) > 40:
+            yield {"text": doc[:MAX_CHARS], "kind": "prose", "module": module, "name": module}
+        lines = source.splitlines(keepends=True)
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            code = "".join(lines[start:node.end_lineno])
+            if len(code) > 80:
+                yield {"text": code[:MAX_CHARS], "kind": "code", "module": module, "name": node.name}
+            d = ast.get_docstring(node)
+            if d and len(d) > 40:
+                yield {"text": d[:MAX_CHARS], "kind": "prose", "module": module, "name": node.name}
+
+
+def build(out: str | Path, *, n_files: int = 8, max_docs: int | None = None) -> Path:
+    """Write the corpus as `n_files` parquet files under `out` (reused if already there)."""
+    out = Path(out)
+    marker = out / "_COMPLETE"
+    if marker.is_file():
+        return out
+    docs = list(documents())
+    if max_docs is not None:
+        docs = docs[:max_docs]
+    if not docs:
+        raise RuntimeError(f"no documents found under {sysconfig.get_paths()['stdlib']}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    n = len(docs)
+    for i in range(n_files):
+        part = docs[n * i // n_files: n * (i + 1) // n_files]
+        pq.write_table(pa.Table.from_pylist(part, schema=pa.schema(
+            [("text", pa.string()), ("kind", pa.string()), ("module", pa.string()), ("name", pa.string())])),
+            tmp / f"part-{i:03d}.parquet")
+    (tmp / "_COMPLETE").write_text(f"{n} documents\n")
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("wrote %d documents to %s", n, out)
+    return out

@@ -1,0 +1,192 @@
+"""`saeray train-sae`: train an SAE with sae-lens on activations streamed by saeray's engine.
+
+Activations come from the same path extraction uses (dataset order, tokenization, BOS
+per window, special tokens excluded, hooks that stop the forward pass early), so an SAE
+trained here sees exactly what `saeray run` will feed it. Documents are split by doc_id:
+the first `train_docs` rows train, the rest are held out for evaluation.
+
+Explained variance is 1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over the held-out counted
+tokens (centred: the mean is the held-out mean activation vector).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import data, models, saes
+from .config import PositionsConfig, RunConfig
+from .contexts import Tokenization
+from .worker import pick_device
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(ValueError):
+    """Training cannot start: bad options or output directory."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    hook: str
+    arch: str = "topk"
+    """topk | jumprelu"""
+    d_sae: int = 4096
+    k: int = 32
+    """TopK: active latents per token."""
+    l0_coefficient: float = 1.0
+    """JumpReLU: sparsity penalty coefficient."""
+    train_tokens: int = 1_000_000
+    epochs: float = 4.0
+    batch_size: int = 4096
+    lr: float = 4e-4
+    eval_tokens: int = 1_000_000
+    held_out_fraction: float = 0.4
+    """Fraction of documents (the last ones in dataset order) held out for evaluation."""
+    seed: int = 0
+
+
+class Streamer:
+    """Hook activations at counted positions, document by document, in dataset order."""
+
+    def __init__(self, cfg: RunConfig, hook: str, context_size: int, prepend_bos: bool = True):
+        self.cfg = cfg
+        self.device = pick_device()
+        self.model, tokenizer = models.load_model(cfg.model, self.device)
+        self.site = models.parse_hook(hook, models.n_layers_of(self.model.config))
+        self.tok = Tokenization(tokenizer, PositionsConfig(mode="all"), prepend_bos=prepend_bos,
+                                context_size=context_size, exclude_special=cfg.tokens.exclude_special)
+        self.plan = data.plan(cfg.data)
+
+    def stream(self, start: int, end: int, max_tokens: int) -> Iterator[torch.Tensor]:
+        """Yield [n, d_model] float32 activations for documents [start, end) until max_tokens."""
+        seen, block, block_tokens = 0, [], 0
+        budget = 4 * self.cfg.tokens.batch_tokens
+        for doc_id, text, _ in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, ()):
+            doc = self.tok.document(doc_id, text if isinstance(text, str) else "", {})
+            block.append(doc)
+            block_tokens += len(doc.token_ids)
+            if block_tokens >= budget:
+                for acts in self._run(block):
+                    acts = acts[: max_tokens - seen]
+                    seen += len(acts)
+                    yield acts
+                    if seen >= max_tokens:
+                        return
+                block, block_tokens = [], 0
+        for acts in self._run(block):
+            acts = acts[: max_tokens - seen]
+            seen += len(acts)
+            yield acts
+            if seen >= max_tokens:
+                return
+
+    def _run(self, docs: list) -> Iterator[torch.Tensor]:
+        for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens, self.device):
+            if "all" not in batch.sel_row:
+                continue
+            h = models.run_to_hooks(self.model, [self.site], batch.input_ids, batch.attention_mask)[self.site.name]
+            rows = torch.from_numpy(batch.sel_row["all"]).to(self.device)
+            cols = torch.from_numpy(batch.sel_col["all"]).to(self.device)
+            yield h[rows, cols].float()
+
+
+def _shuffled_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=g)
+        for i in range(0, len(order) - batch + 1, batch):
+            yield acts[order[i:i + batch]].float()
+
+
+def _training_sae(opts: TrainOptions, d_in: int, metadata: dict[str, Any]) -> Any:
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(**metadata)
+    common = dict(d_in=d_in, d_sae=opts.d_sae, normalize_activations="expected_average_only_in", metadata=meta)
+    if opts.arch == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=opts.k, **common))
+    if opts.arch == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=opts.l0_coefficient, **common))
+    raise ValueError(f"--arch {opts.arch!r}: choose topk or jumprelu")
+
+
+@torch.inference_mode()
+def evaluate(sae: Any, batches: Iterator[torch.Tensor]) -> dict[str, float]:
+    """Centred explained variance, MSE per token, L0 and dead-latent fraction over the batches."""
+    n, sq_err, l0 = 0, 0.0, 0.0
+    s = s2 = None
+    fired = None
+    for x in batches:
+        x = x.to(sae.dtype)
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+        xd = x.double()
+        s = xd.sum(0) if s is None else s + xd.sum(0)
+        s2 = (xd * xd).sum() if s2 is None else s2 + (xd * xd).sum()
+        sq_err += float(((x_hat.double() - xd) ** 2).sum())
+        active = z != 0
+        l0 += float(active.sum())
+        fired = active.any(0) if fired is None else fired | active.any(0)
+        n += len(x)
+    if n == 0:
+        raise ValueError("no held-out tokens to evaluate on: lower --held-out-fraction's complement or add data")
+    total_var = float(s2 - (s * s).sum() / n)
+    return {"tokens": n, "explained_variance": 1 - sq_err / total_var, "mse_per_token": sq_err / n,
+            "l0": l0 / n, "dead_fraction": float((~fired).sum()) / len(fired)}
+
+
+def train(cfg: RunConfig, opts: TrainOptions, out: str | Path) -> dict[str, Any]:
+    """Train, save in sae-lens' disk format under `out`, evaluate on held-out documents."""
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig
+    from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(f"{out} is not empty: choose another --out or delete it")
+    context_size = cfg.tokens.context_size or 1024
+    prepend_bos = True if cfg.tokens.prepend_bos is None else cfg.tokens.prepend_bos
+    torch.manual_seed(opts.seed)
+    st = Streamer(cfg, opts.hook, context_size, prepend_bos)
+    n_train_docs = math.floor(st.plan.n_rows * (1 - opts.held_out_fraction))
+    if n_train_docs < 1 or n_train_docs >= st.plan.n_rows:
+        raise TrainError(f"held_out_fraction {opts.held_out_fraction} leaves no train or no held-out documents")
+    t0 = time.time()
+    acts = torch.cat([a.to(torch.bfloat16).cpu() for a in st.stream(0, n_train_docs, opts.train_tokens)])
+    collect_s = time.time() - t0
+    log.info("collected %d training activations in %.0fs", len(acts), collect_s)
+    metadata = {"hook_name": opts.hook, "model_name": cfg.model.name, "context_size": context_size,
+                "prepend_bos": prepend_bos, "dataset_path": cfg.data.dataset}
+    sae = _training_sae(opts, acts.shape[1], metadata)
+    total = int(opts.epochs * len(acts)) // opts.batch_size * opts.batch_size
+    tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=opts.batch_size, lr=opts.lr,
+                            lr_warm_up_steps=max(1, total // opts.batch_size // 20),
+                            lr_decay_steps=max(1, total // opts.batch_size // 5), lr_end=opts.lr / 10,
+                            device=str(st.device), dead_feature_window=500, feature_sampling_window=1000,
+                            n_batches_for_norm_estimate=min(100, max(1, len(acts) // opts.batch_size)),
+                            logger=LoggingConfig(log_to_wandb=False))
+    t1 = time.time()
+    trained = SAETrainer(tcfg, sae, _shuffled_batches(acts, opts.batch_size, opts.seed)).fit()
+    train_s = time.time() - t1
+    n_collected = len(acts)
+    del acts
+    out.mkdir(parents=True, exist_ok=True)
+    trained.save_inference_model(out)
+    loaded = SAE.load_from_disk(out, device=str(st.device))  # evaluate exactly what users will load
+    t2 = time.time()
+    figures = evaluate(loaded, st.stream(n_train_docs, st.plan.n_rows, opts.eval_tokens))
+    report = {"options": opts.__dict__, "model": cfg.model.name, "dataset": cfg.data.dataset,
+              "train_docs": [0, n_train_docs], "held_out_docs": [n_train_docs, st.plan.n_rows],
+              "train_tokens": n_collected, "training_samples": total, "held_out": figures,
+              "seconds": {"collect": round(collect_s, 1), "train": round(train_s, 1), "eval": round(time.time() - t2, 1)}}
+    (out / "saeray_training.json").write_text(json.dumps(report, indent=2))
+    return report

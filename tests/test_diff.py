@@ -1,0 +1,185 @@
+"""diff_runs against numpy/scipy on raw rows, shard-count invariance, planted differences, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy import stats as st
+
+from helpers import base_config, corpus, make_model, make_sae, write_dataset
+from saeray import config
+from saeray.diff import benjamini_hochberg, diff_runs, top_changes, write_diff
+from saeray.executor import run
+
+HOOK = "blocks.0.hook_resid_pre"  # = the embeddings: a change to embedding rows reaches the SAE unmixed
+D_SAE = 32
+NEW, UP, LOST = 0, 1, 2  # planted: dead in A and fires on token t1 in B; raised on t2; pushed below zero everywhere
+
+
+def orthonormal_sae(path: Path, seed: int = 0, bias: float = -0.02) -> Path:
+    """A standard SAE whose encoder columns = decoder rows = orthonormal directions, so adding
+    c * W_dec[f] to an input moves feature f's pre-activation by c and no other feature's."""
+    from sae_lens import SAE
+
+    make_sae(path, "standard", 64, HOOK, d_sae=D_SAE, seed=seed)
+    sae = SAE.load_from_disk(str(path))
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(64, D_SAE, generator=g))
+    with torch.no_grad():
+        sae.W_enc.copy_(u)
+        sae.W_dec.copy_(u.T)
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(bias)  # embeddings ~ N(0, 0.02): a feature fires on ~16% of tokens
+        sae.b_enc[NEW] = -1.0  # never fires on the base model
+    sae.save_model(str(path))
+    return path
+
+
+def plant(model_dir: Path, out: Path, sae_dir: Path, changes: list[tuple[int, list[int] | None, float]]) -> Path:
+    """Save a copy of the model whose embedding rows `ids` (None: all) moved by c * W_dec[f]."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    w_dec = load_file(str(sae_dir / "sae_weights.safetensors"))["W_dec"]
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for f, ids, c in changes:
+            emb[slice(None) if ids is None else ids] += c * w_dec[f]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def extract(model: Path, sae: Path, data: Path, out: Path, **over) -> Path:
+    run(config.from_dict(base_config(model, [{"name": "s", "path": str(sae)}], data, out, **over)), executor="local")
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("diff")
+    from transformers import AutoTokenizer
+
+    model_a = make_model(root / "a", "llama")
+    sae = orthonormal_sae(root / "sae")
+    docs = corpus(60, seed=11)
+    tok = AutoTokenizer.from_pretrained(model_a)
+    special = set(tok.all_special_ids)
+    ids = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] if t not in special]
+    t1, t2 = [int(t) for t in np.argsort(-np.bincount(ids))[:2]]  # the two most frequent tokens
+    model_b = plant(model_a, root / "b", sae, [(NEW, [t1], 3.0), (UP, [t2], 0.1), (LOST, None, -1.0)])
+    data = write_dataset(root / "data", docs, 3)
+    out = {"special": special, "sae": sae, "data": data, "root": root}
+    for name, model, shards in [("a1", model_a, None), ("a7", model_a, 7), ("b1", model_b, None), ("b7", model_b, 7)]:
+        out[name] = extract(model, sae, data, root / name, data__shards=shards)
+    return out
+
+
+def dense(run: Path, special: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per-document mean activation [docs, features], token-level sums, counted tokens) from raw files."""
+    rows = pl.read_parquet(str(run / "activations" / "**" / "*.parquet"))
+    docs = pl.read_parquet(str(run / "docs" / "**" / "*.parquet")).sort("doc_id")
+    counted = np.array([sum(t not in special for t in ids) for ids in docs["token_ids"]])
+    keep = counted > 0
+    x = np.zeros((len(docs), D_SAE))
+    np.add.at(x, (rows["doc_id"].to_numpy(), rows["feature"].to_numpy()), rows["value"].to_numpy().astype(np.float64))
+    sums = x.sum(axis=0)
+    above = np.bincount(rows.filter(pl.col("value") > 0.1)["feature"].to_numpy(), minlength=D_SAE)
+    n_active = np.bincount(rows["feature"].to_numpy(), minlength=D_SAE)
+    return (x[keep] / counted[keep, None]), sums, (counted.sum(), n_active, above)
+
+
+def test_equals_numpy_and_scipy(runs):
+    got = diff_runs(runs["a7"], runs["b7"]).sort("feature")
+    xa, sa, (na, acta, _) = dense(runs["a7"], runs["special"])
+    xb, sb, (nb, actb, _) = dense(runs["b7"], runs["special"])
+    np.testing.assert_allclose(got["mean_a"], sa / na, rtol=1e-9)
+    np.testing.assert_allclose(got["d_mean"], sb / nb - sa / na, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(got["d_density"], actb / nb - acta / na, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got["lfc_density"], np.log2((actb + 1) / (nb + 1)) - np.log2((acta + 1) / (na + 1)))
+    ma, mb = sa / na, sb / nb
+    with np.errstate(invalid="ignore"):
+        rho = np.minimum(ma, mb) / np.maximum(ma, mb)
+    np.testing.assert_allclose(got["rho"].fill_null(np.nan), rho, rtol=1e-9)
+    assert got["n_docs_a"][0] == len(xa) and got["n_docs_b"][0] == len(xb)
+    res = st.ttest_ind(xb, xa, equal_var=False, axis=0)
+    tested = ~np.isnan(res.pvalue)
+    np.testing.assert_allclose(got["t"].fill_null(np.nan).to_numpy()[tested], res.statistic[tested], rtol=1e-6)
+    np.testing.assert_allclose(got["p"].fill_null(np.nan), res.pvalue, rtol=1e-6, atol=1e-300)
+    np.testing.assert_allclose(got["q"], st.false_discovery_control(np.nan_to_num(res.pvalue, nan=1.0)), rtol=1e-9)
+
+
+def test_benjamini_hochberg_equals_scipy():
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(size=200), rng.uniform(0, 1e-3, size=20), [0.5, 0.5, 1.0, 0.0]])
+    np.testing.assert_allclose(benjamini_hochberg(p), st.false_discovery_control(p), rtol=1e-12)
+    assert benjamini_hochberg(np.array([])).size == 0
+
+
+def test_shard_count_does_not_matter(runs):
+    one, many = diff_runs(runs["a1"], runs["b1"]), diff_runs(runs["a7"], runs["b7"])
+    assert one.columns == many.columns and one["class"].to_list() == many["class"].to_list()
+    for c, dt in one.schema.items():
+        if dt.is_float():
+            np.testing.assert_allclose(one[c].fill_null(np.nan), many[c].fill_null(np.nan), rtol=1e-9, atol=1e-14, err_msg=c)
+
+
+def test_planted_features_top_and_untouched_stable(runs):
+    got = diff_runs(runs["a7"], runs["b7"])
+    cls = dict(zip(got["feature"].to_list(), got["class"].to_list()))
+    assert cls[NEW] == "new_in_b" and cls[LOST] == "lost_from_a" and cls[UP] == "shifted"
+    untouched = got.filter(~pl.col("feature").is_in([NEW, UP, LOST]))
+    assert set(untouched["class"]) <= {"stable", "dead_in_both"} and (untouched["class"] == "stable").sum() > 10
+    assert (untouched.filter(pl.col("class") == "stable")["rho"] > 0.9999).all()
+    assert set(top_changes(got, "mean", k=2)["feature"]) == {NEW, UP}
+    assert top_changes(got, "density", k=1)["feature"].to_list() == [NEW]
+    assert top_changes(got, "mean", k=1, by="lfc")["feature"].to_list() == [NEW]
+    planted = got.filter(pl.col("feature").is_in([NEW, UP, LOST]))
+    assert (planted["q"] < 1e-3).all() and (untouched["q"] > 0.5).all()
+
+
+def test_vlm_transfer_preset_rules(runs):
+    got = diff_runs(runs["a7"], runs["b7"], preset="vlm_transfer", significance=False).sort("feature")
+    assert "p" not in got.columns
+    _, sa, (na, _, above_a) = dense(runs["a7"], runs["special"])
+    _, sb, (nb, _, above_b) = dense(runs["b7"], runs["special"])
+    np.testing.assert_allclose(got["frac_above_a"], above_a / na)
+    act_a, act_b, ma, mb = above_a / na > 0.01, above_b / nb > 0.01, sa / na, sb / nb
+    with np.errstate(invalid="ignore"):
+        rho = np.minimum(ma, mb) / np.maximum(ma, mb)
+    want = np.select([~act_a & ~act_b, ~act_a & act_b & (mb > 3 * ma), act_a & ~act_b & (ma > 3 * mb),
+                      act_a & act_b & (rho > 0.7), act_a & act_b & (rho > 0.3) & (rho <= 0.7)],
+                     ["dead_in_both", "new_in_b", "lost_from_a", "stable", "shifted"], "other")
+    assert got["class"].to_list() == want.tolist()
+    assert got["class"][NEW] == "new_in_b"
+
+
+def test_write_diff(runs, tmp_path):
+    path = write_diff(runs["a1"], runs["b7"], tmp_path / "d", k=5, stable_rho=0.8)
+    meta = json.loads(pq.read_schema(path).metadata[b"saeray.diff"])
+    assert meta["thresholds"]["stable_rho"] == 0.8 and meta["thresholds"]["new_ratio"] == 3.0
+    assert "lfc_mean" in meta["definitions"] and meta == json.loads((tmp_path / "d" / "diff.json").read_text())
+    top = pl.read_csv(tmp_path / "d" / "top_all_mean.csv")
+    assert top.height == 5 and top["rank"].to_list() == [1, 2, 3, 4, 5]
+    assert {"top_all_density.csv", "top_all_mean_active.csv"} <= {p.name for p in (tmp_path / "d").iterdir()}
+
+
+def test_refuses_runs_with_different_saes(runs):
+    other = orthonormal_sae(runs["root"] / "sae_other", seed=1)
+    b = extract(runs["root"] / "b", other, runs["data"], runs["root"] / "other")
+    with pytest.raises(ValueError, match="different SAEs"):
+        diff_runs(runs["a1"], b)
+
+
+def test_bad_options(runs):
+    with pytest.raises(ValueError, match="unknown preset"):
+        diff_runs(runs["a1"], runs["b1"], preset="nope")
+    with pytest.raises(ValueError, match="unknown metric"):
+        top_changes(pl.DataFrame(), "max")

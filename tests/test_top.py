@@ -1,0 +1,123 @@
+"""Top and interval examples against a brute-force search over the raw activation rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from helpers import base_config
+from saeray import config
+from saeray.executor import run
+from saeray.top import interval_examples, load_tokenizer, top_examples
+
+FEATURES = list(range(96))  # the whole SAE: 22 alive features, some in every document, some dead
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("top") / "run"
+    cfg = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], tiny["data"], out,
+                      data__shards=4)
+    run(config.from_dict(cfg), executor="local")
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw(run_dir: Path) -> tuple[dict[int, list[tuple]], dict[int, list[int]]]:
+    """Activation rows grouped by feature, and token ids by doc_id, as plain python."""
+    rows = defaultdict(list)
+    for row in pl.read_parquet(str(run_dir / "activations" / "**" / "*.parquet")).rows():
+        rows[row[4]].append(row)
+    docs = pl.read_parquet(str(run_dir / "docs" / "**" / "*.parquet"))
+    return rows, dict(zip(docs["doc_id"].to_list(), docs["token_ids"].to_list()))
+
+
+def brute_top(rows: dict[int, list[tuple]], feature: int, k: int) -> list[tuple[int, float, int]]:
+    """(doc_id, max value, pos of the max, smallest on ties) of the top k documents, by plain loops."""
+    best: dict[int, tuple[float, int]] = {}
+    for sae, group, doc, pos, f, v in rows[feature]:
+        if doc not in best or v > best[doc][0] or (v == best[doc][0] and pos < best[doc][1]):
+            best[doc] = (v, pos)
+    ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:k]
+    return [(doc, v, pos) for doc, (v, pos) in ranked]
+
+
+def test_top_examples_equal_brute_force(run_dir, raw):
+    rows, tokens = raw
+    before, after = 3, 2
+    got = top_examples(run_dir, FEATURES, k=5, window=(before, after))
+    values = defaultdict(dict)
+    for _, _, doc, pos, f, v in (r for rs in rows.values() for r in rs):
+        values[(f, doc)][pos] = v
+    clipped_left = clipped_right = 0
+    for f in FEATURES:
+        want = brute_top(rows, f, 5)
+        mine = got.filter(pl.col("feature") == f)
+        assert mine["rank"].to_list() == list(range(1, len(want) + 1))
+        assert list(zip(mine["doc_id"], mine["value"], mine["pos"])) == want
+        for ex in mine.iter_rows(named=True):
+            ids, pos = tokens[ex["doc_id"]], ex["pos"]
+            lo, hi = max(0, pos - before), min(len(ids), pos + after + 1)
+            assert ex["n_tokens"] == len(ids) and ex["window_start"] == lo
+            assert ex["token_ids"] == ids[lo:hi]
+            assert ex["acts"] == pytest.approx([values[(f, ex["doc_id"])].get(p, 0.0) for p in range(lo, hi)])
+            assert ex["acts"][pos - lo] == pytest.approx(ex["value"])
+            clipped_left += pos - before < 0
+            clipped_right += pos + after + 1 > len(ids)
+    assert clipped_left and clipped_right, "the window clipping at both document edges should be exercised"
+
+
+def test_windows_whole_document_and_special_tokens(tiny, run_dir, raw):
+    _, tokens = raw
+    tok = load_tokenizer(run_dir)
+    special = set(tok.all_special_ids)
+    got = top_examples(run_dir, FEATURES, k=20, window=(1000, 1000), tokenizer=tok)
+    assert got.height > len(FEATURES)
+    for ex in got.iter_rows(named=True):
+        assert ex["window_start"] == 0 and ex["token_ids"] == tokens[ex["doc_id"]]
+        assert ex["token_ids"][ex["pos"]] not in special
+        assert ex["tokens"] == [tok.decode([t]) for t in ex["token_ids"]]
+    # documents with special tokens are among the examples, so the check above means something
+    assert any(special & set(ids) for ids in got["token_ids"])
+
+
+def test_top_examples_filters_and_errors(run_dir, raw):
+    f = max(FEATURES, key=lambda f: len(brute_top(raw[0], f, 10**9)))
+    assert top_examples(run_dir, [f], sae="a", group="all", k=2).height == 2
+    assert top_examples(run_dir, [3], group="none").height == 0
+    with pytest.raises(ValueError, match="SAE 'b' is not in run"):
+        top_examples(run_dir, [3], sae="b")
+    with pytest.raises(ValueError, match="k must be"):
+        top_examples(run_dir, [3], k=0)
+    with pytest.raises(ValueError, match="window"):
+        top_examples(run_dir, [3], window=(-1, 2))
+
+
+def test_interval_examples(run_dir, raw):
+    rows, _ = raw
+    bins, per_bin = 4, 2
+    got = interval_examples(run_dir, FEATURES, bins=bins, per_bin=per_bin, seed=1)
+    assert got.equals(interval_examples(run_dir, FEATURES, bins=bins, per_bin=per_bin, seed=1))
+    # a feature's sample does not depend on which other features are asked for
+    f0 = got["feature"][-1]
+    assert got.filter(pl.col("feature") == f0).equals(interval_examples(run_dir, [f0], bins=bins, per_bin=per_bin,
+                                                                        seed=1))
+    other_seed = interval_examples(run_dir, FEATURES, bins=bins, per_bin=per_bin, seed=2)
+    assert not got["doc_id"].equals(other_seed["doc_id"])
+    assert got["feature"].n_unique() == 22
+    for f in FEATURES:
+        docs = {doc: v for doc, v, _ in brute_top(rows, f, 10**9) if v > 0}
+        mine = got.filter(pl.col("feature") == f)
+        if not docs:
+            assert mine.height == 0
+            continue
+        fmax = max(docs.values())
+        for b in range(bins):
+            members = {d for d, v in docs.items() if b * fmax / bins < v <= (b + 1) * fmax / bins}
+            sample = mine.filter(pl.col("bin") == b)
+            assert sample.height == min(per_bin, len(members))
+            assert set(sample["doc_id"]) <= members
+            assert (sample["value"] == pl.Series([docs[d] for d in sample["doc_id"]], dtype=pl.Float32)).all()

@@ -1,0 +1,95 @@
+"""`saeray train-sae` on a tiny model: sae-lens format, and figures recomputed independently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from helpers import corpus, make_model, write_dataset
+from saeray import cli
+from saeray.corpus import build, documents
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    model = make_model(root / "model", "llama", seed=4)
+    data = write_dataset(root / "data", corpus(120, seed=8, min_words=10, max_words=60), n_files=3)
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": str(model), "dtype": "float32"}, "data": {"dataset": str(data)},
+                                   "tokens": {"context_size": 32, "batch_tokens": 512}}))
+    out = root / "sae"
+    code = cli.main(["train-sae", str(cfg), "--hook", "blocks.2.hook_resid_post", "--out", str(out), "--d-sae", "128",
+                     "--k", "8", "--train-tokens", "3000", "--epochs", "10", "--batch-size", "256", "--lr", "2e-3",
+                     "--eval-tokens", "100000", "--held-out-fraction", "0.3"])
+    assert code == 0
+    return model, data, out
+
+
+def test_trained_sae_loads_with_sae_lens_and_says_how_it_was_trained(trained):
+    from sae_lens import SAE
+
+    _, _, out = trained
+    sae = SAE.load_from_disk(out)
+    assert sae.cfg.architecture() == "topk" and sae.cfg.d_in == 64 and sae.cfg.d_sae == 128
+    meta = sae.cfg.metadata
+    assert meta.hook_name == "blocks.2.hook_resid_post" and meta.context_size == 32 and meta.prepend_bos is True
+
+
+def test_held_out_figures_match_an_independent_computation(trained):
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, data, out = trained
+    report = json.loads((out / "saeray_training.json").read_text())
+    start, end = report["held_out_docs"]
+    texts = [t for f in sorted(data.glob("*.parquet")) for t in pq.read_table(f)["text"].to_pylist()]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sae = SAE.load_from_disk(out)
+    xs = []
+    with torch.no_grad():
+        for text in texts[start:end]:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            for s in range(0, len(ids), 31):
+                window = [tok.bos_token_id] + ids[s:s + 31]
+                h = model(torch.tensor([window]), output_hidden_states=True).hidden_states[3][0, 1:]
+                keep = [j for j, t in enumerate(ids[s:s + 31]) if t not in tok.all_special_ids]
+                xs.append(h[keep])
+    x = torch.cat(xs)
+    with torch.no_grad():
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+    xn, xh = x.double().numpy(), x_hat.double().numpy()
+    ev = 1 - ((xn - xh) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    held = report["held_out"]
+    assert held["tokens"] == len(xn)
+    assert held["explained_variance"] == pytest.approx(ev, abs=1e-5)
+    assert held["l0"] == pytest.approx(float((z != 0).sum(1).float().mean()), abs=1e-6)
+    assert held["dead_fraction"] == pytest.approx(float(((z != 0).sum(0) == 0).float().mean()))
+    assert held["explained_variance"] > 0.5  # it learned something on held-out text
+
+
+def test_train_refuses_non_empty_out(trained, tmp_path, capsys):
+    model, data, out = trained
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": str(model)}, "data": {"dataset": str(data)}}))
+    assert cli.main(["train-sae", str(cfg), "--hook", "blocks.1.hook_resid_post", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_corpus_is_deterministic_and_labelled(tmp_path):
+    a = build(tmp_path / "a", n_files=3, max_docs=300)
+    b = build(tmp_path / "b", n_files=3, max_docs=300)
+    ta = [pq.read_table(f) for f in sorted(a.glob("*.parquet"))]
+    tb = [pq.read_table(f) for f in sorted(b.glob("*.parquet"))]
+    assert len(ta) == 3 and all(x.equals(y) for x, y in zip(ta, tb))
+    kinds = set(np.concatenate([t["kind"].to_numpy(zero_copy_only=False) for t in ta]))
+    assert kinds == {"code", "prose"}
+    assert sum(len(d["text"]) for d in documents()) > 4_000_000  # ~1M+ tokens of text available

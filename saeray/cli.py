@@ -2,6 +2,7 @@
 
     saeray run CONFIG [--out RUN] [--set key.path=value ...] [--workers N] [--overwrite] [--local]
     saeray stats RUN
+    saeray top RUN --feature F [--k 10]
     saeray diff RUN_A RUN_B --out DIR [--preset default|vlm_transfer] ...
     saeray separate RUN --label COL [--reference REF_RUN] [--max-density 0.02] --out DIR
     saeray train-sae CONFIG --hook HOOK --out DIR [--arch topk|jumprelu] [--d-sae N] [--k K] ...
@@ -66,6 +67,34 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
     report = train(cfg, opts, args.out)
     print(json.dumps(report["held_out"], indent=2))
     print(f"saved {args.out} (sae-lens disk format; training report in {args.out}/saeray_training.json)")
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .featlist import parse_features
+    from .top import interval_examples, load_tokenizer, top_examples
+
+    feats = parse_features(args.feature)
+    tok = None if args.no_decode else load_tokenizer(args.run)
+    window = (args.before, args.after)
+    top = top_examples(args.run, feats, sae=args.sae, group=args.group, k=args.k, window=window, tokenizer=tok)
+    for row in top.iter_rows(named=True):
+        mark = row["pos"] - row["window_start"]
+        if tok is not None:
+            text = "".join(f"[[{t}]]" if i == mark else t for i, t in enumerate(row["tokens"]))
+        else:
+            text = " ".join(f"[[{t}]]" if i == mark else str(t) for i, t in enumerate(row["token_ids"]))
+        print(f"{row['sae']}/{row['group']} feature {row['feature']} #{row['rank']}  doc {row['doc_id']} "
+              f"pos {row['pos']}  max {row['value']:.4g}\n    {text!r}")
+    if args.out:
+        frames = [top]
+        if args.intervals:
+            frames.append(interval_examples(args.run, feats, sae=args.sae, group=args.group, bins=args.intervals,
+                                            per_bin=args.per_bin, seed=args.seed, window=window, tokenizer=tok))
+        pl.concat(frames, how="diagonal_relaxed").write_parquet(args.out)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -145,6 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--held-out-fraction", type=float, default=0.4, help="last fraction of documents held out")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_train_sae)
+
+    tp = sub.add_parser("top", help="top-activating contexts per feature")
+    tp.add_argument("run")
+    tp.add_argument("--feature", "-f", required=True, action="append", metavar="LIST",
+                    help="features: 0,5,10 | 0-20 | 0-10,50-60 (repeatable)")
+    tp.add_argument("--k", type=int, default=10)
+    tp.add_argument("--sae")
+    tp.add_argument("--group")
+    tp.add_argument("--before", type=int, default=10, help="tokens of context before the max")
+    tp.add_argument("--after", type=int, default=10, help="tokens of context after the max")
+    tp.add_argument("--intervals", type=int, metavar="BINS", help="with --out: also sample BINS activation intervals")
+    tp.add_argument("--per-bin", type=int, default=3)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--no-decode", action="store_true", help="print token ids (skip loading the tokenizer)")
+    tp.add_argument("--out", help="write the examples (with per-token activations) to this .parquet")
+    tp.set_defaults(fn=_cmd_top)
 
     df = sub.add_parser("diff", help="per-feature differences between two runs of the same SAE(s)")
     df.add_argument("run_a")

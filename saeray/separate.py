@@ -30,7 +30,8 @@ DEFINITIONS = {
     "f_pos, f_neg": "fraction of positive / negative documents where value != 0",
     "f_diff": "f_pos - f_neg",
     "cohens_d": "(mean_pos - mean_neg) / pooled s.d., pooled s.d. = sqrt(((n_pos-1) var_pos + (n_neg-1) var_neg) "
-                "/ (n_pos + n_neg - 2)), sample variances; null when the pooled s.d. is 0",
+                "/ (n_pos + n_neg - 2)), sample variances (a variance below (1e-6 max|mean|)^2, float32 "
+                "rounding, counts as 0); null when the pooled s.d. is 0",
     "t, p": "Welch's unequal-variance t-test, positives vs negatives, two-sided; both variances 0: null if the "
               "means are equal, else t = +-inf, p = 0",
     "q": "Benjamini-Hochberg adjusted p over the kept features of each (sae, group)",
@@ -110,6 +111,10 @@ def _scores(x: pl.DataFrame, docs: pl.DataFrame, keys: pl.DataFrame) -> pl.DataF
     s = s.join(ss, on=KEYS, how="left").with_columns(pl.col("^_ss_.*$").fill_null(0.0))
     var = {c: (pl.col(f"_ss_{c}") + (pl.col(f"n_{c}") - pl.col(f"nz_{c}")) * pl.col(f"mean_{c}") ** 2)
            / (pl.col(f"n_{c}") - 1) for c in ("pos", "neg")}
+    # Activations are float32: a spread below their resolution (1e-6 of the means) is rounding
+    # noise from batch layout, not signal, and counts as 0 (else d and t swing between null and 1e7).
+    eps = (1e-6 * pl.max_horizontal(pl.col("mean_pos").abs(), pl.col("mean_neg").abs())) ** 2
+    var = {c: pl.when(v > eps).then(v).otherwise(0.0) for c, v in var.items()}
     zero_rank = pl.col("_nneg") + (pl.col("n_pos") + pl.col("n_neg") - pl.col("nz_pos") - pl.col("nz_neg") + 1) / 2
     pooled = (((pl.col("n_pos") - 1) * var["pos"] + (pl.col("n_neg") - 1) * var["neg"])
               / (pl.col("n_pos") + pl.col("n_neg") - 2)).sqrt()

@@ -5,6 +5,7 @@ Ray-free; the Ray executor wraps it in an actor and the local executor calls it 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -37,6 +38,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def bound_malloc() -> None:
+    """Keep glibc from fragmenting memory across threads' arenas (RSS would creep up shard after
+    shard): at most 2 arenas, and large buffers always mmapped (returned to the OS when freed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_arena_max, 2)
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; ru_maxrss can carry a parent's peak across exec)."""
     try:
@@ -67,6 +80,7 @@ def _default_threads() -> int:
 class ShardWorker:
     def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        bound_malloc()
         torch.set_num_threads(threads or _default_threads())
         self.manifest = manifest
         self.cfg = config_mod.from_dict(manifest["config"])

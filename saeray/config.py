@@ -103,6 +103,8 @@ class OutputConfig:
     dir: str = "runs/example"
     activations: bool = True
     """false = statistics only (per-shard partials, no activation rows)."""
+    reconstruction: bool = False
+    """Also decode and keep mergeable reconstruction partials (MSE, explained variance, L0) per SAE."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from .contexts import Batch, Document, Tokenization
 from .models import HookSite, run_to_hooks
-from .saes import encode_sparse
+from .saes import ReconStats, encode_sparse
 
 _KEY_SHIFT = 32  # max location key = doc_id << 32 | pos
 _NO_KEY = torch.iinfo(torch.int64).max
@@ -110,7 +110,7 @@ class Extractor:
     """Runs blocks of whole documents through the model and SAEs."""
 
     def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
-                 device: torch.device, encode_chunk: int = 4096):
+                 device: torch.device, encode_chunk: int = 4096, reconstruction: bool = False):
         self.model = model
         self.saes = saes
         self.tok = tok
@@ -120,6 +120,8 @@ class Extractor:
         self.sites = list({h.site.name: h.site for h in saes}.values())
         self.groups = list(tok.markers) if tok.positions.mode == "markers" else [tok.positions.mode]
         self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
+        self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
+                      if reconstruction else {})
         self.forward_tokens = 0
 
     def process(self, docs: list[Document], keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
@@ -156,7 +158,26 @@ class Extractor:
                 cols = torch.from_numpy(batch.sel_col[g]).to(self.device)
                 doc = torch.from_numpy(batch.sel_doc[g]).to(self.device)
                 pos = torch.from_numpy(batch.sel_pos[g].astype(np.int64)).to(self.device)
-                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.encode_chunk)
+                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.encode_chunk,
+                                        self.recon.get((h.name, g)))
                 d, p = doc[r], pos[r]
                 self.stats[(h.name, g)].add(len(rows), f, v, (d << _KEY_SHIFT) | p)
                 found[(h.name, g)].append((d, p, f, v))
+
+
+RECON_SCHEMA = pa.schema([
+    ("sae", pa.string()), ("group", pa.string()), ("n_tokens", pa.int64()), ("sse", pa.float64()),
+    ("sum_sq", pa.float64()), ("l0_sum", pa.int64()), ("sum_x", pa.list_(pa.float64())),
+    ("sq_err_hist", pa.list_(pa.int64())),
+])
+
+
+def recon_table(recon: dict[tuple[str, str], ReconStats]) -> pa.Table:
+    keys = list(recon)
+    return pa.table({
+        "sae": [k[0] for k in keys], "group": [k[1] for k in keys],
+        "n_tokens": [recon[k].n for k in keys], "sse": [recon[k].sse for k in keys],
+        "sum_sq": [recon[k].sum_sq for k in keys], "l0_sum": [recon[k].l0 for k in keys],
+        "sum_x": [recon[k].sum_x.cpu().tolist() for k in keys],
+        "sq_err_hist": [recon[k].hist.cpu().tolist() for k in keys],
+    }, schema=RECON_SCHEMA)

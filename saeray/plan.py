@@ -63,6 +63,9 @@ DEFINITIONS = {
     "mean_active": "sum of values / active tokens",
     "std": "population standard deviation over counted tokens, merged with Chan's formula in float64",
     "max": "largest active value; ties go to the smallest (doc_id, pos)",
+    "reconstruction": "output.reconstruction: per (sae, group) over counted tokens: mse = sum |x - x_hat|^2 / n "
+                      "(squared L2 error per token, summed over dimensions); explained_variance = 1 - sum |x - x_hat|^2 / "
+                      "sum |x - mean(x)|^2 (centred on the run's mean activation); l0 = mean active latents per token",
     "activations_order": "within a file, rows are sorted by (sae, group, doc_id, pos, feature) per row group",
 }
 
@@ -123,5 +126,6 @@ def prepare(cfg: RunConfig) -> Prepared:
                    "exclude_special": cfg.tokens.exclude_special},
         "positions": cfg.to_dict()["positions"],
         "activations": cfg.output.activations,
+        "reconstruction": cfg.output.reconstruction,
     }
     return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fingerprint(identity))

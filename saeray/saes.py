@@ -111,17 +111,47 @@ def load(cfg: SAEConfig, device: torch.device) -> Any:
     return sae
 
 
+class ReconStats:
+    """Mergeable reconstruction partials for one (SAE, group): error, input moments, L0, MSE histogram."""
+
+    BINS = torch.logspace(-8, 8, 65, dtype=torch.float64)
+    """Edges of the per-token squared-error histogram (log-spaced; under/overflow go to the end bins)."""
+
+    def __init__(self, d_in: int, device: torch.device):
+        self.n = 0
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.l0 = 0
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(len(self.BINS) - 1, dtype=torch.int64, device=device)
+        self._edges = self.BINS.to(device)
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> None:
+        xd = x.double()
+        err = ((x_hat.double() - xd) ** 2).sum(-1)
+        self.n += len(x)
+        self.sse += float(err.sum())
+        self.sum_sq += float((xd * xd).sum())
+        self.sum_x += xd.sum(0)
+        self.l0 += int((acts != 0).sum())
+        idx = (torch.bucketize(err, self._edges) - 1).clamp(0, len(self.hist) - 1)
+        self.hist += torch.bincount(idx, minlength=len(self.hist))
+
+
 @torch.inference_mode()
-def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int
+def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode `x` [n, d_in] and keep the active entries.
+    """Encode `x` [n, d_in] and keep the active entries (and fold reconstruction stats into `recon`).
 
     Returns (row [nnz] int64, feature [nnz] int64, value [nnz] float32), all on x's
     device, sorted by (row, feature). The dense code exists only `chunk_tokens` rows at a time.
     """
     rows, feats, vals = [], [], []
     for start in range(0, x.shape[0], chunk_tokens):
-        acts = sae.encode(x[start:start + chunk_tokens].to(sae.dtype))
+        xc = x[start:start + chunk_tokens].to(sae.dtype)
+        acts = sae.encode(xc)
+        if recon is not None:
+            recon.add(xc, sae.decode(acts), acts)
         mask = acts.abs() > threshold if threshold > 0 else acts != 0
         idx = mask.nonzero()
         rows.append(idx[:, 0] + start)

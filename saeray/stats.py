@@ -22,8 +22,8 @@ def _committed_files(run: str | Path, kind: str) -> list[str]:
     shards = sorted(rd.committed())
     if not shards:
         raise FileNotFoundError(f"{run} has no committed shards yet: run `saeray run` to completion first")
-    if kind == "stats":
-        return [str(rd.final_paths(i)["stats"]) for i in shards]
+    if kind in ("stats", "recon"):
+        return [str(rd.final_paths(i)[kind]) for i in shards if rd.final_paths(i)[kind].is_file()]
     return [str(f) for i in shards for f in sorted(rd.final_paths(i)[kind].glob("*.parquet"))]
 
 
@@ -96,3 +96,29 @@ def summary(frame: pl.DataFrame) -> pl.DataFrame:
         (pl.col("density") > 0.10).sum().alias("ultra_dense_gt_10pct"),
         ((pl.col("density") < 1e-6) & (pl.col("n_active") > 0)).sum().alias("ultra_rare_lt_1e-6"),
     ).sort(["sae", "group"])
+
+
+def reconstruction(run: str | Path) -> pl.DataFrame:
+    """Per (sae, group): tokens, MSE per token, centred explained variance, L0, dead fraction, and
+    the histogram of per-token squared error (edges: `saeray.saes.ReconStats.BINS`).
+
+    Needs a run extracted with output.reconstruction: true.
+    """
+    import numpy as np
+
+    files = _committed_files(run, "recon")
+    if not files:
+        raise FileNotFoundError(f"{run} has no reconstruction partials: extract with output.reconstruction: true")
+    parts = pl.read_parquet(files)
+    rows = []
+    for (sae, group), g in parts.group_by(["sae", "group"], maintain_order=True):
+        n = int(g["n_tokens"].sum())
+        sum_x = np.sum(np.array(g["sum_x"].to_list(), dtype=np.float64), axis=0)
+        total = float(g["sum_sq"].sum()) - float(sum_x @ sum_x) / n
+        sse = float(g["sse"].sum())
+        rows.append({"sae": sae, "group": group, "n_tokens": n, "mse": sse / n, "explained_variance": 1 - sse / total,
+                     "l0": float(g["l0_sum"].sum()) / n,
+                     "sq_err_hist": np.sum(np.array(g["sq_err_hist"].to_list()), axis=0).tolist()})
+    out = pl.DataFrame(rows)
+    dead = features(run).group_by("sae", "group").agg((pl.col("n_active") == 0).mean().alias("dead_fraction")).collect()
+    return out.join(dead, on=["sae", "group"], how="left").sort("sae", "group")

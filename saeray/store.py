@@ -69,7 +69,8 @@ class RunDir:
         s = shard_name(shard)
         return {"activations": self.root / "activations" / f"shard={s}",
                 "docs": self.root / "docs" / f"shard={s}",
-                "stats": self.root / "stats" / f"{s}.parquet"}
+                "stats": self.root / "stats" / f"{s}.parquet",
+                "recon": self.root / "recon" / f"{s}.parquet"}
 
     # ---- manifest ------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class RunDir:
                             f"(model, SAEs, data or token settings differ): use another --out, or --overwrite to replace it")
                     self._clear()
         self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("completions", "stats", "docs", "activations"):
+        for sub in ("completions", "stats", "docs", "activations", "recon"):
             (self.root / sub).mkdir(exist_ok=True)
         if not self.manifest_path.is_file():
             manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
@@ -120,9 +121,10 @@ class RunDir:
             for d in (self.root / kind).glob("shard=*"):
                 if int(d.name.split("=")[1]) not in done:
                     shutil.rmtree(d, ignore_errors=True)
-        for f in (self.root / "stats").glob("*.parquet"):
-            if f.stem.isdigit() and int(f.stem) not in done:
-                f.unlink(missing_ok=True)
+        for kind in ("stats", "recon"):
+            for f in (self.root / kind).glob("*.parquet"):
+                if f.stem.isdigit() and int(f.stem) not in done:
+                    f.unlink(missing_ok=True)
         for f in (self.root / "completions").glob(".*.tmp"):
             f.unlink(missing_ok=True)
 
@@ -153,6 +155,8 @@ class RunDir:
             if (tmp / kind).is_dir() and any((tmp / kind).iterdir()):
                 os.replace(tmp / kind, final[kind])
         os.replace(tmp / "stats.parquet", final["stats"])
+        if (tmp / "recon.parquet").is_file():
+            os.replace(tmp / "recon.parquet", final["recon"])
         write_json_atomic(self.marker(shard), summary)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -25,7 +25,7 @@ from . import config as config_mod
 from . import models, saes
 from .contexts import Document, Tokenization
 from .data import DataPlan, iter_rows
-from .extract import STATS_SCHEMA, Extractor, SAEHandle
+from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
 from .store import ACTIVATIONS_SCHEMA, RunDir
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ class ShardWorker:
 
     def _process(self, shard: Any, tmp: Path) -> dict[str, Any]:
         keep_rows = self.cfg.output.activations
-        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.cfg.tokens.batch_tokens, device=self.device)
+        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.cfg.tokens.batch_tokens,
+                        device=self.device, reconstruction=self.cfg.output.reconstruction)
         act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
         docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
@@ -164,6 +165,8 @@ class ShardWorker:
                 act_writer.close()
         stats = pa.concat_tables([st.to_table(sae, g) for (sae, g), st in ext.stats.items()])
         pq.write_table(stats.cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
+        if ext.recon:
+            pq.write_table(recon_table(ext.recon), tmp / "recon.parquet", compression="zstd")
         counted = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
         return {"rows": n_rows, "docs": n_docs, "tokens": n_tokens, "forward_tokens": ext.forward_tokens,
                 "counted_tokens": counted}

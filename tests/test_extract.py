@@ -189,3 +189,36 @@ def test_stats_only_mode_matches_full_run(tiny, tmp_path):
     assert a["n_active"].to_list() == b["n_active"].to_list()
     np.testing.assert_allclose(a["mean"].to_numpy(), b["mean"].to_numpy(), rtol=1e-12)
     np.testing.assert_allclose(a["std"].to_numpy(), b["std"].to_numpy(), rtol=1e-12)
+
+
+def test_reconstruction_partials_equal_a_direct_computation(tiny, tmp_path):
+    from sae_lens import SAE
+
+    from saeray.stats import reconstruction
+
+    out = _run(tiny, tmp_path, "llama", [("a", "sae_standard")], data__shards=4,
+               output={"dir": str(tmp_path / "run"), "reconstruction": True})
+    got = reconstruction(out).row(0, named=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32).eval()
+    sae = SAE.load_from_disk(tiny["sae_standard"])
+    xs = []
+    with torch.no_grad():
+        for text in tiny["docs"]:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            for s in range(0, len(ids), 23):
+                win = ids[s:s + 23]
+                h = model(torch.tensor([[tok.bos_token_id] + win]), output_hidden_states=True).hidden_states[2][0, 1:]
+                xs.append(h[[j for j, t in enumerate(win) if t not in tok.all_special_ids]])
+        x = torch.cat(xs)
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+    x, x_hat = x.double().numpy(), x_hat.double().numpy()
+    sse = ((x - x_hat) ** 2).sum()
+    assert got["n_tokens"] == len(x)
+    assert got["mse"] == pytest.approx(sse / len(x), rel=1e-4)
+    assert got["explained_variance"] == pytest.approx(1 - sse / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
+    assert got["l0"] == pytest.approx(float((z != 0).sum()) / len(x), rel=1e-3)
+    assert sum(got["sq_err_hist"]) == len(x)

@@ -3,6 +3,9 @@
     saeray run CONFIG [--out RUN] [--set key.path=value ...] [--workers N] [--overwrite] [--local]
     saeray stats RUN
     saeray top RUN --feature F [--k 10]
+    saeray probe RUN --feature F --text "..."
+    saeray concept RUN --example "..." [--counter "..."]
+    saeray logits RUN --feature F
     saeray diff RUN_A RUN_B --out DIR [--preset default|vlm_transfer] ...
     saeray separate RUN --label COL [--reference REF_RUN] [--max-density 0.02] --out DIR
     saeray train-sae CONFIG --hook HOOK --out DIR [--arch topk|jumprelu] [--d-sae N] [--k K] ...
@@ -98,6 +101,61 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.text or [])
+    if args.file:
+        from pathlib import Path
+
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("give texts with --text \"...\" (repeatable) or --file FILE (one text per line)")
+    return texts
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .featlist import parse_features
+    from .probe import probe
+
+    frame = probe(args.run, _texts(args), parse_features(args.feature), sae=args.sae)
+    if args.counted_only:
+        frame = frame.filter(pl.col("counted"))
+    for (feature, text), g in frame.group_by(["feature", "text"], maintain_order=True):
+        shown = " ".join(f"{t}({v:.3g})" if v else t for t, v in zip(g["token"], g["value"]))
+        print(f"feature {feature} text {text}: {shown}")
+    if args.csv:
+        frame.write_csv(args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def _cmd_concept(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .probe import concept_features
+
+    frame = concept_features(args.run, args.example, counter_examples=args.counter or None, sae=args.sae,
+                             k=args.k, reference_run=args.reference)
+    with pl.Config(tbl_rows=args.k):
+        print(frame)
+    if args.csv:
+        frame.write_csv(args.csv)
+    return 0
+
+
+def _cmd_logits(args: argparse.Namespace) -> int:
+    from .featlist import parse_features
+    from .logits import logit_effects_for_run
+
+    frame = logit_effects_for_run(args.run, parse_features(args.feature), sae=args.sae, k=args.k)
+    for (feature, direction), g in frame.group_by(["feature", "direction"], maintain_order=True):
+        print(f"feature {feature} {direction}: " + ", ".join(f"{t!r} {v:+.3g}" for t, v in zip(g["token"], g["logit"])))
+    if args.csv:
+        frame.write_csv(args.csv)
+    return 0
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -190,6 +248,34 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--no-decode", action="store_true", help="print token ids (skip loading the tokenizer)")
     tp.add_argument("--out", help="write the examples (with per-token activations) to this .parquet")
     tp.set_defaults(fn=_cmd_top)
+
+    pr = sub.add_parser("probe", help="a feature's activation on new texts, token by token")
+    pr.add_argument("run", help="a run directory or a config (model + SAE)")
+    pr.add_argument("--feature", "-f", required=True, action="append", metavar="LIST")
+    pr.add_argument("--text", action="append", help="a text to probe (repeatable)")
+    pr.add_argument("--file", help="texts, one per line")
+    pr.add_argument("--sae", help="which SAE of the run (default: its only one)")
+    pr.add_argument("--counted-only", action="store_true", help="hide tokens a run would not count (special tokens)")
+    pr.add_argument("--csv")
+    pr.set_defaults(fn=_cmd_probe)
+
+    co = sub.add_parser("concept", help="features for a concept given example texts")
+    co.add_argument("run", help="a run directory or a config (model + SAE)")
+    co.add_argument("--example", action="append", required=True, help="a text showing the concept (repeatable)")
+    co.add_argument("--counter", action="append", help="a text without it (repeatable)")
+    co.add_argument("--reference", help="instead of counter-examples: compare with this run's feature means")
+    co.add_argument("--sae")
+    co.add_argument("--k", type=int, default=20)
+    co.add_argument("--csv")
+    co.set_defaults(fn=_cmd_concept)
+
+    lg = sub.add_parser("logits", help="tokens a feature's decoder direction promotes and suppresses")
+    lg.add_argument("run")
+    lg.add_argument("--feature", "-f", required=True, action="append", metavar="LIST")
+    lg.add_argument("--k", type=int, default=10)
+    lg.add_argument("--sae")
+    lg.add_argument("--csv")
+    lg.set_defaults(fn=_cmd_logits)
 
     df = sub.add_parser("diff", help="per-feature differences between two runs of the same SAE(s)")
     df.add_argument("run_a")

@@ -81,6 +81,19 @@ def _check_widths(sae_infos: list[saes.SAEInfo], d_model: int, n_layers: int) ->
     return sites
 
 
+def token_settings(cfg: RunConfig, infos: list[saes.SAEInfo]) -> tuple[bool, int]:
+    """(prepend_bos, context_size): the config's values, else what the SAEs were trained with."""
+    bos_wanted = {s.prepend_bos for s in infos if s.prepend_bos is not None}
+    if cfg.tokens.prepend_bos is not None:
+        prepend_bos = cfg.tokens.prepend_bos
+    elif len(bos_wanted) > 1:
+        raise PlanError("the SAEs disagree on prepend_bos: set tokens.prepend_bos explicitly")
+    else:
+        prepend_bos = bos_wanted.pop() if bos_wanted else True
+    sizes = [s.context_size for s in infos if s.context_size]
+    return prepend_bos, cfg.tokens.context_size or (min(sizes) if sizes else DEFAULT_CONTEXT)
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     """Check the config against model/SAE/dataset metadata and plan the shards."""
     if not cfg.saes:
@@ -94,15 +107,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         infos.append(info)
     _check_widths(infos, d_model, n_layers)
 
-    bos_wanted = {s.prepend_bos for s in infos if s.prepend_bos is not None}
-    if cfg.tokens.prepend_bos is not None:
-        prepend_bos = cfg.tokens.prepend_bos
-    elif len(bos_wanted) > 1:
-        raise PlanError("the SAEs disagree on prepend_bos: set tokens.prepend_bos explicitly")
-    else:
-        prepend_bos = bos_wanted.pop() if bos_wanted else True
-    sizes = [s.context_size for s in infos if s.context_size]
-    context_size = cfg.tokens.context_size or (min(sizes) if sizes else DEFAULT_CONTEXT)
+    prepend_bos, context_size = token_settings(cfg, infos)
 
     plan = data.plan(cfg.data)
     if cfg.data.max_tokens is not None:

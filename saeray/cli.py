@@ -54,7 +54,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
-    return demo_main(args.out, args.workers)
+    return demo_main(args.out, args.workers, use_tiny=args.tiny)
 
 
 def _cmd_train_sae(args: argparse.Namespace) -> int:
@@ -309,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--files", type=int, default=8)
     c.set_defaults(fn=_cmd_corpus)
 
-    d = sub.add_parser("demo", help="the default job end to end, offline (currently on a tiny in-process model)")
+    d = sub.add_parser("demo", help="the default job end to end, offline: Gemma 3 270M + saeray's SAE on a local corpus")
     d.add_argument("--out", default="runs/demo", help="where assets and the run go (default runs/demo)")
     d.add_argument("--workers", type=int, help="number of Ray workers (default: one per GPU, else one)")
+    d.add_argument("--tiny", action="store_true", help="a tiny random in-process model instead (seconds; meaningless)")
     d.set_defaults(fn=_cmd_demo)
     return p
 

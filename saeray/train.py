@@ -67,26 +67,25 @@ class Streamer:
 
     def stream(self, start: int, end: int, max_tokens: int) -> Iterator[torch.Tensor]:
         """Yield [n, d_model] float32 activations for documents [start, end) until max_tokens."""
-        seen, block, block_tokens = 0, [], 0
+        seen = 0
+        for acts in self._blocks(start, end):
+            acts = acts[: max_tokens - seen]
+            seen += len(acts)
+            yield acts
+            if seen >= max_tokens:
+                return
+
+    def _blocks(self, start: int, end: int) -> Iterator[torch.Tensor]:
+        block, block_tokens = [], 0
         budget = 4 * self.cfg.tokens.batch_tokens
         for doc_id, text, _ in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, ()):
             doc = self.tok.document(doc_id, text if isinstance(text, str) else "", {})
             block.append(doc)
             block_tokens += len(doc.token_ids)
             if block_tokens >= budget:
-                for acts in self._run(block):
-                    acts = acts[: max_tokens - seen]
-                    seen += len(acts)
-                    yield acts
-                    if seen >= max_tokens:
-                        return
+                yield from self._run(block)
                 block, block_tokens = [], 0
-        for acts in self._run(block):
-            acts = acts[: max_tokens - seen]
-            seen += len(acts)
-            yield acts
-            if seen >= max_tokens:
-                return
+        yield from self._run(block)
 
     def _run(self, docs: list) -> Iterator[torch.Tensor]:
         for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens, self.device):

@@ -159,7 +159,7 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_tokens must be >= 1 or null, got {cfg.data.max_tokens}")
     if cfg.data.text_column in cfg.data.keep_columns:
         raise ConfigError(f"data.keep_columns must not repeat the text column {cfg.data.text_column!r}")
-    reserved = {"doc_id", "n_tokens", "token_ids"}
+    reserved = {"doc_id", "n_tokens", "token_ids", "positions"}
     if reserved & set(cfg.data.keep_columns):
         raise ConfigError(f"data.keep_columns: {sorted(reserved & set(cfg.data.keep_columns))} are reserved names in docs")
     if cfg.positions.mode == "markers" and not cfg.positions.groups:

@@ -266,9 +266,15 @@ def _tokenization(manifest: dict[str, Any]) -> Any:
 def doc_positions(run: str | Path) -> pl.LazyFrame:
     """Per (group, doc_id) with at least one counted position: n_counted and last_pos.
 
-    Recomputed from docs.token_ids with the run's own position rules (the docs table does
-    not store per-group counts). Documents without counted positions are absent.
+    Read from docs.positions (written by the engine); for runs made before that column
+    existed, recomputed from docs.token_ids with the run's own tokenizer and position rules.
+    Documents without counted positions are absent.
     """
+    if "positions" in scan_docs(run).collect_schema():
+        return (scan_docs(run).select("doc_id", "positions").explode("positions").drop_nulls("positions")
+                .unnest("positions")
+                .select("group", "doc_id", pl.col("n").cast(pl.UInt32).alias("n_counted"),
+                        pl.col("last").alias("last_pos")))
     manifest = RunDir(run).read_manifest()
     tok = _tokenization(manifest)
     docs = scan_docs(run).select("doc_id", "token_ids")

@@ -51,7 +51,7 @@ def documents(run: str | Path, category_col: str | None = None) -> pl.DataFrame:
         return docs.select("doc_id").collect().sort("doc_id")
     names = docs.collect_schema().names()
     if category_col not in names:
-        kept = [c for c in names if c not in ("doc_id", "n_tokens", "token_ids")]
+        kept = [c for c in names if c not in ("doc_id", "n_tokens", "token_ids", "positions")]
         raise ValueError(f"docs of run {run} have no column {category_col!r}; kept columns: {kept or 'none'}. "
                          "Keep it at extraction with data.keep_columns")
     return docs.select("doc_id", pl.col(category_col).alias("category")).collect().sort("doc_id")

@@ -63,7 +63,7 @@ def _labels(run: str | Path, label: str, positive: Any) -> tuple[pl.DataFrame, A
     """(doc_id, y) of documents with a non-null label, and the positive value used."""
     schema = scan_docs(run).collect_schema()
     if label not in schema:
-        kept = [c for c in schema if c not in ("doc_id", "n_tokens", "token_ids")]
+        kept = [c for c in schema if c not in ("doc_id", "n_tokens", "token_ids", "positions")]
         raise ValueError(f"docs of {run} have no column {label!r} (kept columns: {kept or 'none'}): "
                          f"extract with data.keep_columns: [{label}]")
     docs = scan_docs(run).select("doc_id", label).drop_nulls(label).collect()

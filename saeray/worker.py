@@ -30,6 +30,9 @@ from .store import ACTIVATIONS_SCHEMA, RunDir
 
 log = logging.getLogger(__name__)
 
+POSITIONS_TYPE = pa.list_(pa.struct([("group", pa.string()), ("n", pa.int32()), ("last", pa.int32())]))
+"""docs.positions: per position group, how many positions of the document count and the last one."""
+
 BLOCK_BATCHES = 4
 """Documents are processed in blocks of about this many forward batches of tokens."""
 
@@ -98,7 +101,8 @@ class ShardWorker:
                                 context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special)
         self.keep_schema = self.plan.keep_arrow_schema()
         self.docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()),
-                                      ("token_ids", pa.list_(pa.int32())), *self.keep_schema])
+                                      ("token_ids", pa.list_(pa.int32())), ("positions", POSITIONS_TYPE),
+                                      *self.keep_schema])
 
     def process(self, shard_index: int) -> dict[str, Any]:
         """Process one shard and commit it; return its completion summary."""
@@ -176,6 +180,8 @@ class ShardWorker:
             "doc_id": pa.array([d.doc_id for d in block], pa.int64()),
             "n_tokens": pa.array([len(d.token_ids) for d in block], pa.int32()),
             "token_ids": pa.array([d.token_ids for d in block], pa.list_(pa.int32())),
+            "positions": pa.array([[{"group": g, "n": len(p), "last": int(p[-1])} for g, p in d.groups.items() if len(p)]
+                                   for d in block], POSITIONS_TYPE),
         }
         for field in self.keep_schema:
             cols[field.name] = pa.array([d.extras.get(field.name) for d in block], field.type)

@@ -222,3 +222,19 @@ def test_reconstruction_partials_equal_a_direct_computation(tiny, tmp_path):
     assert got["explained_variance"] == pytest.approx(1 - sse / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
     assert got["l0"] == pytest.approx(float((z != 0).sum()) / len(x), rel=1e-3)
     assert sum(got["sq_err_hist"]) == len(x)
+
+
+def test_docs_record_counted_positions_per_group(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from saeray.diff import doc_positions
+
+    out = _run(tiny, tmp_path, "llama", [("a", "sae_standard")])
+    special = set(AutoTokenizer.from_pretrained(tiny["llama"]).all_special_ids)
+    docs = pl.read_parquet(str(out / "docs" / "**" / "*.parquet")).sort("doc_id")
+    got = {d: (n, last) for _, d, n, last in doc_positions(out).collect().iter_rows()}
+    for d, ids in zip(docs["doc_id"].to_list(), docs["token_ids"].to_list()):
+        counted = [p for p, t in enumerate(ids) if t not in special]
+        assert got.get(d) == ((len(counted), counted[-1]) if counted else None)
+    rows = read_rows(out).group_by("doc_id").agg(pl.col("pos").max())
+    assert all(p <= got[d][1] for d, p in rows.iter_rows())

@@ -50,8 +50,9 @@ def _manifest(root: Path, n_shards: int) -> dict:
 
     cfg = config.from_dict({"model": {"name": "synthetic"}, "saes": [{"name": "res", "path": "synthetic"}],
                             "data": {"dataset": "synthetic"}, "output": {"dir": str(root)}})
+    sae = {"name": "res", "hook": "blocks.0.hook_resid_post", "digest": "synthetic", "neuronpedia_id": None}
     return {"saeray_version": "bench", "fingerprint": "synthetic0000000", "config": cfg.to_dict(),
-            "n_shards": n_shards, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "resolved": {"prepend_bos": True, "context_size": 1024, "saes": [sae]}, "n_shards": n_shards, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int, rng: np.random.Generator) -> int:
@@ -61,7 +62,10 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
     final = rd.final_paths(shard)
     for kind in ("activations", "docs"):
         final[kind].mkdir(parents=True, exist_ok=True)
-    docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()), ("token_ids", pa.list_(pa.int32()))])
+    from saeray.worker import POSITIONS_TYPE
+
+    docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()), ("token_ids", pa.list_(pa.int32())),
+                             ("positions", POSITIONS_TYPE)])
     aw = pq.ParquetWriter(final["activations"] / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd")
     dw = pq.ParquetWriter(final["docs"] / "part-0.parquet", docs_schema, compression="zstd")
     n_act = np.zeros(d_sae, np.int64)
@@ -90,7 +94,9 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         dw.write_table(pa.table({"doc_id": np.arange(doc, doc + len(lengths), dtype=np.int64),
                                  "n_tokens": lengths.astype(np.int32),
-                                 "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))},
+                                 "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+                                 "positions": pa.array([[{"group": "all", "n": int(n), "last": int(n) - 1}]
+                                                        for n in lengths], POSITIONS_TYPE)},
                                 schema=docs_schema))
         # partial statistics, as a worker computes them
         n_act += np.bincount(f, minlength=d_sae)
@@ -166,6 +172,10 @@ def step(what: str, root: Path, a: argparse.Namespace) -> dict:
         result = {"out_rows": top.top_examples(root, features, k=a.k).height}
     elif what == "interval":
         result = {"out_rows": top.interval_examples(root, features).height}
+    elif what == "diff":  # the run against itself: two full inputs, per-document Welch tests and BH included
+        from saeray import diff
+
+        result = {"out_rows": diff.diff_runs(root, root).height}
     else:
         raise ValueError(what)
     return {"step": what, "wall_s": round(time.perf_counter() - t0, 2), **result, **peak_rss_mb()}
@@ -203,7 +213,7 @@ def main() -> None:
     report: dict = {"config": {k: getattr(a, k) for k in ("rows", "shards", "d_sae", "features", "k", "seed")},
                     "dir": str(root)}
     try:
-        steps = ["baseline", "features", "top", "interval"]
+        steps = ["baseline", "features", "top", "interval", "diff"]
         for what in steps if a.reuse else ["generate", *steps]:
             report[what] = _child(["--dir", str(root), "--step", what, *passthrough])
             print(json.dumps(report[what]), flush=True)

@@ -64,32 +64,50 @@ def _token_table(run: str | Path, active_value: float | None) -> pl.LazyFrame:
             .drop("_n_above"))
 
 
-def doc_values(run: str | Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
-    """(nonzero per-document values: sae, group, doc_id, feature, x; documents per group: group, n_docs).
-
-    x = sum of values over the document's counted positions / their number (DEFINITIONS['doc_value']).
-    """
-    pos = doc_positions(run).collect()
-    x = (scan_activations(run).group_by([*KEYS, "doc_id"]).agg(pl.col("value").cast(pl.Float64).sum())
-         .join(pos.lazy().select("group", "doc_id", "n_counted"), on=["group", "doc_id"])
-         .select(*KEYS, "doc_id", (pl.col("value") / pl.col("n_counted")).alias("x")))
-    return x, pos.group_by("group").agg(pl.len().alias("n_docs"))
-
-
 def doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per (sae, group, feature) mean and sample variance (ddof=1) of doc_value; n_docs per group).
 
-    Two passes in float64; documents where the feature never fires contribute x = 0.
+    Documents never span shards, so the moments are computed exactly shard by shard (two
+    passes in float64; documents where the feature never fires contribute x = 0) and merged
+    across shards with Chan's formula: memory is bounded by one shard, not by the run.
     """
-    x, n_docs = doc_values(run)
-    mean = (x.group_by(KEYS).agg(pl.col("x").sum().alias("_s"), pl.len().alias("_nz"))
-            .join(n_docs.lazy(), on="group").with_columns((pl.col("_s") / pl.col("n_docs")).alias("doc_mean")))
-    ss = (x.join(mean.select(*KEYS, "doc_mean"), on=KEYS).group_by(KEYS)
-          .agg(((pl.col("x") - pl.col("doc_mean")) ** 2).sum().alias("_ss")))
-    moments = (mean.join(ss, on=KEYS)
-               .with_columns(((pl.col("_ss") + (pl.col("n_docs") - pl.col("_nz")) * pl.col("doc_mean") ** 2)
+    rd = RunDir(run)
+    parts = []
+    for shard in sorted(rd.committed()):
+        paths = rd.final_paths(shard)
+        acts = sorted(paths["activations"].glob("*.parquet"))
+        docs = sorted(paths["docs"].glob("*.parquet"))
+        if not docs:
+            continue
+        pos = _positions(pl.scan_parquet(docs)).collect()
+        n = pos.group_by("group").agg(pl.len().alias("n"))
+        if not acts:
+            continue
+        x = (pl.scan_parquet(acts).group_by([*KEYS, "doc_id"]).agg(pl.col("value").cast(pl.Float64).sum())
+             .join(pos.lazy().select("group", "doc_id", "n_counted"), on=["group", "doc_id"])
+             .select(*KEYS, (pl.col("value") / pl.col("n_counted")).alias("x"))
+             .collect(engine="streaming"))
+        mean = (x.group_by(KEYS).agg(pl.col("x").sum().alias("s"), pl.len().alias("nz"))
+                .join(n, on="group").with_columns((pl.col("s") / pl.col("n")).alias("mean")))
+        ss = (x.join(mean.select(*KEYS, "mean"), on=KEYS).group_by(KEYS)
+              .agg(((pl.col("x") - pl.col("mean")) ** 2).sum().alias("ss")))
+        parts.append(mean.join(ss, on=KEYS).select(
+            *KEYS, "n", "mean", (pl.col("ss") + (pl.col("n") - pl.col("nz")) * pl.col("mean") ** 2).alias("m2")))
+    n_docs = doc_positions(run).group_by("group").agg(pl.len().alias("n_docs")).collect()
+    if not parts:
+        return pl.DataFrame(schema={"sae": pl.String, "group": pl.String, "feature": pl.Int32,
+                                    "doc_mean": pl.Float64, "doc_var": pl.Float64}), n_docs
+    allp = pl.concat(parts)
+    # Shards where a feature never fired hold n docs at x = 0: they enter with mean 0, m2 0.
+    totals = allp.group_by(KEYS).agg((pl.col("mean") * pl.col("n")).sum().alias("_s")).join(n_docs, on="group")
+    totals = totals.with_columns((pl.col("_s") / pl.col("n_docs")).alias("doc_mean"))
+    spread = (allp.join(totals.select(*KEYS, "doc_mean"), on=KEYS)
+              .group_by(KEYS).agg((pl.col("m2") + pl.col("n") * (pl.col("mean") - pl.col("doc_mean")) ** 2).sum()
+                                  .alias("_m2"), pl.col("n").sum().alias("_n_seen")))
+    moments = (totals.join(spread, on=KEYS)
+               .with_columns(((pl.col("_m2") + (pl.col("n_docs") - pl.col("_n_seen")) * pl.col("doc_mean") ** 2)
                               / (pl.col("n_docs") - 1)).alias("doc_var"))
-               .select(*KEYS, "doc_mean", "doc_var").collect())
+               .select(*KEYS, "doc_mean", "doc_var"))
     return moments, n_docs
 
 
@@ -263,6 +281,11 @@ def _tokenization(manifest: dict[str, Any]) -> Any:
                         exclude_special=cfg.tokens.exclude_special)
 
 
+def _positions(docs: pl.LazyFrame) -> pl.LazyFrame:
+    return (docs.select("doc_id", "positions").explode("positions").drop_nulls("positions").unnest("positions")
+            .select("group", "doc_id", pl.col("n").cast(pl.UInt32).alias("n_counted"), pl.col("last").alias("last_pos")))
+
+
 def doc_positions(run: str | Path) -> pl.LazyFrame:
     """Per (group, doc_id) with at least one counted position: n_counted and last_pos.
 
@@ -271,10 +294,7 @@ def doc_positions(run: str | Path) -> pl.LazyFrame:
     Documents without counted positions are absent.
     """
     if "positions" in scan_docs(run).collect_schema():
-        return (scan_docs(run).select("doc_id", "positions").explode("positions").drop_nulls("positions")
-                .unnest("positions")
-                .select("group", "doc_id", pl.col("n").cast(pl.UInt32).alias("n_counted"),
-                        pl.col("last").alias("last_pos")))
+        return _positions(scan_docs(run))
     manifest = RunDir(run).read_manifest()
     tok = _tokenization(manifest)
     docs = scan_docs(run).select("doc_id", "token_ids")

@@ -6,6 +6,7 @@
     saeray probe RUN --feature F --text "..."
     saeray concept RUN --example "..." [--counter "..."]
     saeray logits RUN --feature F
+    saeray explore RUN [--category COL] [--features LIST] --out DIR
     saeray diff RUN_A RUN_B --out DIR [--preset default|vlm_transfer] ...
     saeray separate RUN --label COL [--reference REF_RUN] [--max-density 0.02] --out DIR
     saeray train-sae CONFIG --hook HOOK --out DIR [--arch topk|jumprelu] [--d-sae N] [--k K] ...
@@ -156,6 +157,37 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import polars as pl
+
+    from . import explore
+    from .featlist import parse_features
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(sae=args.sae, group=args.group)
+    tables = {"strongest": explore.strongest(args.run, n=args.n, **kw),
+              "most_frequent": explore.most_frequent(args.run, n=args.n, **kw),
+              "most_selective": explore.most_selective(args.run, n=args.n, strong_frac=args.strong_frac, **kw)}
+    if args.category:
+        tables["specialists"] = explore.category_specialists(args.run, args.category, n=args.n,
+                                                             strong_frac=args.strong_frac, **kw)
+    if args.features:
+        feats = parse_features(args.features)
+        tables["coactivation"] = explore.coactivation(args.run, feats, args.category, **kw)
+        tables["feature_by_doc"] = explore.feature_by_doc_matrix(args.run, feats, args.category, **kw)
+    with pl.Config(tbl_rows=args.n, tbl_width_chars=150):
+        for name, frame in tables.items():
+            frame.write_parquet(out / f"{name}.parquet")
+            frame.write_csv(out / f"{name}.csv")
+            if name != "feature_by_doc":
+                print(f"== {name}\n{frame.head(args.n)}")
+    print(f"wrote {', '.join(tables)} (.parquet + .csv) to {out}")
+    return 0
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -276,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--sae")
     lg.add_argument("--csv")
     lg.set_defaults(fn=_cmd_logits)
+
+    ex = sub.add_parser("explore", help="strongest / most frequent / most selective features, category specialists, "
+                                        "co-activation (a run in positions.mode last, with a category column)")
+    ex.add_argument("run")
+    ex.add_argument("--category", help="a docs column (data.keep_columns) to find specialists per category")
+    ex.add_argument("--features", help="features for co-activation counts and the feature x document matrix")
+    ex.add_argument("--n", type=int, default=10)
+    ex.add_argument("--strong-frac", type=float, default=0.5, help="'strong' = value >= this fraction of the feature's max")
+    ex.add_argument("--sae")
+    ex.add_argument("--group")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(fn=_cmd_explore)
 
     df = sub.add_parser("diff", help="per-feature differences between two runs of the same SAE(s)")
     df.add_argument("run_a")

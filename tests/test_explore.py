@@ -106,3 +106,13 @@ def test_coactivation_and_matrix(run_dir, plain):
     for row in m.iter_rows(named=True):
         for f in feats:
             assert row[str(f)] == pytest.approx(values.get(f, {}).get(row["doc_id"], 0.0))
+
+
+def test_explore_cli_writes_tables(run_dir, tmp_path):
+    from saeray import cli
+
+    code = cli.main(["explore", str(run_dir), "--category", "kind", "--features", "0-40", "--sae", "b",
+                     "--out", str(tmp_path / "x")])
+    assert code == 0
+    for name in ("strongest", "most_frequent", "most_selective", "specialists", "coactivation", "feature_by_doc"):
+        assert pl.read_parquet(tmp_path / "x" / f"{name}.parquet").height > 0

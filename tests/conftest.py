@@ -40,6 +40,8 @@ def ray_session():
     """One local Ray instance for the session (4 logical CPUs so 3 workers can run at once)."""
     import ray
 
+    if ray.is_initialized():  # an earlier test (e.g. the demo) started its own: replace it
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}})
     yield ray

@@ -11,6 +11,16 @@ from saeray.stats import features, scan_activations, scan_docs
 from saeray.top import top_examples
 
 
+@pytest.fixture(autouse=True)
+def _own_ray():
+    """The demo starts Ray in this process; shut it down so later tests start their own."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _check_run(run):
     rows = scan_activations(run).collect()
     docs = scan_docs(run).collect()

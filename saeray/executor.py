@@ -1,14 +1,15 @@
 """Run a plan's shards: in process (debugging, tests) or on a pool of Ray actors.
 
 The Ray layer only moves shard indices to actors; actors write their own files. A shard
-whose actor dies (node loss, OOM kill, preemption) is handed to a fresh actor; an
-exception inside a shard is recorded and reported at the end, and other shards go on.
+whose actor dies (node loss, OOM kill, preemption) or hangs past `shard_timeout_s` is
+handed to a fresh actor, up to MAX_SHARD_ATTEMPTS attempts; an exception inside a shard is
+recorded and reported at the end, and other shards go on. What decides whether a shard is
+done is its completion marker (see store.py), never the fate of the process that wrote it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .store import RunDir
 log = logging.getLogger(__name__)
 
 MAX_SHARD_ATTEMPTS = 3
-"""A shard whose worker dies is retried up to this many attempts in all."""
+"""A shard whose worker dies or hangs is tried up to this many times in all."""
 
 
 class RunFailed(RuntimeError):
@@ -93,7 +94,7 @@ def run(cfg: RunConfig, *, out: str | None = None, overwrite: bool = False, work
         if executor == "local":
             _run_local(manifest, str(rd.root), pending, result, prog)
         elif executor == "ray":
-            _run_ray(manifest, str(rd.root), pending, result, prog, n_workers)
+            _run_ray(manifest, str(rd.root), pending, result, prog, n_workers, cfg.shard_timeout_s)
         else:
             raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'local'")
     prog.update(force=True)
@@ -140,10 +141,47 @@ def _resources(n_workers: int | str | None) -> tuple[int, dict[str, Any]]:
     return n, {"num_cpus": per}
 
 
+class ShardClock:
+    """When a running shard counts as hung: a fixed limit, or one learned from finished shards.
+
+    Adaptive (limit None): 10x the slowest finished shard's seconds per document times the
+    shard's documents, at least `floor_s`; no limit until a shard has finished.
+    """
+
+    FACTOR = 10.0
+
+    def __init__(self, limit_s: float | None, docs: dict[int, int], floor_s: float = 600.0):
+        self.limit_s, self.docs, self.floor_s = limit_s, docs, floor_s
+        self.per_doc: float | None = None
+
+    def finished(self, summary: dict[str, Any]) -> None:
+        if summary.get("seconds") is not None and summary.get("docs"):
+            rate = float(summary["seconds"]) / summary["docs"]
+            self.per_doc = max(self.per_doc or 0.0, rate)
+
+    def limit(self, shard: int) -> float | None:
+        if self.limit_s is not None:
+            return self.limit_s
+        if self.per_doc is None:
+            return None
+        return max(self.floor_s, self.FACTOR * self.per_doc * max(1, self.docs.get(shard, 1)))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _run_ray(manifest: dict, run_dir: str, pending: list[int], result: RunResult, prog: Progress,
-             n_workers: int | str | None) -> None:
+             n_workers: int | str | None, shard_timeout_s: float | None = None,
+             max_attempts: int = MAX_SHARD_ATTEMPTS) -> None:
+    """Schedule shards onto a pool of actors until each is committed or has used up its attempts.
+
+    An actor takes a shard only once it has started (model and SAEs loaded), so the shard
+    timeout measures the shard alone. A shard whose actor dies (killed, OOM, node lost) or
+    runs past its time limit goes to a fresh actor; an exception inside a shard is recorded.
+    """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayError, RayTaskError
 
     from .worker import ShardWorker
 
@@ -153,46 +191,95 @@ def _run_ray(manifest: dict, run_dir: str, pending: list[int], result: RunResult
     n = min(n, len(pending))
     Actor = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0, **options)
     rd = RunDir(run_dir)
+    clock = ShardClock(shard_timeout_s, {s["index"]: s["end"] - s["start"] for s in manifest["plan"]["shards"]})
 
-    def spawn() -> Any:
-        return Actor.remote(manifest, run_dir)
+    starting: dict[Any, Any] = {}  # ready ref -> actor still loading its model
+    start_failures = 0  # consecutive actors that died before they were ready
+    last_start_error = ""
 
-    idle = [spawn() for _ in range(n)]
+    def spawn() -> None:
+        actor = Actor.remote(manifest, run_dir)
+        starting[actor.__ray_ready__.remote()] = actor
+
+    def retire(actor: Any) -> None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except RayError:  # already gone with its node
+            pass
+
+    def lost(shard: int, why: str) -> None:
+        """The shard's attempt ended without a result: keep a commit it made, else retry or give up."""
+        if shard in rd.committed():  # it got past its commit point before it was lost
+            result.done[shard] = rd.completion(shard)
+            prog.update(result.done[shard])
+        elif attempts[shard] < max_attempts:
+            log.warning("shard %d: %s (attempt %d/%d); retrying on a new worker", shard, why, attempts[shard], max_attempts)
+            queue.appendleft(shard)
+        else:
+            result.errors[shard] = f"{why} on each of {attempts[shard]} attempts"
+        spawn()
+
+    for _ in range(n):
+        spawn()
+    idle: list[Any] = []
     queue = deque(pending)
     attempts: dict[int, int] = {}
-    inflight: dict[Any, tuple[Any, int]] = {}
+    inflight: dict[Any, tuple[Any, int, float]] = {}  # task ref -> (actor, shard, started at)
     while queue or inflight:
         while queue and idle:
             actor, shard = idle.pop(), queue.popleft()
             attempts[shard] = attempts.get(shard, 0) + 1
-            inflight[actor.process.remote(shard)] = (actor, shard)
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=prog.every)
+            inflight[actor.process.remote(shard)] = (actor, shard, time.time())
+        if queue and not (idle or inflight or starting):  # no worker could be started
+            for shard in queue:
+                result.errors[shard] = f"no worker could start ({start_failures} tried): {last_start_error}"
+            break
+        now = time.time()
+        deadlines = [t0 + lim for _, s, t0 in inflight.values() if (lim := clock.limit(s)) is not None]
+        wait = min([prog.every, *(d - now for d in deadlines)])
+        ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=max(0.05, wait))
         prog.update()
         for ref in ready:
-            actor, shard = inflight.pop(ref)
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                    start_failures = 0
+                except RayError as e:  # the constructor raised, or the actor's node went away
+                    retire(actor)
+                    start_failures += 1
+                    last_start_error = _first_line(e)
+                    log.error("a worker failed to start (%d in a row): %s", start_failures, last_start_error)
+                    if start_failures < max_attempts:
+                        spawn()
+                continue
+            actor, shard, _ = inflight.pop(ref)
             try:
                 result.done[shard] = ray.get(ref)
+                clock.finished(result.done[shard])
                 prog.update(result.done[shard])
                 idle.append(actor)
             except RayTaskError as e:  # the shard itself raised: record, keep the actor
                 cause = e.cause if getattr(e, "cause", None) is not None else e
-                log.error("shard %d failed: %s", shard, cause)
-                result.errors[shard] = f"{type(cause).__name__}: {cause}"
-                idle.append(actor)
-            except RayActorError as e:  # the worker process or its node died
-                ray.kill(actor, no_restart=True)
-                if shard in rd.committed():  # it died after its commit point
+                if shard in rd.committed():
                     result.done[shard] = rd.completion(shard)
-                    prog.update(result.done[shard])
-                elif attempts[shard] < MAX_SHARD_ATTEMPTS:
-                    log.warning("worker died on shard %d (attempt %d/%d); retrying on a new worker: %s",
-                                shard, attempts[shard], MAX_SHARD_ATTEMPTS, str(e).splitlines()[0])
-                    queue.appendleft(shard)
                 else:
-                    result.errors[shard] = f"worker died {attempts[shard]} times: {str(e).splitlines()[0]}"
-                idle.append(spawn())
-    for actor in idle:
-        ray.kill(actor, no_restart=True)
+                    log.error("shard %d failed: %s", shard, cause)
+                    result.errors[shard] = f"{type(cause).__name__}: {cause}"
+                idle.append(actor)
+            except RayError as e:  # the worker process or its node died
+                retire(actor)
+                lost(shard, f"worker died ({_first_line(e)})")
+        now = time.time()
+        for ref, (actor, shard, t0) in list(inflight.items()):
+            lim = clock.limit(shard)
+            if lim is not None and now - t0 > lim:
+                del inflight[ref]
+                retire(actor)
+                lost(shard, f"timed out after {lim:,.0f}s (shard_timeout_s)")
+    for actor in [*idle, *starting.values(), *(a for a, _, _ in inflight.values())]:
+        retire(actor)
 
 
 __all__ = ["run", "RunResult", "RunFailed", "prepare", "Prepared"]

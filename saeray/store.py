@@ -1,20 +1,36 @@
 """The run directory: manifest, shard outputs, and the commit protocol.
 
-A shard's files are written under `RUN/_tmp/<shard>-<attempt>/`, moved into place by
-rename, and the completion marker `completions/NNNNN.json` is written last (itself by
-rename). A shard without a marker does not exist: readers list markers, and a rerun
-deletes whatever an unfinished attempt left and does the shard again.
+A run directory is a local path or an object-store URI (`s3://bucket/prefix`, or any
+fsspec filesystem: `gs://` with gcsfs, ...). A worker writes a shard's files into
+a private attempt folder on its own disk first, then commits:
+
+- local: the files are moved into place by rename (`activations/shard=00042/part-0.parquet`,
+  `stats/00042.parquet`, ...), then the completion marker `completions/00042.json` is
+  written to a temporary name and renamed into place;
+- object store (no rename there): the files are uploaded under attempt-unique names
+  (`activations/shard=00042/part-0.<attempt>.parquet`, `stats/00042.<attempt>.parquet`),
+  then the marker is written in one request (an object appears whole or not at all).
+
+Either way the marker is the commit point, and it lists the exact files of the attempt
+that wrote it. Readers read only listed files; a shard without a marker does not exist.
+Whatever a dead attempt left (temporary folders, files no marker lists) is ignored by
+readers and deleted by the next `prepare` or at the end of a run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +41,17 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP = "_tmp"
+KINDS = ("activations", "docs", "stats", "recon")
+"""Shard outputs: activations and docs are folders of parquet parts, stats and recon one file each."""
 
 ACTIVATIONS_SCHEMA = pa.schema([
     ("sae", pa.string()), ("group", pa.string()), ("doc_id", pa.int64()), ("pos", pa.int32()),
     ("feature", pa.int32()), ("value", pa.float32()),
 ])
+
+_MARKER_RE = re.compile(r"^completions/(\d+)\.json$")
+_PART_RE = re.compile(r"^(activations|docs)/shard=(\d+)/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\.parquet$")
+_SINGLE_RE = re.compile(r"^(stats|recon)/(\d+)((?:\.[0-9a-f]+)?)\.parquet$")
 
 
 class RunDirError(ValueError):
@@ -53,19 +75,120 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
+def is_remote(root: str | Path) -> bool:
+    """True for object-store URIs (s3://, gs://, ...); plain paths and file:// are local."""
+    s = str(root)
+    return "://" in s and not s.startswith("file://")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunDir:
+    """A run directory on local disk or in an object store; all paths inside are relative keys."""
+
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        s = str(root)
+        if s.startswith("file://"):
+            s = s[len("file://"):]
+        self.remote = is_remote(s)
+        self.root: Path | str
+        if self.remote:
+            import fsspec
+
+            self.root = s.rstrip("/")
+            try:  # no listing cache: markers are written by other processes
+                self.fs, base = fsspec.core.url_to_fs(self.root, use_listings_cache=False, skip_instance_cache=True)
+            except (ImportError, ValueError) as e:
+                hint = " (pip install 'saeray[s3]' for s3://)" if isinstance(e, ImportError) else ""
+                raise RunDirError(f"cannot open run directory {self.root}: {e}{hint}") from None
+            self._base = base.rstrip("/")
+        else:
+            self.root = Path(s)
+            self.fs = None
+            self._base = ""
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # ---- storage primitives on relative keys ----------------------------------------
+    def uri(self, rel: str) -> str:
+        """The path (local) or URI (remote) of `rel`, as Polars and pyarrow readers take it."""
+        return f"{self.root}/{rel}" if self.remote else str(self.root / rel)
+
+    def _key(self, rel: str) -> str:
+        return f"{self._base}/{rel}" if rel else self._base
+
+    def exists(self, rel: str) -> bool:
+        if self.remote:
+            return self.fs.isfile(self._key(rel))
+        return (self.root / rel).is_file()
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.remote:
+            return self.fs.cat_file(self._key(rel))
+        return (self.root / rel).read_bytes()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file atomically: temporary name + rename (local), one PUT (remote)."""
+        if self.remote:
+            self.fs.pipe_file(self._key(rel), data)
+            return
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def list_files(self, prefix: str = "") -> list[str]:
+        """Relative keys of every file under `prefix` (recursive)."""
+        if self.remote:
+            skip = len(self._base) + 1
+            return sorted(k[skip:] for k in self.fs.find(self._key(prefix).rstrip("/")) if not k.endswith("/"))
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() or p.is_symlink())
+
+    def _delete(self, rels: list[str]) -> None:
+        if not rels:
+            return
+        if self.remote:
+            self.fs.rm([self._key(r) for r in rels])
+        else:
+            for r in rels:
+                (self.root / r).unlink(missing_ok=True)
+
+    def _upload(self, local: Path, rel: str) -> None:
+        """One object, whole or not at all (large files: a multipart upload, visible once completed)."""
+        self.fs.put_file(str(local), self._key(rel))
 
     # ---- layout --------------------------------------------------------------------
     @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+    def manifest_path(self) -> Path | str:
+        return self.root / MANIFEST if isinstance(self.root, Path) else self.uri(MANIFEST)
 
-    def marker(self, shard: int) -> Path:
-        return self.root / "completions" / f"{shard_name(shard)}.json"
+    @staticmethod
+    def marker_key(shard: int) -> str:
+        return f"completions/{shard_name(shard)}.json"
+
+    def marker(self, shard: int) -> Path | str:
+        return self.root / self.marker_key(shard) if isinstance(self.root, Path) else self.uri(self.marker_key(shard))
 
     def final_paths(self, shard: int) -> dict[str, Path]:
+        """Where a local commit moves a shard's outputs (object stores use attempt-unique names)."""
+        if self.remote:
+            raise RunDirError(f"{self.root} is in an object store: read a shard's files with shard_files()")
         s = shard_name(shard)
         return {"activations": self.root / "activations" / f"shard={s}",
                 "docs": self.root / "docs" / f"shard={s}",
@@ -74,9 +197,14 @@ class RunDir:
 
     # ---- manifest ------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.is_file():
+        if not self.exists(MANIFEST):
             raise RunDirError(f"{self.root} is not a saeray run directory (no {MANIFEST}): run `saeray run CONFIG --out {self.root}` first")
-        return json.loads(self.manifest_path.read_text())
+        return json.loads(self.read_bytes(MANIFEST))
+
+    def _is_empty(self) -> bool:
+        if self.remote:
+            return not self.list_files()
+        return not (self.root.exists() and any(self.root.iterdir()))
 
     def prepare(self, manifest: dict[str, Any], overwrite: bool) -> int:
         """Create or reopen the run directory for `manifest`; return the committed shard count.
@@ -85,81 +213,208 @@ class RunDir:
         files, unless `overwrite`.
         """
         fp = manifest["fingerprint"]
-        if self.root.exists() and any(self.root.iterdir()):
-            if not self.manifest_path.is_file():
+        if not self._is_empty():
+            if not self.exists(MANIFEST):
                 if not overwrite:
                     raise RunDirError(f"{self.root} is not empty and is not a saeray run directory: "
                                       "choose another --out, or pass --overwrite to replace its contents")
                 self._clear()
             else:
-                old = json.loads(self.manifest_path.read_text())
+                old = json.loads(self.read_bytes(MANIFEST))
                 if old.get("fingerprint") != fp:
                     if not overwrite:
                         raise RunDirError(
                             f"{self.root} holds a run with fingerprint {old.get('fingerprint')}, this config has {fp} "
                             f"(model, SAEs, data or token settings differ): use another --out, or --overwrite to replace it")
                     self._clear()
-        self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("completions", "stats", "docs", "activations", "recon"):
-            (self.root / sub).mkdir(exist_ok=True)
-        if not self.manifest_path.is_file():
+        if not self.remote:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for sub in ("completions", *KINDS):
+                (self.root / sub).mkdir(exist_ok=True)
+        if not self.exists(MANIFEST):
             manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-            write_json_atomic(self.manifest_path, manifest)
+            self.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
         self.clean_tmp()
         return len(self.committed())
 
     def _clear(self) -> None:
         log.warning("overwriting %s", self.root)
+        if self.remote:
+            self._delete(self.list_files())
+            return
         for child in self.root.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
-    def clean_tmp(self) -> None:
-        """Remove what dead attempts left: temp dirs and outputs of shards without a marker."""
-        shutil.rmtree(self.root / TMP, ignore_errors=True)
-        done = self.committed()
-        for kind in ("activations", "docs"):
-            for d in (self.root / kind).glob("shard=*"):
-                if int(d.name.split("=")[1]) not in done:
-                    shutil.rmtree(d, ignore_errors=True)
-        for kind in ("stats", "recon"):
-            for f in (self.root / kind).glob("*.parquet"):
-                if f.stem.isdigit() and int(f.stem) not in done:
-                    f.unlink(missing_ok=True)
-        for f in (self.root / "completions").glob(".*.tmp"):
-            f.unlink(missing_ok=True)
-
     # ---- shards ----------------------------------------------------------------------
     def committed(self) -> set[int]:
-        d = self.root / "completions"
-        return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()} if d.is_dir() else set()
+        return {int(m.group(1)) for m in map(_MARKER_RE.match, self.list_files("completions")) if m}
 
     def completion(self, shard: int) -> dict[str, Any]:
-        return json.loads(self.marker(shard).read_text())
+        return json.loads(self.read_bytes(self.marker_key(shard)))
+
+    def completions(self) -> dict[int, dict[str, Any]]:
+        """Every committed shard's marker (read in parallel from object stores)."""
+        shards = sorted(self.committed())
+        with ThreadPoolExecutor(max_workers=16 if self.remote else 1) as pool:
+            return dict(zip(shards, pool.map(self.completion, shards)))
+
+    def shard_files(self, shard: int, kind: str, marker: dict[str, Any] | None = None) -> list[str]:
+        """Paths/URIs of the `kind` files (activations | docs | stats | recon) of a committed shard.
+
+        Only the files its marker lists; a marker written before markers listed files falls
+        back to the local layout. A listed name outside the shard's own files is refused, so
+        a doctored marker cannot make readers open files outside the run directory.
+        """
+        marker = marker if marker is not None else self.completion(shard)
+        files = marker.get("files")
+        if files is None:
+            if self.remote:
+                raise RunDirError(f"{self.uri(self.marker_key(shard))} lists no files: it was not written by this saeray")
+            p = self.final_paths(shard)[kind]
+            return [str(f) for f in sorted(p.glob("*.parquet"))] if p.is_dir() else ([str(p)] if p.is_file() else [])
+        out = []
+        for rel in files.get(kind, []):
+            if _shard_of(rel) != (kind, shard):
+                raise RunDirError(f"{self.uri(self.marker_key(shard))} lists {rel!r}, which is not a {kind} file of shard "
+                                  f"{shard}: the run directory was changed by something other than saeray")
+            out.append(self.uri(rel))
+        return out
 
     def new_attempt(self, shard: int) -> Path:
-        tmp = self.root / TMP / f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
+        """A private local folder for one attempt at `shard`, named `<shard>-<attempt id>`."""
+        name = f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
+        if self.remote:
+            staging = self.staging_dir()
+            _remove_dead_attempts(staging)
+            tmp = staging / name
+        else:
+            tmp = self.root / TMP / name
         (tmp / "activations").mkdir(parents=True)
         (tmp / "docs").mkdir()
         (tmp / "worker.pid").write_text(str(os.getpid()))
+        (tmp / "worker.host").write_text(socket.gethostname())
         return tmp
 
+    def staging_dir(self) -> Path:
+        """Where workers of a remote run stage shard files on their own disk before upload."""
+        key = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "saeray-staging" / key
+
     def commit(self, shard: int, tmp: Path, summary: dict[str, Any]) -> None:
-        """Move an attempt's files into place, then write the marker: the commit point."""
-        if self.marker(shard).exists():
+        """Put an attempt's files in place, then write the marker (the commit point).
+
+        Adds `attempt` and `files` (the committed files, relative keys) to `summary`.
+        """
+        if self.exists(self.marker_key(shard)):
             log.warning("shard %d was already committed by another attempt; dropping this one", shard)
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        final = self.final_paths(shard)
-        for kind in ("activations", "docs"):
-            shutil.rmtree(final[kind], ignore_errors=True)
-            if (tmp / kind).is_dir() and any((tmp / kind).iterdir()):
-                os.replace(tmp / kind, final[kind])
-        os.replace(tmp / "stats.parquet", final["stats"])
-        if (tmp / "recon.parquet").is_file():
-            os.replace(tmp / "recon.parquet", final["recon"])
-        write_json_atomic(self.marker(shard), summary)
+        attempt = tmp.name.rsplit("-", 1)[-1]
+        files = self._place_remote(shard, tmp, attempt) if self.remote else self._place_local(shard, tmp)
+        summary.update(attempt=attempt, files=files)
+        self.write_bytes(self.marker_key(shard), json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
         shutil.rmtree(tmp, ignore_errors=True)
+
+    def _place_local(self, shard: int, tmp: Path) -> dict[str, list[str]]:
+        s = shard_name(shard)
+        final = self.final_paths(shard)
+        files: dict[str, list[str]] = {}
+        for kind in ("activations", "docs"):
+            names = sorted(p.name for p in (tmp / kind).glob("*.parquet"))
+            if not names:
+                continue
+            shutil.rmtree(final[kind], ignore_errors=True)  # what an attempt that died mid-commit moved in
+            try:
+                os.replace(tmp / kind, final[kind])
+            except OSError:  # a concurrent attempt (a worker thought dead) moved its complete folder in first
+                if not final[kind].is_dir():
+                    raise
+                names = sorted(p.name for p in final[kind].glob("*.parquet"))
+            files[kind] = [f"{kind}/shard={s}/{n}" for n in names]
+        for kind in ("stats", "recon"):
+            if (tmp / f"{kind}.parquet").is_file():
+                os.replace(tmp / f"{kind}.parquet", final[kind])
+                files[kind] = [f"{kind}/{s}.parquet"]
+        return files
+
+    def _place_remote(self, shard: int, tmp: Path, attempt: str) -> dict[str, list[str]]:
+        s = shard_name(shard)
+        files: dict[str, list[str]] = {}
+        for kind in ("activations", "docs"):
+            for f in sorted((tmp / kind).glob("*.parquet")):
+                rel = f"{kind}/shard={s}/{f.stem}.{attempt}.parquet"
+                self._upload(f, rel)
+                files.setdefault(kind, []).append(rel)
+        for kind in ("stats", "recon"):
+            if (tmp / f"{kind}.parquet").is_file():
+                rel = f"{kind}/{s}.{attempt}.parquet"
+                self._upload(tmp / f"{kind}.parquet", rel)
+                files[kind] = [rel]
+        return files
+
+    def clean_tmp(self) -> None:
+        """Delete what dead attempts left: temp folders and temp markers, and shard files no marker lists.
+
+        Only call this while no attempt is running (before and after a run).
+        """
+        markers = self.completions()
+        if not self.remote:
+            shutil.rmtree(self.root / TMP, ignore_errors=True)
+            for kind in ("activations", "docs"):  # folders of shards without a marker, whatever they hold
+                for d in (self.root / kind).glob("shard=*"):
+                    idx = d.name.split("=", 1)[1]
+                    if d.is_dir() and (not idx.isdigit() or int(idx) not in markers):
+                        log.info("removing %s, left by an unfinished attempt", d)
+                        shutil.rmtree(d, ignore_errors=True)
+        stale = []
+        for rel in self.list_files():
+            if rel == MANIFEST or _MARKER_RE.match(rel):
+                continue
+            if rel.startswith(TMP + "/") or (rel.startswith("completions/") and rel.endswith(".tmp")):
+                stale.append(rel)
+                continue
+            owner = _shard_of(rel)
+            if owner is None:
+                continue  # not a shard output (features.parquet, reports, someone's notes): not ours to delete
+            kind, shard = owner
+            if shard in markers:
+                listed = markers[shard].get("files")
+                if listed is None or rel in listed.get(kind, []):
+                    continue
+            stale.append(rel)
+        for rel in stale:
+            log.info("removing %s, left by an unfinished attempt", self.uri(rel))
+        self._delete(stale)
+
+
+def _shard_of(rel: str) -> tuple[str, int] | None:
+    """(kind, shard) of a shard output's relative key, None for anything else."""
+    m = _PART_RE.match(rel) or _SINGLE_RE.match(rel)
+    if m is None or ".." in rel.split("/"):
+        return None
+    return m.group(1), int(m.group(2))
+
+
+def _remove_dead_attempts(staging: Path) -> None:
+    """Delete staging folders of this host whose worker process is gone (killed attempts)."""
+    if not staging.is_dir():
+        return
+    host = socket.gethostname()
+    for d in staging.iterdir():
+        try:
+            pid, owner = (d / "worker.pid").read_text(), (d / "worker.host").read_text()
+            if owner == host and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def write_table(path: Path, table: pa.Table) -> None:
     pq.write_table(table, path, compression="zstd")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as parquet file bytes (for RunDir.write_bytes)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()

@@ -126,12 +126,18 @@ def test_error_in_one_shard_is_reported_and_others_commit(tiny, tmp_path, ray_se
     data = tmp_path / "data"
     data.mkdir()
     pq.write_table(pa.table({"text": ["good text one", "more good text"]}), data / "a.parquet")
-    pq.write_table(pa.table({"text": pa.array([b"\x00\x01", b"ok"], pa.binary())}), data / "b.parquet")
+    # b.parquet's footer is intact (planning reads it) but its pages are garbage: reading the shard fails.
+    pq.write_table(pa.table({"text": ["unreadable text", "ok"]}), data / "b.parquet", compression="zstd")
+    chunk = pq.ParquetFile(data / "b.parquet").metadata.row_group(0).column(0)
+    raw = bytearray((data / "b.parquet").read_bytes())
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    (data / "b.parquet").write_bytes(bytes(raw))
     pq.write_table(pa.table({"text": ["fine again"]}), data / "c.parquet")
     out = tmp_path / "run"
     from saeray.executor import RunFailed
 
-    with pytest.raises(RunFailed, match="shard 1"):
+    with pytest.raises(RunFailed, match="shard 1: OSError: Couldn't deserialize thrift"):
         run(_cfg(tiny, out, data), workers=2, executor="ray")
     assert sorted(p.stem for p in (out / "completions").glob("*.json")) == ["00000", "00002"]
     assert not (out / "activations" / "shard=00001").exists()

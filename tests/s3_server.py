@@ -1,0 +1,79 @@
+"""A real S3 API server on loopback for tests: moto's server app under werkzeug, in a thread.
+
+`S3Server.hook`, when set, sees every request before moto does and may refuse it (return
+True): the tests use it to kill a client process at an exact point of its commit.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def is_object_write(environ: dict[str, Any]) -> bool:
+    """A request that makes an object appear: PutObject, or CompleteMultipartUpload."""
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    if environ["REQUEST_METHOD"] == "PUT":
+        return "partNumber" not in query and "HTTP_X_AMZ_COPY_SOURCE" not in environ and environ["PATH_INFO"].count("/") >= 2
+    return environ["REQUEST_METHOD"] == "POST" and "uploadId" in query
+
+
+class S3Server:
+    def __init__(self) -> None:
+        from moto.server import DomainDispatcherApplication, create_backend_app
+
+        self.hook: Callable[[dict[str, Any]], bool] | None = None
+        self.requests: list[tuple[str, str, str]] = []
+        """(method, path, query) of every request, in order."""
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def wsgi(environ: dict[str, Any], start_response: Callable) -> Any:
+            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", "")))
+            if self.hook is not None and self.hook(environ):
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"refused by the test"]
+            return app(environ, start_response)
+
+        self._server = make_server("127.0.0.1", 0, wsgi, threaded=True, request_handler=_QuietHandler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def env(self) -> dict[str, str]:
+        """What pyarrow, Polars and boto3 need to use this server (dummy credentials)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_ALLOW_HTTP": "true"}
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        name = f"saeray-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        """Every object under `prefix`: key -> content."""
+        c = self.client()
+        out = {}
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = c.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        return out
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=10)

@@ -1,0 +1,227 @@
+"""A run directory in S3: moto's S3 API server on 127.0.0.1, started and stopped by these tests.
+
+Object stores have no rename, so shard files go up under attempt-unique names and the
+completion marker, one object written last, lists them. Checked here: a run into S3 gives
+exactly the rows and statistics of a local run; readers read only listed files; a driver
+killed in the middle of a commit (at an exact request, by the server) leaves nothing
+visible, and the rerun (Ray actors uploading their own shards) finishes only the missing
+shards and deletes the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from helpers import base_config
+from s3_server import S3Server, is_object_write
+from saeray import config
+from saeray.executor import run
+from saeray.stats import features, reconstruction, scan_activations, scan_docs, write_features
+from saeray.store import RunDir
+
+KEYS = ["sae", "group", "doc_id", "pos", "feature"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny, tmp_path_factory) -> str:
+    """The same config run into a local directory, in process: what every S3 run must equal."""
+    out = str(tmp_path_factory.mktemp("s3ref") / "ref")
+    run(config.from_dict(_raw(tiny, out)), executor="local")
+    return out
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    s3.hook = None
+    return s3
+
+
+def _raw(tiny, out: str, **over) -> dict:
+    saes = [{"name": "a", "path": str(tiny["sae_standard"])}, {"name": "m", "path": str(tiny["sae_mlp"])}]
+    over = {"data__shards": 3, "output__reconstruction": True, **over}
+    return base_config(tiny["llama"], saes, tiny["data"], out, **over)
+
+
+def _rows(run_dir: str) -> pl.DataFrame:
+    return scan_activations(run_dir).collect().sort(KEYS)
+
+
+def _assert_same_outputs(got: str, want: str, atol: float = 0.0) -> None:
+    """Same rows, documents, statistics and reconstruction; values equal, or to `atol` where the run
+    computed them with other thread counts (Ray actors: another summation order in the kernels)."""
+    a, b = _rows(got), _rows(want)
+    assert a.height > 0 and a.drop("value").equals(b.drop("value"))
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=0, atol=atol)
+    assert scan_docs(got).collect().sort("doc_id").equals(scan_docs(want).collect().sort("doc_id"))
+    _assert_same_stats(features(got).collect(), features(want).collect(), rtol=1e-9 if atol == 0 else 1e-5)
+    ra, rb = reconstruction(got), reconstruction(want)
+    np.testing.assert_allclose(ra["mse"].to_numpy(), rb["mse"].to_numpy(), rtol=1e-9 if atol == 0 else 1e-5)
+
+
+def _assert_same_stats(fa: pl.DataFrame, fb: pl.DataFrame, rtol: float = 1e-9) -> None:
+    """Counts exactly; float moments to summation-order rounding (Polars sums in parallel)."""
+    assert fa.height == fb.height > 0
+    for col in ("sae", "group", "feature", "n_tokens", "n_active", "n_docs_active"):
+        assert fa[col].to_list() == fb[col].to_list(), col
+    for col in ("mean", "mean_active", "std", "max", "density"):
+        np.testing.assert_allclose(fa[col].fill_null(np.nan).to_numpy(), fb[col].fill_null(np.nan).to_numpy(),
+                                   rtol=rtol, atol=1e-12, err_msg=col)
+    if rtol == 1e-9:  # the same values: the same argmax
+        for col in ("max_doc_id", "max_pos"):
+            assert fa[col].to_list() == fb[col].to_list(), col
+
+
+def _assert_only_listed(s3: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object under the run is the manifest, a marker, or a file some marker lists; listed files exist."""
+    objects = s3.keys(bucket, prefix + "/")
+    markers = {k: json.loads(v) for k, v in objects.items() if k.startswith(f"{prefix}/completions/")}
+    listed = {f"{prefix}/{f}" for m in markers.values() for files in m["files"].values() for f in files}
+    assert listed <= set(objects), sorted(listed - set(objects))
+    stray = set(objects) - listed - set(markers) - {f"{prefix}/manifest.json", f"{prefix}/features.parquet"}
+    assert not stray, sorted(stray)
+    for m in markers.values():  # attempt-unique names: every listed file carries its attempt id
+        assert all(f.rsplit(".", 2)[-2] == m["attempt"] for files in m["files"].values() for f in files)
+    return objects
+
+
+def test_run_into_s3_equals_local_run(tiny, ref, s3_env):
+    s3 = s3_env
+    bucket = s3.new_bucket()
+    uri = f"s3://{bucket}/runs/r1"
+    start = len(s3.requests)
+    result = run(config.from_dict(_raw(tiny, uri)), executor="local")
+    assert sorted(result.done) == [0, 1, 2] and result.run_dir == uri
+    # No rename on S3: nothing was copied server-side or deleted during a clean run.
+    methods = [(m, q) for m, _, q in s3.requests[start:]]
+    assert not any(m == "DELETE" or (m == "POST" and q == "delete") for m, q in methods)
+    assert not any("x-id=CopyObject" in q for _, q in methods)
+
+    objects = _assert_only_listed(s3, bucket, "runs/r1")
+    assert sum(k.startswith("runs/r1/completions/") for k in objects) == 3
+    _assert_same_outputs(uri, ref)
+    # stats written back into the bucket and readable by Polars
+    assert write_features(uri) == f"{uri}/features.parquet"
+    _assert_same_stats(pl.read_parquet(f"{uri}/features.parquet"), features(ref).collect())
+
+    # Rerunning the same config skips everything and writes nothing.
+    before = len(s3.requests)
+    again = run(config.from_dict(_raw(tiny, uri)), executor="local")
+    assert again.skipped == [0, 1, 2] and not again.done
+    assert not any(m in ("PUT", "POST", "DELETE") for m, _, _ in s3.requests[before:])
+
+
+def test_foreign_and_other_runs_refused_in_s3(tiny, tmp_path, s3_env):
+    s3 = s3_env
+    bucket = s3.new_bucket()
+    s3.client().put_object(Bucket=bucket, Key="data/notes.txt", Body=b"mine")
+    from saeray.store import RunDirError
+
+    with pytest.raises(RunDirError, match="not a saeray run directory"):
+        run(config.from_dict(_raw(tiny, f"s3://{bucket}/data")), executor="local")
+    assert s3.keys(bucket) == {"data/notes.txt": b"mine"}
+
+
+def test_doctored_marker_cannot_point_outside_the_run(tiny, tmp_path, s3_env):
+    s3 = s3_env
+    bucket = s3.new_bucket()
+    uri = f"s3://{bucket}/r"
+    run(config.from_dict(_raw(tiny, uri, data__shards=1)), executor="local")
+    c = s3.client()
+    marker = json.loads(c.get_object(Bucket=bucket, Key="r/completions/00000.json")["Body"].read())
+    marker["files"]["stats"] = ["stats/../../elsewhere/secret.parquet"]
+    c.put_object(Bucket=bucket, Key="r/completions/00000.json", Body=json.dumps(marker).encode())
+    from saeray.store import RunDirError
+
+    with pytest.raises(RunDirError, match="not a stats file of shard 0"):
+        features(uri)
+
+
+# ---- a driver killed mid-commit (subprocess, killed by the server at an exact request) ------------
+
+
+def _driver(cfg_path: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "saeray.cli", "run", str(cfg_path), "--local"], env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def _kill_at(s3: S3Server, prefix: str, nth: int, procs: list[subprocess.Popen]) -> None:
+    """Kill the driver when it sends its nth object write under `prefix`; that write never lands."""
+    seen = [0]
+
+    def hook(environ: dict) -> bool:
+        if not (is_object_write(environ) and environ["PATH_INFO"].startswith(prefix)):
+            return False
+        seen[0] += 1
+        if seen[0] != nth:
+            return False
+        os.kill(procs[-1].pid, signal.SIGKILL)
+        procs[-1].wait()
+        return True
+
+    s3.hook = hook
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_driver_killed_mid_commit_rerun_completes_only_missing(tiny, ref, tmp_path, s3_env):
+    s3 = s3_env
+    bucket = s3.new_bucket()
+    uri = f"s3://{bucket}/run"
+    raw = _raw(tiny, uri)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, **s3.env()}
+    procs: list[subprocess.Popen] = []
+    # Object writes of a run: the manifest, then per shard 4 files (activations, docs, stats, recon) and
+    # its marker. The driver dies at write 1 + 5 + 5 = 11, shard 1's marker: shard 0 is committed, shard
+    # 1's files are all up, but its commit point never lands.
+    _kill_at(s3, f"/{bucket}/run/", 11, procs)
+    log = tmp_path / "driver.log"
+    procs.append(_driver(cfg_path, env, log))
+    procs[-1].wait(timeout=180)
+    s3.hook = None
+    assert procs[-1].returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    rd = RunDir(uri)
+    assert rd.committed() == {0}
+    objects = s3.keys(bucket, "run/")
+    listed = {f"run/{f}" for fs in rd.completion(0)["files"].values() for f in fs}
+    leftovers = sorted(k for k in objects if k.startswith(("run/activations/shard=00001/", "run/docs/shard=00001/",
+                                                           "run/stats/00001.", "run/recon/00001.")))
+    assert len(leftovers) == 4 and not set(leftovers) & listed  # shard 1's complete but uncommitted files
+    # Readers see shard 0 only, never the leftovers.
+    rows = _rows(uri)
+    assert rows.height == rd.completion(0)["rows"] and rows["doc_id"].max() < 20  # shard 0: documents 0-19
+    assert rows.equals(_rows(ref).filter(pl.col("doc_id") < 20))
+    assert features(uri).collect()["n_tokens"].max() == sum(rd.completion(0)["counted_tokens"].values()) // 2
+    marker0 = objects["run/completions/00000.json"]
+    # The rerun, on Ray actors that upload their own shards, does only what is missing, leaves shard 0's
+    # commit untouched, and deletes the leftovers.
+    with open(tmp_path / "rerun.log", "w") as f:
+        rerun = subprocess.run([sys.executable, "-m", "saeray.cli", "run", str(cfg_path), "--workers", "2"], env=env,
+                               stdout=f, stderr=subprocess.STDOUT, timeout=400)
+    out = (tmp_path / "rerun.log").read_text()
+    assert rerun.returncode == 0 and "2 shards processed, 1 already committed" in out, out[-3000:]
+    assert {rd.completion(i)["pid"] for i in (1, 2)}.isdisjoint({procs[-1].pid, os.getpid()})  # done by the actors
+    objects = _assert_only_listed(s3, bucket, "run")
+    assert objects["run/completions/00000.json"] == marker0
+    _assert_same_outputs(uri, ref, atol=1e-5)

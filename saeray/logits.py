@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .models import ModelError, decoder_layers
+from .tokenstr import token_strings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def norm_gain(norm: nn.Module, d_model: int, device: torch.device, dtype: torch.
 
 
 def _decode_all(tokenizer: Any, ids: list[int]) -> list[str]:
-    return tokenizer.batch_decode([[i] for i in ids]) if tokenizer is not None else [None] * len(ids)
+    return token_strings(tokenizer, ids) if tokenizer is not None else [None] * len(ids)
 
 
 @torch.inference_mode()

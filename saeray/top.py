@@ -26,6 +26,7 @@ import polars as pl
 
 from .stats import scan_activations, scan_docs
 from .store import RunDir
+from .tokenstr import token_strings
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,6 @@ def _examples(run: str | Path, chosen: pl.DataFrame, features: list[int], *, sae
     if "rank" in ex.columns:
         ex = ex.sort([*KEYS, "rank"])
     if tokenizer is not None:
-        ex = ex.with_columns(pl.Series("tokens", [[tokenizer.decode([t]) for t in ids] for ids in ex["token_ids"]],
+        ex = ex.with_columns(pl.Series("tokens", [token_strings(tokenizer, ids) for ids in ex["token_ids"]],
                                        dtype=pl.List(pl.String)))
     return ex

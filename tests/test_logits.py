@@ -44,7 +44,9 @@ def test_logit_effects_equal_norm_and_lm_head(tiny, arch):
             assert rows["token_id"].to_list() == idx.tolist()
             scale = vals / torch.tensor(rows["logit"].to_numpy())
             assert (scale > 0).all() and torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-4)
-            assert rows["token"].to_list() == [tok.decode([t]) for t in idx.tolist()]
+            for shown, t in zip(rows["token"].to_list(), idx.tolist()):  # fragments of a character: hex bytes
+                text = tok.decode([t])
+                assert shown == text if "\ufffd" not in text else (shown.startswith("<") and shown.endswith(">"))
 
 
 def test_gemma_gain_is_one_plus_weight(tiny):

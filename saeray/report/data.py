@@ -1,0 +1,242 @@
+"""What a report shows, gathered from the analyses (stats, top, diff, separate, explore, logits).
+
+Everything here returns plain data (Polars frames, numpy arrays, dataclasses); the
+figures and the page are drawn from it elsewhere. Histograms are binned in Polars so a
+feature with millions of active tokens costs two streaming passes, not its rows in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ..stats import features as run_features
+from ..stats import reconstruction, summary
+from ..store import RunDir
+from ..top import scan_feature_rows, top_examples
+
+log = logging.getLogger(__name__)
+
+HIST_BINS = 40
+
+
+@dataclass(frozen=True)
+class Overview:
+    """A run: its manifest and per-feature statistics."""
+
+    run: str
+    manifest: dict[str, Any]
+    features: pl.DataFrame
+    summary: pl.DataFrame
+    reconstruction: pl.DataFrame | None
+
+
+@dataclass
+class Card:
+    """One feature of one (sae, group): statistics, top contexts, activation histogram, logit effects."""
+
+    sae: str
+    group: str
+    feature: int
+    run: str
+    why: str
+    stats: dict[str, Any]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    hist_edges: np.ndarray | None = None
+    hist_counts: np.ndarray | None = None
+    logits: pl.DataFrame | None = None
+    logits_note: str | None = None
+    neuronpedia: str | None = None
+
+
+@dataclass(frozen=True)
+class SeparationData:
+    """A separation output directory and, for its top features, each labelled document's value."""
+
+    path: str
+    run: str
+    metadata: dict[str, Any]
+    scores: pl.DataFrame
+    values: pl.DataFrame
+    """sae, group, feature, doc_id, value (0 where the feature is silent), y (positive?)."""
+    top: list[int]
+    """The features in `values`, best separating first (by |AUROC - 0.5|)."""
+
+
+def overview(run: str | Path) -> Overview:
+    manifest = RunDir(run).read_manifest()
+    feats = run_features(run).collect()
+    recon = None
+    if manifest["config"]["output"].get("reconstruction"):
+        try:
+            recon = reconstruction(run).drop("sq_err_hist")
+        except FileNotFoundError as e:
+            log.warning("no reconstruction table: %s", e)
+    return Overview(str(run), manifest, feats, summary(feats), recon)
+
+
+def pairs(frame: pl.DataFrame) -> list[tuple[str, str]]:
+    """The (sae, group) pairs of a per-feature frame, sorted."""
+    return [tuple(r) for r in frame.select("sae", "group").unique().sort("sae", "group").rows()]  # type: ignore[misc]
+
+
+def choose_pair(frame: pl.DataFrame, sae: str | None, group: str | None) -> tuple[str, str]:
+    """The (sae, group) that cards and heatmaps are drawn for: the given one, else the first."""
+    have = pairs(frame)
+    chosen = [(s, g) for s, g in have if (sae is None or s == sae) and (group is None or g == group)]
+    if not chosen:
+        listed = ", ".join(f"{s}/{g}" for s, g in have)
+        raise ValueError(f"sae={sae!r} group={group!r} is not in the run: it has (sae/group) {listed}; "
+                         "pass --sae and --group")
+    if len(chosen) > 1:
+        log.info("feature cards and heatmap for %s/%s (of %d sae/group pairs; choose with sae=, group=)",
+                 *chosen[0], len(chosen))
+    return chosen[0]
+
+
+def neuronpedia_prefix(run: str | Path, sae: str) -> str | None:
+    """https://www.neuronpedia.org/<neuronpedia_id>/ when the SAE's config names one."""
+    for s in RunDir(run).read_manifest()["resolved"]["saes"]:
+        if s["name"] == sae and s.get("neuronpedia_id"):
+            return f"https://www.neuronpedia.org/{s['neuronpedia_id']}/"
+    return None
+
+
+def activation_histograms(run: str | Path, features: list[int], *, sae: str, group: str,
+                          bins: int = HIST_BINS) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per feature: (edges [bins+1], counts [bins]) of its nonzero activations over all tokens.
+
+    Bins split [min, max] of the feature's values evenly; the last bin includes max.
+    """
+    rows = scan_feature_rows(run, features, sae=sae, group=group).filter(pl.col("value") != 0)
+    rng = rows.group_by("feature").agg(pl.col("value").min().alias("lo"),
+                                      pl.col("value").max().alias("hi")).collect(engine="streaming")
+    if rng.height == 0:
+        return {}
+    width = (pl.col("hi") - pl.col("lo")).cast(pl.Float64)
+    b = pl.when(width > 0).then(((pl.col("value") - pl.col("lo")) / width * bins).floor()).otherwise(0.0)
+    counts = (rows.join(rng.lazy(), on="feature").with_columns(b.clip(0, bins - 1).cast(pl.Int32).alias("bin"))
+              .group_by("feature", "bin").agg(pl.len().alias("n")).collect(engine="streaming"))
+    out = {}
+    for f, lo, hi in rng.rows():
+        c = np.zeros(bins, dtype=np.int64)
+        sub = counts.filter(pl.col("feature") == f)
+        c[sub["bin"].to_numpy()] = sub["n"].to_numpy()
+        hi = hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-3
+        out[int(f)] = (np.linspace(lo, hi, bins + 1), c)
+    return out
+
+
+def has_activations(run: str | Path) -> bool:
+    """False for a statistics-only run (output.activations: false): no contexts, histograms or heatmaps."""
+    return bool(RunDir(run).read_manifest()["config"]["output"].get("activations", True))
+
+
+def _tokenizer(run: str | Path) -> tuple[Any, str | None]:
+    from ..top import load_tokenizer
+
+    try:
+        return load_tokenizer(run), None
+    except Exception as e:  # a hub model not cached here: show token ids instead
+        log.warning("cannot load the tokenizer of %s (%s): contexts show token ids", run, e)
+        return None, f"tokenizer unavailable ({type(e).__name__}): token ids shown"
+
+
+def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *, sae: str, group: str,
+          k: int = 5, window: tuple[int, int] = (12, 6), logits: bool = True) -> list[Card]:
+    """Feature cards for `picks` = (run, feature, why), with statistics from `frames[run]` (features())."""
+    out: list[Card] = []
+    by_run: dict[str, list[tuple[int, str]]] = {}
+    for run, f, why in picks:
+        by_run.setdefault(run, []).append((f, why))
+    for run, chosen in by_run.items():
+        feats = [f for f, _ in chosen]
+        stats = frames[run].filter((pl.col("sae") == sae) & (pl.col("group") == group))
+        width = stats.height
+        bad = [f for f in feats if not 0 <= f < width]
+        if bad:
+            raise ValueError(f"feature {bad[0]} is out of range: SAE {sae!r} has {width} features (0-{width - 1})")
+        if has_activations(run):
+            tok, note = _tokenizer(run)
+            ex = top_examples(run, feats, sae=sae, group=group, k=k, window=window, tokenizer=tok)
+            hists = activation_histograms(run, feats, sae=sae, group=group)
+        else:
+            ex, hists = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int32}), {}
+        effects, effects_note = _logits(run, feats, sae) if logits else (None, "logit effects not computed (--no-logits)")
+        prefix = neuronpedia_prefix(run, sae)
+        for f, why in chosen:
+            row = stats.filter(pl.col("feature") == f).row(0, named=True)
+            mine = ex.filter(pl.col("feature") == f).sort("rank")
+            examples = []
+            for e in mine.iter_rows(named=True):
+                tokens = e.get("tokens") or [f"[{t}]" for t in e["token_ids"]]
+                examples.append({"doc_id": e["doc_id"], "value": e["value"], "pos": e["pos"],
+                                 "mark": e["pos"] - e["window_start"], "tokens": tokens, "acts": e["acts"],
+                                 "note": note})
+            edges, counts = hists.get(f, (None, None))
+            out.append(Card(sae, group, f, run, why, row, examples, edges, counts,
+                            None if effects is None else effects.filter(pl.col("feature") == f),
+                            effects_note, f"{prefix}{f}" if prefix else None))
+    return out
+
+
+def _logits(run: str | Path, feats: list[int], sae: str) -> tuple[pl.DataFrame | None, str | None]:
+    from ..logits import logit_effects_for_run
+
+    try:
+        return logit_effects_for_run(run, feats, sae=sae, k=8), None
+    except Exception as e:  # the model's weights are not here (a hub model), or its norm is unusual
+        log.warning("logit effects not computed for %s: %s", run, e)
+        return None, f"logit effects not computed: {type(e).__name__}: {e}"
+
+
+def read_separation(path: str | Path, *, top: int = 4, sae: str | None = None,
+                    group: str | None = None) -> SeparationData:
+    """A `saeray separate` output directory, plus per-document values of its `top` features."""
+    import pyarrow.parquet as pq
+
+    from ..separate import _labels, last_values
+
+    d = Path(path)
+    file = d / "separation.parquet"
+    if not file.is_file():
+        raise FileNotFoundError(f"{d} has no separation.parquet: give the --out directory of `saeray separate`")
+    raw = pq.read_schema(file).metadata or {}
+    if b"saeray.separation" not in raw:
+        raise ValueError(f"{file} has no saeray.separation metadata: write it with `saeray separate`")
+    meta = json.loads(raw[b"saeray.separation"])
+    run = meta["run"]
+    if not (Path(run) / "manifest.json").is_file():
+        raise FileNotFoundError(f"the separation in {d} was computed on run {run}, which is not found from here: "
+                                "run `saeray report` from the directory `saeray separate` ran in")
+    scores = pl.read_parquet(file)
+    s, g = choose_pair(scores, sae, group)
+    fires = (pl.col("f_pos") > 0) | (pl.col("f_neg") > 0)
+    best = (scores.filter((pl.col("sae") == s) & (pl.col("group") == g) & fires)
+            .sort([(pl.col("auroc") - 0.5).abs(), "feature"], descending=[True, False], nulls_last=True).head(top))
+    labels, _ = _labels(run, meta["label"], meta["positive"])
+    x, docs = last_values(run, labels)
+    docs = docs.filter(pl.col("group") == g)
+    grid = docs.join(best.select("sae", "group", "feature"), on="group")
+    values = (grid.join(x.select("sae", "group", "doc_id", "feature", "value"),
+                        on=["sae", "group", "doc_id", "feature"], how="left")
+              .with_columns(pl.col("value").fill_null(0.0))
+              .select("sae", "group", "feature", "doc_id", "value", "y").sort("feature", "doc_id"))
+    return SeparationData(str(d), run, meta, scores, values, best["feature"].to_list())
+
+
+def heatmap_matrix(run: str | Path, features: list[int], category: str, *, sae: str, group: str,
+                   max_docs: int = 2000) -> tuple[pl.DataFrame, int]:
+    """(documents x features frame grouped by category, stride): every `stride`-th document when there are
+    more than max_docs, so the category blocks keep their order and proportions."""
+    from ..explore import feature_by_doc_matrix
+
+    m = feature_by_doc_matrix(run, features, category, sae=sae, group=group)
+    stride = max(1, -(-m.height // max_docs))
+    return (m.gather_every(stride) if stride > 1 else m), stride

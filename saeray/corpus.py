@@ -12,9 +12,10 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import shutil
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,26 +67,73 @@ def documents() -> Iterator[dict[str, str]]:
 
 def build(out: str | Path, *, n_files: int = 8, max_docs: int | None = None) -> Path:
     """Write the corpus as `n_files` parquet files under `out` (reused if already there)."""
-    out = Path(out)
-    marker = out / "_COMPLETE"
-    if marker.is_file():
-        return out
     docs = list(documents())
     if max_docs is not None:
         docs = docs[:max_docs]
     if not docs:
         raise RuntimeError(f"no documents found under {sysconfig.get_paths()['stdlib']}")
+    return _write(docs, out, n_files, ["text", "kind", "module", "name"])
+
+
+CHAT_REQUESTS = {
+    "explain": "What does `{name}` from the `{module}` module do?",
+    "summarize": "Summarize this documentation in one sentence:\n\n{doc}",
+    "example": "Write a short Python example that uses `{name}` from `{module}`.",
+}
+"""The user turns of the chat prompts; `kind` names the request."""
+
+
+def chat_prompts(tokenizer: Any, n: int = 1000) -> list[dict[str, str]]:
+    """`n` chat-formatted prompts about stdlib definitions, each ending with the assistant header.
+
+    The text is the tokenizer's own chat template applied to one user turn with
+    `add_generation_prompt=True`, so the assistant header is where the model starts to answer.
+    Deterministic: every k-th documented definition, requests in turn.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: use a chat model (e.g. smollm2-135m-instruct)")
+    prose = [d for d in documents() if d["kind"] == "prose" and d["name"] != d["module"]]
+    if not prose:
+        raise RuntimeError(f"no documented definitions found under {sysconfig.get_paths()['stdlib']}")
+    step = max(1, len(prose) // n)
+    kinds = list(CHAT_REQUESTS)
+    out = []
+    for i, d in enumerate(prose[::step][:n]):
+        kind = kinds[i % len(kinds)]
+        request = CHAT_REQUESTS[kind].format(name=d["name"], module=d["module"], doc=d["text"][:600])
+        text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                             add_generation_prompt=True)
+        out.append({"text": text, "kind": kind, "module": d["module"], "name": d["name"]})
+    return out
+
+
+def build_chat(out: str | Path, model: str = "smollm2-135m-instruct", *, n: int = 1000, n_files: int = 4) -> Path:
+    """Write `n` chat prompts (templated for `model`'s tokenizer) as parquet under `out`."""
+    from transformers import AutoTokenizer
+
+    from .models import resolve_source
+
+    source, kwargs = resolve_source(model)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return _write(chat_prompts(tokenizer, n), out, n_files, ["text", "kind", "module", "name"])
+
+
+def _write(docs: list[dict[str, str]], out: str | Path, n_files: int, columns: list[str]) -> Path:
+    """Write rows as `n_files` parquet files under `out`, atomically; reuse a complete `out`."""
+    out = Path(out)
+    if (out / "_COMPLETE").is_file():
+        return out
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     n = len(docs)
+    schema = pa.schema([(c, pa.string()) for c in columns])
     for i in range(n_files):
         part = docs[n * i // n_files: n * (i + 1) // n_files]
-        pq.write_table(pa.Table.from_pylist(part, schema=pa.schema(
-            [("text", pa.string()), ("kind", pa.string()), ("module", pa.string()), ("name", pa.string())])),
-            tmp / f"part-{i:03d}.parquet")
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), tmp / f"part-{i:03d}.parquet")
     (tmp / "_COMPLETE").write_text(f"{n} documents\n")
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.rename(out)
     log.info("wrote %d documents to %s", n, out)

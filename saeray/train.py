@@ -48,9 +48,19 @@ class TrainOptions:
     batch_size: int = 4096
     lr: float = 4e-4
     eval_tokens: int = 1_000_000
-    held_out_fraction: float = 0.4
+    held_out_fraction: float = 0.5
     """Fraction of documents (the last ones in dataset order) held out for evaluation."""
     seed: int = 0
+    dead_window: int = 25
+    """Steps without firing after which a latent is dead (TopK: the AuxK loss then trains it)."""
+    aux_coefficient: float = 1.0
+    """TopK: weight of the AuxK loss, which reconstructs the residual error from dead latents."""
+    normalize: str = "expected_average_only_in"
+    """Input normalization during training (sae-lens): expected_average_only_in | covariance_whitening | none.
+    Whitening is folded into the saved weights, so the saved SAE takes raw activations."""
+    activation_cache: str | None = None
+    """Directory where collected training activations are kept, keyed by everything that
+    determines them, so a second run with other SAE options skips the forward passes."""
 
 
 class Streamer:
@@ -97,6 +107,32 @@ class Streamer:
             yield h[rows, cols].float()
 
 
+def _training_activations(st: Streamer, cfg: RunConfig, opts: TrainOptions, n_train_docs: int, context_size: int,
+                          prepend_bos: bool) -> torch.Tensor:
+    """[n, d_model] bf16 activations of the training documents, from the cache when it has them."""
+    def collect() -> torch.Tensor:
+        return torch.cat([a.to(torch.bfloat16).cpu() for a in st.stream(0, n_train_docs, opts.train_tokens)])
+
+    if opts.activation_cache is None:
+        return collect()
+    from .store import fingerprint
+
+    key = fingerprint({"model": cfg.model.__dict__, "hook": opts.hook, "context_size": context_size,
+                       "prepend_bos": prepend_bos, "exclude_special": cfg.tokens.exclude_special,
+                       "files": [(f.path, f.n_rows) for f in st.plan.files], "text_column": cfg.data.text_column,
+                       "docs": n_train_docs, "tokens": opts.train_tokens})
+    path = Path(opts.activation_cache) / f"activations-{key}.pt"
+    if path.is_file():
+        log.info("training activations from the cache %s", path)
+        return torch.load(path, weights_only=True)
+    acts = collect()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(acts, tmp)
+    tmp.replace(path)
+    return acts
+
+
 def _shuffled_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     while True:
@@ -110,9 +146,9 @@ def _training_sae(opts: TrainOptions, d_in: int, metadata: dict[str, Any]) -> An
     from sae_lens.saes.sae import SAEMetadata
 
     meta = SAEMetadata(**metadata)
-    common = dict(d_in=d_in, d_sae=opts.d_sae, normalize_activations="expected_average_only_in", metadata=meta)
+    common = dict(d_in=d_in, d_sae=opts.d_sae, normalize_activations=opts.normalize, metadata=meta)
     if opts.arch == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=opts.k, **common))
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=opts.k, aux_loss_coefficient=opts.aux_coefficient, **common))
     if opts.arch == "jumprelu":
         return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=opts.l0_coefficient, **common))
     raise ValueError(f"--arch {opts.arch!r}: choose topk or jumprelu")
@@ -160,7 +196,7 @@ def train(cfg: RunConfig, opts: TrainOptions, out: str | Path) -> dict[str, Any]
     if n_train_docs < 1 or n_train_docs >= st.plan.n_rows:
         raise TrainError(f"held_out_fraction {opts.held_out_fraction} leaves no train or no held-out documents")
     t0 = time.time()
-    acts = torch.cat([a.to(torch.bfloat16).cpu() for a in st.stream(0, n_train_docs, opts.train_tokens)])
+    acts = _training_activations(st, cfg, opts, n_train_docs, context_size, prepend_bos)
     collect_s = time.time() - t0
     log.info("collected %d training activations in %.0fs", len(acts), collect_s)
     metadata = {"hook_name": opts.hook, "model_name": cfg.model.name, "context_size": context_size,
@@ -170,7 +206,7 @@ def train(cfg: RunConfig, opts: TrainOptions, out: str | Path) -> dict[str, Any]
     tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=opts.batch_size, lr=opts.lr,
                             lr_warm_up_steps=max(1, total // opts.batch_size // 20),
                             lr_decay_steps=max(1, total // opts.batch_size // 5), lr_end=opts.lr / 10,
-                            device=str(st.device), dead_feature_window=500, feature_sampling_window=1000,
+                            device=str(st.device), dead_feature_window=opts.dead_window, feature_sampling_window=1000,
                             n_batches_for_norm_estimate=min(100, max(1, len(acts) // opts.batch_size)),
                             logger=LoggingConfig(log_to_wandb=False))
     t1 = time.time()

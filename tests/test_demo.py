@@ -53,6 +53,9 @@ def test_tiny_demo_outputs_are_real(tmp_path, capsys):
     for kind in ("prose", "code"):
         _check_run(tmp_path / "d" / f"run-{kind}")
     assert (tmp_path / "d" / "diff-prose-vs-code" / "diff.parquet").is_file()
+    page = tmp_path / "d" / "report" / "index.html"
+    assert page.is_file() and str(page) in out
+    assert list((tmp_path / "d" / "report" / "figures").glob("*.png"))
 
 
 @pytest.mark.slow

@@ -7,10 +7,13 @@
     saeray concept RUN --example "..." [--counter "..."]
     saeray logits RUN --feature F
     saeray explore RUN [--category COL] [--features LIST] --out DIR
+    saeray synth RUN_OR_CONFIG --features LIST --out DIR [--reference RUN] [--steps 200] [--seq-len 8]
     saeray diff RUN_A RUN_B --out DIR [--preset default|vlm_transfer] ...
+    saeray transfer BASE VLM_TEXT VLM_IMAGE --out DIR [--active-value 0.1 ...]
     saeray separate RUN --label COL [--reference REF_RUN] [--max-density 0.02] --out DIR
+    saeray report RUN [--vs RUN_B] [--separation DIR] [--category COL] [--features LIST] --out DIR
     saeray train-sae CONFIG --hook HOOK --out DIR [--arch topk|jumprelu] [--d-sae N] [--k K] ...
-    saeray corpus [--out DIR]
+    saeray corpus [--out DIR] [--chat MODEL]
     saeray demo [--out DIR]
 """
 
@@ -67,7 +70,9 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.set)
     opts = TrainOptions(hook=args.hook, arch=args.arch, d_sae=args.d_sae, k=args.k, l0_coefficient=args.l0_coefficient,
                         train_tokens=args.train_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        eval_tokens=args.eval_tokens, held_out_fraction=args.held_out_fraction, seed=args.seed)
+                        eval_tokens=args.eval_tokens, held_out_fraction=args.held_out_fraction, seed=args.seed,
+                        dead_window=args.dead_window, aux_coefficient=args.aux_coefficient, normalize=args.normalize,
+                        activation_cache=args.activation_cache)
     report = train(cfg, opts, args.out)
     print(json.dumps(report["held_out"], indent=2))
     print(f"saved {args.out} (sae-lens disk format; training report in {args.out}/saeray_training.json)")
@@ -188,6 +193,31 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .featlist import parse_features
+    from .synth import SynthOptions, synth, write_synth
+
+    opts = SynthOptions(seq_len=args.seq_len, steps=args.steps, lr=args.lr, norm_quantile=args.norm_quantile,
+                        batch_features=args.batch_features, seed=args.seed)
+    frame = synth(args.run, parse_features(args.features), sae=args.sae, reference=args.reference,
+                  group=args.group, options=opts)
+    paths = write_synth(frame, args.out, opts)
+    for row in frame.iter_rows(named=True):
+        real = "" if row["real_max"] is None else f"  real max {row['real_max']:.4g}"
+        ratio = "" if row["ratio"] is None else f"  ratio {row['ratio']:.3g}"
+        print(f"feature {row['feature']}: synthetic {row['synth_activation']:.4g}{real}{ratio}  "
+              f"hard {row['hard_activation']:.4g} {''.join(row['hard_tokens'])!r}")
+    known = frame.filter(pl.col("real_max").is_not_null())
+    if known.height:
+        beat = int((known["synth_activation"] > known["real_max"]).sum())
+        print(f"synthetic > real maximum for {beat}/{known.height} features ({beat / known.height:.0%}); "
+              f"hard tokens > real maximum for {int((known['hard_activation'] > known['real_max']).sum())}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -200,6 +230,21 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({frame.height:,} rows) and top-change CSVs in {args.out}")
     with pl.Config(tbl_rows=30):
         print(frame.group_by("sae", "group", "class").len().sort("sae", "group", "class"))
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .transfer import write_transfer
+
+    out = write_transfer(args.base, args.vlm_text, args.vlm_image, args.out, active_value=args.active_value,
+                         active_fraction=args.active_fraction, new_ratio=args.new_ratio, stable_rho=args.stable_rho,
+                         shifted_rho=args.shifted_rho)
+    frame = pl.read_parquet(out)
+    print(f"wrote {out} ({frame.height:,} rows), transfer.csv and transfer.json in {args.out}")
+    with pl.Config(tbl_rows=30):
+        print(frame.group_by("sae", "class").len().sort("sae", "class"))
     return 0
 
 
@@ -220,11 +265,27 @@ def _cmd_separate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_corpus(args: argparse.Namespace) -> int:
-    from .corpus import build
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .featlist import parse_features
+    from .report import write_report
 
-    path = build(args.out, n_files=args.files)
-    print(f"corpus at {path}")
+    index = write_report(args.run, args.out, vs=args.vs, separation=args.separation,
+                         features=parse_features(args.features) if args.features else None, top=args.top, k=args.k,
+                         category=args.category, sae=args.sae, group=args.group, logits=not args.no_logits,
+                         preset=args.preset, window=(args.before, args.after))
+    print(f"wrote {index} and PNG figures in {index.parent / 'figures'} (open {index.resolve().as_uri()})")
+    return 0
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from .corpus import build, build_chat
+
+    if args.chat:
+        path = build_chat(args.out, args.chat, n=args.prompts, n_files=args.files)
+        print(f"chat prompts ({args.chat}'s template) at {path}")
+    else:
+        path = build(args.out, n_files=args.files)
+        print(f"corpus at {path}")
     return 0
 
 
@@ -261,7 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--eval-tokens", type=int, default=1_000_000, help="held-out tokens for the evaluation")
-    t.add_argument("--held-out-fraction", type=float, default=0.4, help="last fraction of documents held out")
+    t.add_argument("--held-out-fraction", type=float, default=0.5, help="last fraction of documents held out")
+    t.add_argument("--dead-window", type=int, default=25,
+                   help="training steps without firing after which a latent counts as dead and the auxiliary loss "
+                        "(TopK's AuxK) starts pulling it back")
+    t.add_argument("--aux-coefficient", type=float, default=1.0, help="TopK: weight of the AuxK dead-latent loss")
+    t.add_argument("--normalize", default="expected_average_only_in",
+                   choices=["expected_average_only_in", "covariance_whitening", "none"],
+                   help="input normalization while training (folded into the saved weights)")
+    t.add_argument("--activation-cache", metavar="DIR",
+                   help="keep the collected training activations here; a rerun with other SAE options reuses them")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_train_sae)
 
@@ -321,6 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=_cmd_explore)
 
+    sy = sub.add_parser("synth", help="synthetic maximizers: soft inputs optimized per feature, nearest tokens, "
+                                      "compared with a run's real maxima")
+    sy.add_argument("run", help="a run directory (model, SAE and real maxima) or a config (model + SAE)")
+    sy.add_argument("--features", "-f", required=True, action="append", metavar="LIST",
+                    help="features: 0,5,10 | 0-20 | 0-10,50-60 (repeatable)")
+    sy.add_argument("--out", required=True, help="directory for synth.parquet, synth.csv and synth.png")
+    sy.add_argument("--reference", help="run whose real maxima are compared (default: RUN when it is a run)")
+    sy.add_argument("--sae", help="which SAE of the run (default: its only one)")
+    sy.add_argument("--group", help="position group of the reference run (default: its only one, else `all`)")
+    sy.add_argument("--seq-len", type=int, default=8, help="free positions after BOS")
+    sy.add_argument("--steps", type=int, default=200)
+    sy.add_argument("--lr", type=float, default=0.1, help="Adam step as a fraction of the embeddings' typical coordinate")
+    sy.add_argument("--norm-quantile", type=float, default=0.99,
+                    help="soft vectors stay within this quantile of the real token embeddings' norms")
+    sy.add_argument("--batch-features", type=int, default=32, help="features optimized together")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.set_defaults(fn=_cmd_synth)
+
     df = sub.add_parser("diff", help="per-feature differences between two runs of the same SAE(s)")
     df.add_argument("run_a")
     df.add_argument("run_b")
@@ -333,6 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--top-k", type=int, default=100, help="rows per top-increase table")
     df.add_argument("--no-significance", action="store_true", help="skip the per-document Welch tests")
     df.set_defaults(fn=_cmd_diff)
+
+    tr = sub.add_parser("transfer", help="feature transfer text model -> VLM (workflow 1): stable / shifted / "
+                                         "new_vision / new_text from three runs of the same SAE(s)")
+    tr.add_argument("base", help="the text model's run on text")
+    tr.add_argument("vlm_text", help="the vision-language model's run on the same text")
+    tr.add_argument("vlm_image", help="the vision-language model's run on image+text (positions.mode modality)")
+    tr.add_argument("--out", required=True, help="directory for transfer.parquet, transfer.csv, transfer.json")
+    for opt, what in (("active-value", "a token counts when value > this"),
+                      ("active-fraction", "active when the fraction of tokens counted exceeds this"),
+                      ("new-ratio", "new_vision / new_text need mean > this x the base mean"),
+                      ("stable-rho", "stable when rho > this"), ("shifted-rho", "shifted when rho > this")):
+        tr.add_argument(f"--{opt}", type=float, default=None, help=f"{what} (default: the vlm_transfer preset of diff)")
+    tr.set_defaults(fn=_cmd_transfer)
 
     sp = sub.add_parser("separate", help="features that separate labelled documents (last position by default)")
     sp.add_argument("run")
@@ -348,9 +449,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=_cmd_separate)
 
+    rp = sub.add_parser("report", help="offline HTML dashboard (index.html) and PNG figures for a run, a diff, "
+                                       "a separation")
+    rp.add_argument("run", help="the run (A when --vs is given)")
+    rp.add_argument("--vs", metavar="RUN_B", help="diff this run (B) against RUN; tables go to OUT/diff/")
+    rp.add_argument("--separation", metavar="DIR", help="the --out directory of `saeray separate`")
+    rp.add_argument("--category", help="a docs column: heatmap of the card features across documents by category")
+    rp.add_argument("--features", help="features for the cards: 0,5,10 | 0-20 (default: top changes / separators "
+                                       "/ highest means)")
+    rp.add_argument("--top", type=int, default=6, help="cards when --features is not given")
+    rp.add_argument("--k", type=int, default=5, help="top contexts per card")
+    rp.add_argument("--before", type=int, default=12, help="tokens of context before a document's maximum")
+    rp.add_argument("--after", type=int, default=6, help="tokens of context after it")
+    rp.add_argument("--sae", help="SAE for cards and heatmap (default: the first)")
+    rp.add_argument("--group", help="position group for cards and heatmap (default: the first)")
+    rp.add_argument("--preset", default="default", choices=["default", "vlm_transfer"], help="diff classification")
+    rp.add_argument("--no-logits", action="store_true", help="skip logit effects (they load the model's weights)")
+    rp.add_argument("--out", required=True, help="directory for index.html, figures/ and diff/")
+    rp.set_defaults(fn=_cmd_report)
+
     c = sub.add_parser("corpus", help="build the local corpus (Python stdlib source and docstrings) as parquet")
     c.add_argument("--out", default="runs/corpus")
     c.add_argument("--files", type=int, default=8)
+    c.add_argument("--chat", metavar="MODEL", help="instead: chat prompts about stdlib definitions, formatted with "
+                   "MODEL's chat template and ending with the assistant header (e.g. smollm2-135m-instruct)")
+    c.add_argument("--prompts", type=int, default=1000, help="with --chat: how many prompts")
     c.set_defaults(fn=_cmd_corpus)
 
     d = sub.add_parser("demo", help="the default job end to end, offline: Gemma 3 270M + saeray's SAE on a local corpus")

@@ -31,6 +31,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust the repository."""
+    kind: Literal["auto", "causal_lm", "image_text"] = "auto"
+    """auto: image_text when the model's config has a `vision_config` (PaliGemma, ...), else causal_lm.
+    image_text loads AutoModelForImageTextToText + AutoProcessor and hooks the language model's layers."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class DataConfig:
     """Hub dataset configuration name."""
     split: str = "train"
     text_column: str = "text"
+    image_column: str | None = None
+    """Column holding each document's image (an HF Image struct {bytes, path}, raw bytes, or a path string;
+    relative paths are read from the data file's folder). Needs an image_text model; rows whose image is
+    null run text-only. null: every document runs text-only."""
     keep_columns: tuple[str, ...] = ()
     """Dataset columns copied into docs (labels, categories)."""
     shards: int | None = None
@@ -92,9 +99,10 @@ class MarkerGroup:
 
 @dataclass(frozen=True)
 class PositionsConfig:
-    mode: Literal["all", "last", "markers"] = "all"
+    mode: Literal["all", "last", "markers", "modality"] = "all"
     """all: every counted token; last: the last counted token of each document;
-    markers: the named groups below."""
+    markers: the named groups below; modality: groups `image` (positions holding the model's image token,
+    only in runs with data.image_column) and `text` (counted tokens that are not image tokens)."""
     groups: dict[str, MarkerGroup] = field(default_factory=dict)
 
 
@@ -118,6 +126,10 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     workers: Union[Literal["auto"], int] = "auto"
     """auto = one worker per GPU, else one CPU worker; N = N workers."""
+    shard_timeout_s: float | None = None
+    """Ray executor: a shard not done this many seconds after it started is treated as hung (its worker
+    is killed and replaced, the shard retried). null: 10x the slowest finished shard's time per document
+    times the shard's documents, at least 600 s; no limit until a shard has finished."""
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -136,6 +148,11 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def _plain_name(name: str) -> bool:
+    """A name that is safe as one path component: it cannot climb out of or into directories."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
 def _check_semantics(cfg: RunConfig) -> None:
     names = [s.name for s in cfg.saes]
     if len(set(names)) != len(names):
@@ -147,8 +164,11 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"saes[{i}] ({s.name}): `release` needs an `id`")
         if s.threshold < 0:
             raise ConfigError(f"saes[{i}].threshold must be >= 0, got {s.threshold}")
-        if not s.name or "/" in s.name or s.name.startswith("."):
+        if not _plain_name(s.name):
             raise ConfigError(f"saes[{i}].name {s.name!r} must be a plain name (no '/', not starting with '.')")
+    for g in cfg.positions.groups:  # group names become file names (diff's top_<group>_<metric>.csv)
+        if not _plain_name(g):
+            raise ConfigError(f"positions.groups: {g!r} must be a plain name (no '/', not starting with '.')")
     if cfg.tokens.context_size is not None and cfg.tokens.context_size < 2:
         raise ConfigError(f"tokens.context_size must be >= 2, got {cfg.tokens.context_size}")
     if cfg.tokens.batch_tokens < 1:
@@ -159,6 +179,16 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_tokens must be >= 1 or null, got {cfg.data.max_tokens}")
     if cfg.data.text_column in cfg.data.keep_columns:
         raise ConfigError(f"data.keep_columns must not repeat the text column {cfg.data.text_column!r}")
+    if cfg.data.image_column is not None:
+        if cfg.data.image_column == cfg.data.text_column:
+            raise ConfigError(f"data.image_column {cfg.data.image_column!r} must differ from data.text_column")
+        if cfg.data.image_column in cfg.data.keep_columns:
+            raise ConfigError(f"data.keep_columns must not repeat the image column {cfg.data.image_column!r}")
+        if cfg.data.max_tokens is not None:
+            raise ConfigError("data.max_tokens is not supported with data.image_column (it counts text tokens only): "
+                              "limit the rows instead (fewer files, or a dataset slice)")
+        if cfg.model.kind == "causal_lm":
+            raise ConfigError("data.image_column needs a vision-language model: set model.kind to auto or image_text")
     reserved = {"doc_id", "n_tokens", "token_ids", "positions"}
     if reserved & set(cfg.data.keep_columns):
         raise ConfigError(f"data.keep_columns: {sorted(reserved & set(cfg.data.keep_columns))} are reserved names in docs")
@@ -169,6 +199,8 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ConfigError(f"positions.groups is only used with mode 'markers' (mode is {cfg.positions.mode!r})")
     if isinstance(cfg.workers, int) and cfg.workers < 1:
         raise ConfigError(f"workers must be 'auto' or >= 1, got {cfg.workers}")
+    if cfg.shard_timeout_s is not None and cfg.shard_timeout_s <= 0:
+        raise ConfigError(f"shard_timeout_s must be > 0 or null, got {cfg.shard_timeout_s}")
 
 
 # ---- parsing -------------------------------------------------------------------------

@@ -8,6 +8,8 @@ of doc ids, so a document keeps its id whatever the shard count or worker count.
 from __future__ import annotations
 
 import base64
+import bisect
+import functools
 import glob as globlib
 import json
 import logging
@@ -70,6 +72,14 @@ class DataPlan:
                    shards=tuple(Shard(**s) for s in d["shards"]), n_rows=d["n_rows"],
                    last_doc_tokens=d.get("last_doc_tokens"), keep_schema=d.get("keep_schema", ""))
 
+    @functools.cached_property
+    def _offsets(self) -> list[int]:
+        return [f.offset for f in self.files]
+
+    def file_of(self, doc_id: int) -> str:
+        """Path of the data file that holds row `doc_id`."""
+        return self.files[max(bisect.bisect_right(self._offsets, doc_id) - 1, 0)].path
+
     def keep_arrow_schema(self) -> pa.Schema:
         if not self.keep_schema:
             return pa.schema([])
@@ -130,16 +140,61 @@ def _open(path: str, mode: str = "rb", compression: str | None = "infer") -> Any
     return fsspec.open(path, mode, compression=compression)
 
 
-def count_rows(path: str, fmt: str) -> int:
+def count_rows(path: str, fmt: str, text_column: str | None = None) -> int:
+    """Rows of one data file. With `text_column`, also check that the column holds text (or null) in
+    every row: parquet from the schema, JSON by parsing every line, so bad data is refused before any
+    shard runs. Text files hold text by construction (invalid UTF-8 becomes U+FFFD)."""
     if fmt == "parquet":
         with _open(path, compression=None) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            pf = pq.ParquetFile(f)
+            if text_column is not None:
+                _check_text_type(path, pf.schema_arrow, text_column)
+            return pf.metadata.num_rows
     n = 0
     with _open(path) as f:
-        for line in f:
-            if fmt == "text" or line.strip():
+        for i, line in enumerate(f, 1):
+            if fmt == "text":
                 n += 1
+            elif line.strip():
+                n += 1
+                if text_column is not None:
+                    _check_json_text(path, i, line, text_column)
     return n
+
+
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, getattr(pa.types, "is_string_view", lambda t: False),
+               pa.types.is_null)
+
+
+def _check_text_type(path: str, schema: pa.Schema, column: str) -> None:
+    if column not in schema.names:
+        raise DataError(f"column {column!r} is not in {path}: its columns are {schema.names}; "
+                        "every data file needs the text column (set data.text_column)")
+    t = schema.field(column).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not any(ok(t) for ok in _TEXT_TYPES):
+        raise DataError(f"{path}: data.text_column {column!r} has type {t}, not string: convert the column to "
+                        "strings (invalid UTF-8 bytes are read as U+FFFD), or set data.text_column to a text column")
+
+
+def _json_line(line: bytes) -> Any:
+    """One JSON line; invalid UTF-8 inside strings is read as U+FFFD, as in text files."""
+    return json.loads(line.decode("utf-8-sig", errors="replace"))
+
+
+def _check_json_text(path: str, lineno: int, line: bytes, column: str) -> None:
+    try:
+        rec = _json_line(line)
+    except ValueError as e:
+        raise DataError(f"{path} line {lineno} is not valid JSON ({e}): fix or remove that line") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{path} line {lineno} is a JSON {type(rec).__name__}, not an object with a {column!r} field")
+    value = rec.get(column)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{path} line {lineno}: data.text_column {column!r} holds {type(value).__name__} "
+                        f"{json.dumps(value)[:40]}, not a string: write it as a string, or set data.text_column "
+                        "to a text field")
 
 
 def plan(cfg: DataConfig) -> DataPlan:
@@ -152,15 +207,33 @@ def plan(cfg: DataConfig) -> DataPlan:
         raise DataError(f"dataset {cfg.dataset!r} has no data files")
     files, offset = [], 0
     for p in paths:
-        n = count_rows(p, fmt)
+        n = count_rows(p, fmt, cfg.text_column)
         files.append(SourceFile(path=p, n_rows=n, offset=offset))
         offset += n
     if offset == 0:
         raise DataError(f"dataset {cfg.dataset!r} has no rows ({len(paths)} files, all empty)")
-    check_columns(files[0].path, fmt, [cfg.text_column, *cfg.keep_columns])
+    check_columns(files[0].path, fmt, [cfg.text_column, *([cfg.image_column] if cfg.image_column else []),
+                                       *cfg.keep_columns])
+    if cfg.image_column and fmt == "parquet":
+        for f in files:
+            _check_image_type(f.path, cfg.image_column)
     keep = _keep_schema(files[0].path, fmt, list(cfg.keep_columns))
     return DataPlan(format=fmt, files=tuple(files), shards=make_shards(files, offset, cfg.shards), n_rows=offset,
                     keep_schema=base64.b64encode(keep.serialize().to_pybytes()).decode())
+
+
+def _check_image_type(path: str, column: str) -> None:
+    from .images import is_image_type
+
+    with _open(path, compression=None) as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    if column not in schema.names:
+        raise DataError(f"column {column!r} is not in {path}: its columns are {schema.names}; every data file needs "
+                        "the image column (set data.image_column)")
+    t = schema.field(column).type
+    if not is_image_type(t):
+        raise DataError(f"{path}: data.image_column {column!r} has type {t}, not an image: give a column of HF Image "
+                        "structs {bytes, path}, encoded bytes, or path strings")
 
 
 def _keep_schema(path: str, fmt: str, columns: list[str]) -> pa.Schema:
@@ -210,7 +283,7 @@ def _schema_names(path: str, fmt: str) -> list[str] | None:
     with _open(path) as f:
         for line in f:
             if line.strip():
-                return list(json.loads(line))
+                return list(_json_line(line))
     return None
 
 
@@ -222,7 +295,7 @@ def check_columns(path: str, fmt: str, columns: list[str]) -> None:
     if missing:
         hint = " (text files have one column, `text`)" if fmt == "text" else ""
         raise DataError(f"column {missing[0]!r} is not in the dataset ({path}): columns are {names}{hint}; "
-                        "set data.text_column / data.keep_columns to existing columns")
+                        "set data.text_column / data.image_column / data.keep_columns to existing columns")
 
 
 def _iter_file(path: str, fmt: str, columns: list[str], skip: int, take: int) -> Iterator[dict[str, Any]]:
@@ -241,7 +314,7 @@ def _iter_file(path: str, fmt: str, columns: list[str], skip: int, take: int) ->
                 table: pa.Table = pf.read_row_group(g, columns=columns)
                 lo = max(0, skip - row)
                 hi = min(n, skip + take - row)
-                yield from table.slice(lo, hi - lo).to_pylist()
+                yield from _pylist(table.slice(lo, hi - lo))
                 row += n
                 if row >= skip + take:
                     return
@@ -253,13 +326,31 @@ def _iter_file(path: str, fmt: str, columns: list[str], skip: int, take: int) ->
                 if not line.strip():
                     continue
                 if i >= skip:
-                    rec = json.loads(line)
+                    rec = _json_line(line)
                     yield {c: rec.get(c) for c in columns}
             elif i >= skip:
                 yield {"text": line.rstrip(b"\r\n").decode("utf-8", errors="replace")}
             i += 1
             if i >= skip + take:
                 return
+
+
+def _pylist(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows as dicts. String columns holding invalid UTF-8 are decoded with U+FFFD for each bad
+    sequence (Python's 'replace'), as text and JSON files are, instead of failing the shard."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    cols: dict[str, list[Any]] = {}
+    for name, col in zip(table.column_names, table.columns):
+        if any(ok(col.type) for ok in _TEXT_TYPES[:3]):
+            cols[name] = [None if v is None else v.decode("utf-8", errors="replace")
+                          for v in col.cast(pa.large_binary()).to_pylist()]
+        else:
+            cols[name] = col.to_pylist()
+    log.warning("a block of %d rows holds invalid UTF-8: read with U+FFFD in place of bad bytes", table.num_rows)
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
 
 
 def iter_rows(p: DataPlan, start: int, end: int, text_column: str, keep_columns: tuple[str, ...]

@@ -118,7 +118,7 @@ class Extractor:
         self.device = device
         self.encode_chunk = encode_chunk
         self.sites = list({h.site.name: h.site for h in saes}.values())
-        self.groups = list(tok.markers) if tok.positions.mode == "markers" else [tok.positions.mode]
+        self.groups = tok.group_names
         self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
@@ -148,7 +148,8 @@ class Extractor:
 
     def _run_batch(self, batch: Batch, found: dict) -> None:
         self.forward_tokens += batch.n_tokens
-        hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask)
+        hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask,
+                              pixel_values=batch.pixel_values, token_type_ids=batch.token_type_ids)
         for h in self.saes:
             hs = hidden[h.site.name]
             for g in self.groups:

@@ -1,13 +1,15 @@
-"""Load a `transformers` causal LM and read TransformerLens-named hook points from it.
+"""Load a `transformers` causal LM (or a vision-language model) and read TransformerLens-named hook points.
 
 Hook names are the ones sae-lens SAEs carry (`blocks.L.hook_resid_pre`, ...). They are
-mapped onto the Hugging Face decoder layers; the forward pass is stopped by an
-exception right after the deepest hooked module, so later layers and the LM head never run.
+mapped onto the Hugging Face decoder layers (the language model's, for a vision-language
+model); the forward pass is stopped by an exception right after the deepest hooked module,
+so later layers and the LM head never run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -54,6 +56,30 @@ def text_config(config: Any) -> Any:
     """The language model's config (the text config of a vision-language model)."""
     getter = getattr(config, "get_text_config", None)
     return getter() if getter else config
+
+
+def is_image_text(config: Any) -> bool:
+    """Whether a model config describes a vision-language model (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def model_kind(cfg: ModelConfig, config: Any) -> str:
+    """'image_text' or 'causal_lm': the config's `kind`, resolved against the model's own config."""
+    if cfg.kind == "auto":
+        return "image_text" if is_image_text(config) else "causal_lm"
+    if cfg.kind == "image_text" and not is_image_text(config):
+        raise ModelError(f"model.kind is image_text but {cfg.name!r} (model type {config.model_type!r}) has no "
+                         "vision_config: use a vision-language model or set model.kind: auto")
+    return cfg.kind
+
+
+def image_token_id(config: Any) -> int | None:
+    """The id of the placeholder token whose positions hold image features (None for text models)."""
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def n_layers_of(config: Any) -> int:
@@ -118,30 +144,58 @@ def load_config(cfg: ModelConfig) -> Any:
 
 def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer, _ = load_model_and_processor(cfg, device)
+    return model, tokenizer
+
+
+def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
+    """Load (model, tokenizer, processor) in eval mode on `device`; processor is None for causal LMs.
+
+    A vision-language model is loaded with AutoModelForImageTextToText and AutoProcessor; its
+    tokenizer is the processor's.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     source, kwargs = resolve_source(cfg.name)
     dtype = torch_dtype(cfg.dtype, device)
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+    # Weights from safetensors only (never a pickle); GGUF files are not pickles either.
+    safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
+    if "gguf_file" not in kwargs and model_kind(cfg, load_config(cfg)) == "image_text":
+        processor = AutoProcessor.from_pretrained(source, **common)
+        tokenizer = processor.tokenizer
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **common, **safe)
+    else:
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **safe)
     model.to(device).eval()
     model.requires_grad_(False)
-    return model, tokenizer
+    return model, tokenizer, processor
 
 
 # ---- hooks --------------------------------------------------------------------------
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (the language model's, for multimodal models)."""
+    """The model's list of decoder layers (the language model's, for multimodal models).
+
+    A vision tower's encoder layers are a ModuleList too, possibly of the same length: lists under
+    `language_model` / `text_model` come first, lists under a vision module last.
+    """
     n = n_layers_of(model.config)
     candidates = [(name, m) for name, m in model.named_modules()
                   if isinstance(m, nn.ModuleList) and len(m) == n]
     if not candidates:
         raise ModelError(f"no list of {n} decoder layers found in {type(model).__name__}")
-    preferred = [c for c in candidates if c[0].split(".")[-1] in ("layers", "h", "layer", "blocks")]
-    return (preferred or candidates)[0][1]
+
+    def rank(name: str) -> tuple[bool, bool, bool]:
+        parts = name.split(".")
+        vision = any("vision" in p or p in ("visual", "image_encoder") for p in parts)
+        language = any(p in ("language_model", "text_model") for p in parts)
+        return vision, not language, parts[-1] not in ("layers", "h", "layer", "blocks")
+
+    return min(candidates, key=lambda c: rank(c[0]))[1]
 
 
 def _child(block: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
@@ -215,13 +269,30 @@ def capture(model: nn.Module, sites: list[HookSite]) -> Iterator[dict[str, torch
             h.remove()
 
 
+def _takes_token_types(model: nn.Module) -> bool:
+    """Whether the model is a vision-language model whose forward takes token_type_ids (PaliGemma's prefix)."""
+    return is_image_text(model.config) and "token_type_ids" in inspect.signature(model.forward).parameters
+
+
 @torch.inference_mode()
-def run_to_hooks(model: nn.Module, sites: list[HookSite], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward `input_ids` until every hook in `sites` has fired; return their values."""
+def run_to_hooks(model: nn.Module, sites: list[HookSite], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Forward `input_ids` until every hook in `sites` has fired; return their values.
+
+    Vision-language models also take `pixel_values` (one image per row holding image tokens, in row
+    order) and `token_type_ids` (0: the image + prompt prefix, attended bidirectionally; 1: causal).
+    """
+    extra: dict[str, torch.Tensor] = {}
+    if pixel_values is not None:
+        extra["pixel_values"] = pixel_values.to(input_ids.device, dtype=next(model.parameters()).dtype)
+    if _takes_token_types(model):
+        # Explicit types keep text causal: PaliGemma's text config asks for bidirectional attention, which
+        # SDPA would apply to unpadded text-only batches if no mask were materialised.
+        extra["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.ones_like(input_ids)
     with capture(model, sites) as captured:
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         except _StopForward:
             pass
     missing = {s.name for s in sites} - set(captured)

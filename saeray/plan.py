@@ -34,6 +34,10 @@ class Prepared:
     context_size: int
     n_layers: int
     fingerprint: str
+    model_kind: str = "causal_lm"
+    """causal_lm | image_text (a vision-language model: AutoModelForImageTextToText + AutoProcessor)."""
+    image_token_id: int | None = None
+    """Vision-language models: the token id whose positions hold image features."""
 
     def manifest(self) -> dict[str, Any]:
         import pyarrow
@@ -45,7 +49,8 @@ class Prepared:
             "fingerprint": self.fingerprint,
             "config": self.config.to_dict(),
             "resolved": {"prepend_bos": self.prepend_bos, "context_size": self.context_size,
-                         "saes": [s.__dict__ for s in self.saes]},
+                         "saes": [s.__dict__ for s in self.saes], "model_kind": self.model_kind,
+                         "image_token_id": self.image_token_id},
             "plan": self.plan.to_dict(),
             "n_shards": len(self.plan.shards),
             "definitions": DEFINITIONS,
@@ -55,8 +60,15 @@ class Prepared:
 
 
 DEFINITIONS = {
-    "pos": "index into the document's text token ids (docs.token_ids); BOS added per window is not a position",
-    "counted_tokens": "positions selected by the position mode; in modes all/last special tokens "
+    "pos": "index into the document's text token ids (docs.token_ids); BOS added per window is not a position. "
+           "Image documents (data.image_column) store the processor's whole sequence (image tokens, BOS, text, "
+           "newline) and pos indexes it",
+    "modality": "positions.mode modality: group image = positions whose token is the model's image token "
+                "(resolved.image_token_id); group text = counted positions that are not image tokens",
+    "image_documents": "run as the processor prepares them (pixel values; image + prompt form one bidirectional "
+                       "prefix, token_type_ids 0); never split into windows, their text cut at context_size; "
+                       "text documents of a vision-language model run causally, as a text model",
+    "counted_tokens": "positions selected by the position mode; in modes all/last/modality special tokens "
                       "(BOS/EOS/PAD/template tokens) are excluded unless tokens.exclude_special is false",
     "active": "|value| > the SAE's threshold (default: value != 0)",
     "mean": "sum of values / counted tokens (inactive tokens count as 0)",
@@ -99,6 +111,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     if not cfg.saes:
         raise PlanError("saes: at least one SAE is required (a `path`, or a `release` and `id`)")
     model_config = models.load_config(cfg.model)
+    kind = models.model_kind(cfg.model, model_config)
+    if cfg.data.image_column and kind != "image_text":
+        raise PlanError(f"data.image_column is set but {cfg.model.name!r} is not a vision-language model (its config "
+                        "has no vision_config): use one (e.g. a PaliGemma model) or remove data.image_column")
     n_layers = models.n_layers_of(model_config)
     d_model = models.d_model_of(model_config)
     infos = []
@@ -123,9 +139,9 @@ def prepare(cfg: RunConfig) -> Prepared:
         plan = data.with_budget(plan, cfg.data, n_tokens, cfg.data.max_tokens)
 
     identity = {
-        "model": cfg.model.__dict__,
+        "model": _without_defaults(cfg.model.__dict__, {"kind": "auto"}),
         "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
-        "data": {**cfg.data.__dict__, "files": [(f.path, f.n_rows) for f in plan.files], "n_rows": plan.n_rows,
+        "data": {**_without_defaults(cfg.data.__dict__, {"image_column": None}), "files": [(f.path, f.n_rows) for f in plan.files], "n_rows": plan.n_rows,
                  "shards": [(s.start, s.end) for s in plan.shards]},
         "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,
                    "exclude_special": cfg.tokens.exclude_special},
@@ -133,4 +149,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         "activations": cfg.output.activations,
         "reconstruction": cfg.output.reconstruction,
     }
-    return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fingerprint(identity))
+    image_token = models.image_token_id(model_config) if kind == "image_text" else None
+    return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fingerprint(identity),
+                    model_kind=kind, image_token_id=image_token)
+
+
+def _without_defaults(values: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Leave keys added later out of the fingerprint while they hold their default: older runs still resume."""
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}

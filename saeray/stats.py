@@ -16,19 +16,39 @@ from .store import RunDir
 
 
 def _committed_files(run: str | Path, kind: str) -> list[str]:
-    """Parquet files of `kind` (activations | docs | stats) of committed shards only."""
+    """Parquet files (paths or URIs) of `kind` (activations | docs | stats | recon) of committed shards.
+
+    Only the files each shard's completion marker lists: files of unfinished or concurrent
+    attempts are never read.
+    """
     rd = RunDir(run)
     rd.read_manifest()
-    shards = sorted(rd.committed())
-    if not shards:
+    markers = rd.completions()
+    if not markers:
         raise FileNotFoundError(f"{run} has no committed shards yet: run `saeray run` to completion first")
-    if kind in ("stats", "recon"):
-        return [str(rd.final_paths(i)[kind]) for i in shards if rd.final_paths(i)[kind].is_file()]
-    return [str(f) for i in shards for f in sorted(rd.final_paths(i)[kind].glob("*.parquet"))]
+    return [f for i, m in markers.items() for f in rd.shard_files(i, kind, m)]
+
+
+def _scan(files: list[str]) -> pl.LazyFrame:
+    """Scan parquet files; object-store URIs use the standard AWS_* / cloud variables for credentials."""
+    return pl.scan_parquet(files, storage_options=storage_options(files[0]) if files else None)
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """Polars storage options for an object-store URI: the endpoint of S3-compatible stores
+    (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), plain http allowed when the endpoint says http://."""
+    import os
+
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    return {"aws_endpoint_url": endpoint, "aws_allow_http": str(endpoint.startswith("http://")).lower()}
 
 
 def scan_partials(run: str | Path) -> pl.LazyFrame:
-    return pl.scan_parquet(_committed_files(run, "stats"))
+    return _scan(_committed_files(run, "stats"))
 
 
 def scan_activations(run: str | Path) -> pl.LazyFrame:
@@ -40,12 +60,12 @@ def scan_activations(run: str | Path) -> pl.LazyFrame:
             raise FileNotFoundError(f"{run} is a statistics-only run (output.activations: false): it has no activation rows")
         from .store import ACTIVATIONS_SCHEMA
         return pl.LazyFrame(schema=pl.from_arrow(ACTIVATIONS_SCHEMA.empty_table()).schema)
-    return pl.scan_parquet(files)
+    return _scan(files)
 
 
 def scan_docs(run: str | Path) -> pl.LazyFrame:
     """Documents (doc_id, n_tokens, token_ids, kept columns) of committed shards."""
-    return pl.scan_parquet(_committed_files(run, "docs"))
+    return _scan(_committed_files(run, "docs"))
 
 
 def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
@@ -76,8 +96,14 @@ def features(run: str | Path) -> pl.LazyFrame:
     return merge_partials(scan_partials(run))
 
 
-def write_features(run: str | Path) -> Path:
-    """Write RUN/features.parquet (atomically) and return its path."""
+def write_features(run: str | Path) -> Path | str:
+    """Write RUN/features.parquet (atomically) and return its path (its URI in an object store)."""
+    rd = RunDir(run)
+    if rd.remote:
+        from .store import parquet_bytes
+
+        rd.write_bytes("features.parquet", parquet_bytes(features(run).collect().to_arrow()))
+        return rd.uri("features.parquet")
     out = Path(run) / "features.parquet"
     tmp = out.with_name(".features.parquet.tmp")
     features(run).collect().write_parquet(tmp)
@@ -109,7 +135,7 @@ def reconstruction(run: str | Path) -> pl.DataFrame:
     files = _committed_files(run, "recon")
     if not files:
         raise FileNotFoundError(f"{run} has no reconstruction partials: extract with output.reconstruction: true")
-    parts = pl.read_parquet(files)
+    parts = _scan(files).collect()
     rows = []
     for (sae, group), g in parts.group_by(["sae", "group"], maintain_order=True):
         n = int(g["n_tokens"].sum())

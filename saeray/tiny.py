@@ -1,4 +1,5 @@
-"""Tiny real parts built in-process: a BPE tokenizer, Llama/Gemma-style models, sae-lens SAEs, datasets.
+"""Tiny real parts built in-process: a BPE tokenizer, Llama/Gemma-style models, a PaliGemma-style VLM,
+sae-lens SAEs, text and image+text datasets.
 
 Nothing is downloaded. Models have random weights but are ordinary `transformers` models
 saved to disk and loaded the same way a hub model is. Used by the tests and by
@@ -108,4 +109,86 @@ def write_dataset(path: Path, docs: list[str], n_files: int = 3, extra: dict[str
         for k, v in (extra or {}).items():
             cols[k] = v[a:b]
         pq.write_table(pa.table(cols), path / f"part-{i}.parquet", row_group_size=7)
+    return path
+
+
+def make_vlm(path: Path, n_layers: int = 4, d_model: int = 64, image_size: int = 28, patch_size: int = 14,
+             seed: int = 0) -> Path:
+    """A randomly initialised PaliGemma-style model (tiny SigLIP tower + Gemma 2 text model) with its
+    PaliGemmaProcessor, saved to `path`: (image_size / patch_size)^2 image tokens per image."""
+    from transformers import (Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessorPil, SiglipVisionConfig)
+
+    tok = make_tokenizer(path)
+    pixels = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    pixels.image_seq_length = (image_size // patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=pixels, tokenizer=tok)  # adds <image> and loc/seg tokens
+    text = Gemma2Config(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
+                        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        max_position_embeddings=512, sliding_window=8, query_pre_attn_scalar=16,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size)
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                          vocab_size=len(tok), projection_dim=d_model, hidden_size=d_model)
+    torch.manual_seed(seed)
+    PaliGemmaForConditionalGeneration(cfg).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def language_model_of(vlm: Path, path: Path, noise: float = 0.0, seed: int = 0) -> Path:
+    """The text half of a tiny VLM as a Gemma 2 causal LM (weights copied; plus Gaussian `noise` x each
+    weight's std when asked, to plant differences), saved with the VLM's tokenizer to `path`."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Gemma2ForCausalLM
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm, dtype=torch.float32)
+    text_cfg = model.config.text_config
+    text_cfg.use_bidirectional_attention = False
+    lm = Gemma2ForCausalLM(text_cfg)
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.tie_weights()
+    if noise:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in lm.model.layers.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise * p.std().clamp_min(1e-3))
+    lm.save_pretrained(path)
+    AutoTokenizer.from_pretrained(vlm).save_pretrained(path)
+    return path
+
+
+def images(n: int, seed: int = 0) -> list[bytes]:
+    """`n` deterministic PNG images of varied sizes: smooth colour gradients with noise, every third one bright."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = np.stack([xx, yy, (xx + yy) / 2], axis=-1) * rng.uniform(0.2, 1.0, 3)
+        pixels = base + rng.normal(0, 0.1, (h, w, 3)) + (0.5 if i % 3 == 0 else 0.0)
+        buf = io.BytesIO()
+        Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def write_image_dataset(path: Path, texts: list[str], n_files: int = 2, seed: int = 0,
+                        missing: tuple[int, ...] = ()) -> Path:
+    """Parquet files part-0..n with columns text and image (HF Image structs {bytes, path}); rows in
+    `missing` have a null image."""
+    path.mkdir(parents=True, exist_ok=True)
+    pngs = images(len(texts), seed)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    structs = [None if i in missing else {"bytes": b, "path": f"img-{i}.png"} for i, b in enumerate(pngs)]
+    bounds = np.linspace(0, len(texts), n_files + 1).astype(int)
+    for i in range(n_files):
+        a, b = bounds[i], bounds[i + 1]
+        pq.write_table(pa.table({"text": pa.array(texts[a:b], pa.string()),
+                                 "image": pa.array(structs[a:b], image_type)}), path / f"part-{i}.parquet",
+                       row_group_size=5)
     return path

@@ -26,6 +26,7 @@ from . import models, saes
 from .contexts import Document, Tokenization
 from .data import DataPlan, iter_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
+from .images import load_image
 from .store import ACTIVATIONS_SCHEMA, RunDir
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,18 @@ def pick_device() -> torch.device:
 
 def bound_malloc() -> None:
     """Keep glibc from fragmenting memory across threads' arenas (RSS would creep up shard after
-    shard): at most 2 arenas, and large buffers always mmapped (returned to the OS when freed)."""
+    shard): at most 2 arenas. Tensor buffers come from the heap and are reused, never mmapped
+    and unmapped per tensor: fresh pages fault on first touch, and on CPU those faults cost
+    more than the elementwise ops that touch them (bench/throughput.py measured sys time at a
+    third of the worker's CPU time). Batch shapes are bucketed, so the heap stops growing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
-    m_mmap_threshold, m_arena_max = -3, -8
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_arena_max, 2)
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def peak_rss_mb() -> float:
@@ -91,14 +96,16 @@ class ShardWorker:
         self.run = RunDir(run_dir)
         self.device = pick_device()
         resolved = manifest["resolved"]
-        self.model, tokenizer = models.load_model(self.cfg.model, self.device)
+        self.model, tokenizer, processor = models.load_model_and_processor(self.cfg.model, self.device)
         n_layers = models.n_layers_of(self.model.config)
         self.handles = []
         for s, info in zip(self.cfg.saes, resolved["saes"]):
             sae = saes.load(s, self.device)
             self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
         self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
-                                context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special)
+                                context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special,
+                                processor=processor, images=self.cfg.data.image_column is not None,
+                                image_token_id=models.image_token_id(self.model.config) if processor else None)
         self.keep_schema = self.plan.keep_arrow_schema()
         self.docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()),
                                       ("token_ids", pa.list_(pa.int32())), ("positions", POSITIONS_TYPE),
@@ -149,10 +156,12 @@ class ShardWorker:
 
         try:
             last_row = self.plan.n_rows - 1
-            for doc_id, text, extras in iter_rows(self.plan, shard.start, shard.end,
-                                                  self.cfg.data.text_column, self.cfg.data.keep_columns):
+            image_column = self.cfg.data.image_column
+            columns = self.cfg.data.keep_columns + ((image_column,) if image_column else ())
+            for doc_id, text, extras in iter_rows(self.plan, shard.start, shard.end, self.cfg.data.text_column, columns):
                 cut = self.plan.last_doc_tokens if doc_id == last_row else None
-                doc = self.tok.document(doc_id, text, extras, cut)
+                image = load_image(extras.pop(image_column), self.plan.file_of(doc_id), doc_id) if image_column else None
+                doc = self.tok.document(doc_id, text, extras, cut, image=image)
                 block.append(doc)
                 n_docs += 1
                 n_tokens += len(doc.token_ids)
@@ -172,6 +181,9 @@ class ShardWorker:
         if ext.recon:
             pq.write_table(recon_table(ext.recon), tmp / "recon.parquet", compression="zstd")
         counted = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
+        if self.tok.truncated:
+            log.warning("shard %d: %d image documents were cut to tokens.context_size", shard.index, self.tok.truncated)
+            self.tok.truncated = 0
         return {"rows": n_rows, "docs": n_docs, "tokens": n_tokens, "forward_tokens": ext.forward_tokens,
                 "counted_tokens": counted}
 

@@ -126,9 +126,16 @@ def test_benjamini_hochberg_equals_scipy():
 def test_shard_count_does_not_matter(runs):
     one, many = diff_runs(runs["a1"], runs["b1"]), diff_runs(runs["a7"], runs["b7"])
     assert one.columns == many.columns and one["class"].to_list() == many["class"].to_list()
+    # Shards batch different windows together; float32 kernels of other shapes round differently
+    # (~1e-7 per value), so the float columns agree to that noise, not bit for bit.
     for c, dt in one.schema.items():
         if dt.is_float():
-            np.testing.assert_allclose(one[c].fill_null(np.nan), many[c].fill_null(np.nan), rtol=1e-9, atol=1e-14, err_msg=c)
+            # test statistics amplify that noise (a p-value's relative error is ~|t| times t's)
+            # and differences of near-equal values (untouched features) carry it at the column's scale
+            a, b = one[c].fill_null(np.nan).to_numpy(), many[c].fill_null(np.nan).to_numpy()
+            rtol = 1e-4 if c in ("t", "p", "q") else 1e-6
+            scale = np.nanmax(np.abs(a[np.isfinite(a)]), initial=0.0)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6 * scale, err_msg=c)
 
 
 def test_planted_features_top_and_untouched_stable(runs):

@@ -97,8 +97,10 @@ def test_shard_count_and_position_mode_do_not_matter(runs):
                          for f in (one, many))
         for c, dt in one.schema.items():
             if dt.is_float():
-                np.testing.assert_allclose(one[c].fill_null(np.nan), many[c].fill_null(np.nan), rtol=1e-5, atol=1e-8,
-                                           err_msg=c)  # float32 batching noise
+                # float32 batching noise; test statistics amplify it (a p-value's relative error is ~|t| times t's)
+                rtol = 1e-4 if c in ("t", "p", "q") else 1e-5
+                np.testing.assert_allclose(one[c].fill_null(np.nan), many[c].fill_null(np.nan), rtol=rtol, atol=1e-8,
+                                           err_msg=c)
 
 
 def test_finds_planted_feature_and_reference_drops_it(runs):

@@ -203,10 +203,12 @@ def _stop_attempts(out: Path, plan: dict[str, int], stopped: list[tuple[str, int
 
 @pytest.mark.timeout(300)
 def test_hung_worker_is_timed_out_replaced_and_retried(tiny, tmp_path, ray_session):
-    data = write_dataset(tmp_path / "data", corpus(16, seed=2, max_words=20), n_files=4)
+    # Shards that take a second or two: long enough for the watcher to catch every attempt in flight
+    # (a shard of a few short documents can finish between two polls), well inside the limit.
+    data = _slow_data(tmp_path, n_files=4)
     out, ref = tmp_path / "run", tmp_path / "ref"
-    timeout_s = 6.0
-    raw = _raw(tiny, data, out, shard_timeout_s=timeout_s, workers=2)
+    timeout_s = 10.0
+    raw = _raw(tiny, data, out, shard_timeout_s=timeout_s, workers=2, tokens__batch_tokens=64)
     run(config.from_dict({**raw, "output": {"dir": str(ref)}}), executor="local")
     stopped: list[tuple[str, int]] = []
     done = threading.Event()
@@ -227,7 +229,7 @@ def test_hung_worker_is_timed_out_replaced_and_retried(tiny, tmp_path, ray_sessi
                 pass
     elapsed = time.time() - t0
     message = str(failed.value)
-    assert "1 of 4 shards failed" in message and "shard 3: timed out after 6s" in message, message
+    assert "1 of 4 shards failed" in message and f"shard 3: timed out after {timeout_s:.0f}s" in message, message
     assert "on each of 3 attempts" in message, message
     assert [s for s, _ in stopped].count("00003") == 3 and [s for s, _ in stopped].count("00001") == 1
     assert elapsed >= 3 * timeout_s

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ..diff import CLASSES, METRICS
 from .data import Card, pairs
@@ -44,6 +44,16 @@ def _axes(fig: Figure, *args: int, **kw: object) -> np.ndarray:
     return axes
 
 
+def _log_axes(ax) -> None:
+    """Log scale on both axes, labelled at 1, 2 and 5 x 10^k in plain numbers: readable also when the
+    data span less than a decade (matplotlib's default then labels every minor tick, overlapping)."""
+    ax.set(xscale="log", yscale="log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
 def density_histogram(features: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4.2))
     ax = _axes(fig)[0]
@@ -73,8 +83,8 @@ def mean_vs_density(features: pl.DataFrame, path: Path) -> Path:
         mine = shown.filter((pl.col("sae") == sae) & (pl.col("group") == group))
         ax.scatter(mine["density"], mine["mean"], s=12, alpha=0.7, color=color(i), marker=MARKERS[i % len(MARKERS)],
                    label=_text(pair_label(sae, group, several)), linewidths=0)
-    ax.set(xscale="log", yscale="log", title="Mean activation vs density (log-log)", xlabel=METRIC_LABELS["density"],
-           ylabel=METRIC_LABELS["mean"])
+    _log_axes(ax)
+    ax.set(title="Mean activation vs density (log-log)", xlabel=METRIC_LABELS["density"], ylabel=METRIC_LABELS["mean"])
     ax.legend(frameon=False, fontsize=9)
     return _save(fig, path)
 
@@ -124,7 +134,7 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str, path: Path, *, 
         lo = lo if log else min(0.0, vals.min() if vals.size else 0.0)
         ax.plot([lo, hi], [lo, hi], "--", color="#444", linewidth=1, label="y = x")
         if log:
-            ax.set(xscale="log", yscale="log")
+            _log_axes(ax)
         ax.set(title=f"{METRIC_TITLES[m]} ({int((~keep).sum()):,} features not shown)",
                xlabel=f"A: {SHORT_LABELS[m]}", ylabel=f"B: {SHORT_LABELS[m]}")
     axes[0].legend(frameon=False, fontsize=9)

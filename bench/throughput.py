@@ -442,8 +442,15 @@ def main(argv: list[str] | None = None) -> None:
     report["total_s"] = round(time.time() - t0, 1)
     report["table"] = text
     print(text)
-    Path(a.json).write_text(json.dumps(report, indent=2, default=float))
+    Path(a.json).write_text(portable(json.dumps(report, indent=2, default=float)))
     print(f"\nwrote {a.json} ({report['total_s']:.0f}s in all)")
+
+
+def portable(text: str) -> str:
+    """The report without this machine's paths: repo-relative, `~` for home, `$TMP` for the temp dir."""
+    for path, name in ((f"{ROOT}/", ""), (tempfile.gettempdir(), "$TMP"), (str(Path.home()), "~")):
+        text = text.replace(path, name)
+    return text
 
 
 if __name__ == "__main__":

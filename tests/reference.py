@@ -65,3 +65,4 @@ def assert_same_rows(got: pl.DataFrame, want: pl.DataFrame, atol: float = 1e-4, 
     both = j.drop_nulls()
     diff = (both["value"] - both["ref"]).abs().max() if both.height else 0.0
     assert both.height > 0 and diff <= atol + 1e-4 * both["ref"].abs().max(), f"max |diff| {diff}"
+    print(f"rows compared: {both.height} (max |diff| {diff:.2e})")

@@ -71,6 +71,7 @@ def _assert_same_outputs(got: str, want: str, atol: float = 0.0) -> None:
     a, b = _rows(got), _rows(want)
     assert a.height > 0 and a.drop("value").equals(b.drop("value"))
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=0, atol=atol)
+    print(f"rows compared: {a.height}")
     assert scan_docs(got).collect().sort("doc_id").equals(scan_docs(want).collect().sort("doc_id"))
     _assert_same_stats(features(got).collect(), features(want).collect(), rtol=1e-9 if atol == 0 else 1e-5)
     ra, rb = reconstruction(got), reconstruction(want)

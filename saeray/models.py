@@ -9,6 +9,7 @@ so later layers and the LM head never run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import re
@@ -271,7 +272,13 @@ def capture(model: nn.Module, sites: list[HookSite]) -> Iterator[dict[str, torch
 
 def _takes_token_types(model: nn.Module) -> bool:
     """Whether the model is a vision-language model whose forward takes token_type_ids (PaliGemma's prefix)."""
-    return is_image_text(model.config) and "token_type_ids" in inspect.signature(model.forward).parameters
+    return is_image_text(model.config) and _forward_takes(type(model), "token_type_ids")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(cls: type, name: str) -> bool:
+    """Whether `cls.forward` has a parameter `name` (looked up once per class, not per batch)."""
+    return name in inspect.signature(cls.forward).parameters
 
 
 @torch.inference_mode()

@@ -73,7 +73,7 @@ def main() -> None:
     for i, n in enumerate([args.small, args.small * args.factor]):
         data = write_corpus(work / f"data{i}", n, seed=i)
         raw = {"model": {"name": model_name}, "saes": [{"name": "s", "path": str(sae)}],
-               "data": {"dataset": str(data)}, "tokens": {"batch_tokens": 4096},
+               "data": {"dataset": str(data)}, "tokens": {"batch_tokens": "auto"},
                "output": {"dir": str(work / f"run{i}"), "activations": not args.stats_only}, "workers": 1}
         t0 = time.time()
         result = run(config.from_dict(raw), executor="ray")

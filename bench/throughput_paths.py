@@ -58,6 +58,17 @@ class Timer:
         self.cpu = cpu_seconds() - self.c0
 
 
+def best_of(spec: dict, one_pass: Any) -> dict:
+    """Run `one_pass()` (-> a result dict with `seconds`) spec["repeats"] times; keep the fastest.
+
+    Other tenants of a shared machine only ever slow a pass down, and later passes see warm
+    kernel and allocator caches as any long run does: the fastest pass is the path's own speed.
+    """
+    results = [one_pass() for _ in range(max(1, int(spec.get("repeats", 1))))]
+    best = min(results, key=lambda r: r["seconds"])
+    return {**best, "repeat_seconds": [round(r["seconds"], 3) for r in results]}
+
+
 def read_texts(data: str) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -100,18 +111,22 @@ def notebook(spec: dict) -> dict:
         raise ValueError(f"the notebook loop reads hidden_states: it supports hook_resid_post/pre, not {kind}")
     index = layer + 1 if kind == "hook_resid_post" else layer
     texts = read_texts(spec["data"])
-    dense, n_tokens = [], 0
-    with Timer() as t, torch.no_grad():
-        for text in texts:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            n_tokens += len(ids)
-            for w in windows(ids, tok.bos_token_id, spec["context"]):
-                out = model(torch.tensor([w]), output_hidden_states=True)
-                dense.append(sae.encode(out.hidden_states[index][0, 1:].to(sae.dtype)).cpu().numpy())
-        acts = np.concatenate(dense)
-        stats = {"density": (acts != 0).mean(0), "mean": acts.mean(0), "std": acts.std(0), "max": acts.max(0)}
-    return {"tokens": n_tokens, "seconds": t.seconds, "cpu_seconds": t.cpu, "peak_rss_mb": peak_rss_mb(),
-            "l0": float(stats["density"].sum()), "dtype": spec["dtype"], "sae_dtype": "float32"}
+
+    def one_pass() -> dict:
+        dense, n_tokens = [], 0
+        with Timer() as t, torch.no_grad():
+            for text in texts:
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                n_tokens += len(ids)
+                for w in windows(ids, tok.bos_token_id, spec["context"]):
+                    out = model(torch.tensor([w]), output_hidden_states=True)
+                    dense.append(sae.encode(out.hidden_states[index][0, 1:].to(sae.dtype)).cpu().numpy())
+            acts = np.concatenate(dense)
+            stats = {"density": (acts != 0).mean(0), "mean": acts.mean(0), "std": acts.std(0), "max": acts.max(0)}
+        return {"tokens": n_tokens, "seconds": t.seconds, "cpu_seconds": t.cpu,
+                "l0": float(stats["density"].sum()), "dtype": spec["dtype"], "sae_dtype": "float32"}
+
+    return {**best_of(spec, one_pass), "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- (b) sae-lens HookedSAETransformer ------------------------------------------------------
@@ -146,40 +161,44 @@ def saelens(spec: dict) -> dict:
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     texts = read_texts(spec["data"])
     d_sae = int(sae.cfg.d_sae)
-    n_active = torch.zeros(d_sae, dtype=torch.int64)
-    total = torch.zeros(d_sae, dtype=torch.float64)
-    vmax = torch.full((d_sae,), float("-inf"))
-    n_tokens = counted = 0
-    pending: list[list[int]] = []
 
-    def run(batch: list[list[int]]) -> None:
-        nonlocal counted
-        width = max(len(w) for w in batch)
-        x = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        for r, w in enumerate(batch):
-            x[r, :len(w)] = torch.tensor(w)
-        lengths = torch.tensor([len(w) for w in batch])
-        keep = (torch.arange(width)[None, :] < lengths[:, None]) & ~torch.isin(x, special)
-        _, cache = tl.run_with_cache_with_saes(x, saes=[sae], names_filter=[name], stop_at_layer=spec["layer"] + 1)
-        acts = cache[name][keep].float()
-        counted += int(keep.sum())
-        n_active.add_((acts != 0).sum(0))
-        total.add_(acts.double().sum(0))
-        torch.maximum(vmax, acts.max(0).values, out=vmax)
+    def one_pass() -> dict:
+        n_active = torch.zeros(d_sae, dtype=torch.int64)
+        total = torch.zeros(d_sae, dtype=torch.float64)
+        vmax = torch.full((d_sae,), float("-inf"))
+        n_tokens = counted = 0
+        pending: list[list[int]] = []
 
-    with Timer() as t, torch.no_grad():
-        for text in texts:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            n_tokens += len(ids)
-            pending.extend(windows(ids, tok.bos_token_id, spec["context"]))
-            while len(pending) >= spec["batch"]:
-                run(pending[:spec["batch"]])
-                del pending[:spec["batch"]]
-        if pending:
-            run(pending)
-        stats = {"density": (n_active / counted).numpy(), "mean": (total / counted).numpy(), "max": vmax.numpy()}
-    return {"tokens": n_tokens, "seconds": t.seconds, "cpu_seconds": t.cpu, "peak_rss_mb": peak_rss_mb(),
-            "l0": float(stats["density"].sum()), "dtype": dtype, "sae_dtype": dtype}
+        def run(batch: list[list[int]]) -> None:
+            nonlocal counted
+            width = max(len(w) for w in batch)
+            x = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            for r, w in enumerate(batch):
+                x[r, :len(w)] = torch.tensor(w)
+            lengths = torch.tensor([len(w) for w in batch])
+            keep = (torch.arange(width)[None, :] < lengths[:, None]) & ~torch.isin(x, special)
+            _, cache = tl.run_with_cache_with_saes(x, saes=[sae], names_filter=[name], stop_at_layer=spec["layer"] + 1)
+            acts = cache[name][keep].float()
+            counted += int(keep.sum())
+            n_active.add_((acts != 0).sum(0))
+            total.add_(acts.double().sum(0))
+            torch.maximum(vmax, acts.max(0).values, out=vmax)
+
+        with Timer() as t, torch.no_grad():
+            for text in texts:
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                n_tokens += len(ids)
+                pending.extend(windows(ids, tok.bos_token_id, spec["context"]))
+                while len(pending) >= spec["batch"]:
+                    run(pending[:spec["batch"]])
+                    del pending[:spec["batch"]]
+            if pending:
+                run(pending)
+            stats = {"density": (n_active / counted).numpy(), "mean": (total / counted).numpy(), "max": vmax.numpy()}
+        return {"tokens": n_tokens, "seconds": t.seconds, "cpu_seconds": t.cpu,
+                "l0": float(stats["density"].sum()), "dtype": dtype, "sae_dtype": dtype}
+
+    return {**best_of(spec, one_pass), "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- (c) saeray's worker path, no Ray --------------------------------------------------------
@@ -205,14 +224,67 @@ def worker(spec: dict) -> dict:
     rd = RunDir(cfg.output.dir)
     rd.prepare(prepared.manifest(), True)
     w = ShardWorker(rd.read_manifest(), str(rd.root), threads=spec.get("threads"))
-    with Timer() as t:
-        done = [w.process(i) for i in range(len(prepared.plan.shards))]
-    out = {"tokens": sum(s["tokens"] for s in done), "seconds": t.seconds, "cpu_seconds": t.cpu,
-           "peak_rss_mb": peak_rss_mb(), "rows": sum(s["rows"] for s in done),
-           "forward_tokens": sum(s["forward_tokens"] for s in done), "dtype": spec["dtype"],
-           "sae_dtype": spec["sae_dtype"]}
+
+    def one_pass() -> dict:  # a later pass redoes every shard; its commit finds the shard done and drops it
+        with Timer() as t:
+            done = [w.process(i) for i in range(len(prepared.plan.shards))]
+        return {"tokens": sum(s["tokens"] for s in done), "seconds": t.seconds, "cpu_seconds": t.cpu,
+                "rows": sum(s["rows"] for s in done), "forward_tokens": sum(s["forward_tokens"] for s in done)}
+
+    out = {**best_of(spec, one_pass), "peak_rss_mb": peak_rss_mb(), "batch_tokens": w.batch_tokens,
+           "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"]}
     if spec.get("profile"):
         out["profile"] = profile_worker(w, len(prepared.plan.shards), spec)
+        out["model_only"] = model_only(w, spec)
+    return out
+
+
+def model_only(w: Any, spec: dict) -> dict:
+    """The hooked model's forward alone on the worker's own batches: no SAE, statistics or I/O.
+
+    Its tokens/s bounds what any SAE pipeline on this model can reach with these ops; its profile
+    (no shapes recorded: cheaper, and every matmul here is the model's) says where that time goes.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from saeray.models import run_to_hooks
+
+    from saeray.worker import BLOCK_BATCHES
+
+    docs = [w.tok.document(i, t, {}) for i, t in enumerate(read_texts(spec["data"]))]
+    batches, block, n = [], [], 0
+    for d in docs + [None]:  # the worker's blocks of documents, batched as it batches them
+        if d is not None:
+            block.append(d)
+            n += len(d.token_ids)
+        if block and (d is None or n >= BLOCK_BATCHES * w.batch_tokens):
+            batches += w.tok.batches(block, w.batch_tokens, w.device)
+            block, n = [], 0
+    sites = list({h.site.name: h.site for h in w.handles}.values())
+    tokens = sum(len(d.token_ids) for d in docs)
+
+    def forward_all() -> None:
+        for b in batches:
+            run_to_hooks(w.model, sites, b.input_ids, b.attention_mask)
+
+    def one_pass() -> dict:
+        with Timer() as t, torch.inference_mode():
+            forward_all()
+        return {"tokens": tokens, "seconds": t.seconds, "cpu_seconds": t.cpu}
+
+    out = best_of(spec, one_pass)
+    with Timer() as t, profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+        forward_all()
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.self_cpu_time_total > 0:
+            kind = ("model matmuls" if e.key in _MATMUL else "attention (SDPA, softmax)"
+                    if any(a in e.key for a in _ATTENTION) else "other ops (norms, GELU, rotary, casts, masks, ...)")
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+    kinds["outside torch ops (Python, HF glue)"] = max(0.0, t.seconds - sum(kinds.values()))
+    out["profile"] = {"seconds": t.seconds, "by_kind": {k: {"seconds": v, "share": v / t.seconds}
+                                                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
     return out
 
 

@@ -77,7 +77,6 @@ def build_configs(root: Path, use_tiny: bool) -> dict[str, Path]:
         raw = {**base,
                "data": {"dataset": str(data[kind]), "keep_columns": [] if use_tiny else ["module", "name"],
                         "max_tokens": budget},
-               "tokens": {"batch_tokens": 4096},  # 128-token windows x 32 rows per forward pass
                "output": {"dir": str(root / f"run-{kind}")}, "workers": "auto"}
         cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return paths

@@ -112,7 +112,7 @@ class Prober:
     def dense(self, texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
         """Per forward batch: (text index [n], pos [n], codes [n, d_sae] float32 on the device), every token."""
         docs = [self.tok.document(i, t, {}) for i, t in enumerate(texts)]
-        for batch in self.tok.batches(docs, self.setup.config.tokens.batch_tokens, self.device):
+        for batch in self.tok.batches(docs, self.setup.config.tokens.batch_tokens_on(self.device.type), self.device):
             if "all" not in batch.sel_row:
                 continue
             hidden = run_to_hooks(self.model, [self.site], batch.input_ids, batch.attention_mask)[self.site.name]

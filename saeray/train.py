@@ -87,7 +87,7 @@ class Streamer:
 
     def _blocks(self, start: int, end: int) -> Iterator[torch.Tensor]:
         block, block_tokens = [], 0
-        budget = 4 * self.cfg.tokens.batch_tokens
+        budget = 4 * self.cfg.tokens.batch_tokens_on(self.device.type)
         for doc_id, text, _ in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, ()):
             doc = self.tok.document(doc_id, text if isinstance(text, str) else "", {})
             block.append(doc)
@@ -98,7 +98,7 @@ class Streamer:
         yield from self._run(block)
 
     def _run(self, docs: list) -> Iterator[torch.Tensor]:
-        for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens, self.device):
+        for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens_on(self.device.type), self.device):
             if "all" not in batch.sel_row:
                 continue
             h = models.run_to_hooks(self.model, [self.site], batch.input_ids, batch.attention_mask)[self.site.name]

@@ -95,6 +95,7 @@ class ShardWorker:
         self.plan = DataPlan.from_dict(manifest["plan"])
         self.run = RunDir(run_dir)
         self.device = pick_device()
+        self.batch_tokens = self.cfg.tokens.batch_tokens_on(self.device.type)
         resolved = manifest["resolved"]
         self.model, tokenizer, processor = models.load_model_and_processor(self.cfg.model, self.device)
         n_layers = models.n_layers_of(self.model.config)
@@ -129,7 +130,7 @@ class ShardWorker:
 
     def _process(self, shard: Any, tmp: Path) -> dict[str, Any]:
         keep_rows = self.cfg.output.activations
-        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.cfg.tokens.batch_tokens,
+        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                         device=self.device, reconstruction=self.cfg.output.reconstruction)
         act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
         docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
@@ -138,7 +139,7 @@ class ShardWorker:
         n_rows = n_docs = n_tokens = 0
         block: list[Document] = []
         block_tokens = 0
-        block_budget = BLOCK_BATCHES * self.cfg.tokens.batch_tokens
+        block_budget = BLOCK_BATCHES * self.batch_tokens
 
         def flush() -> None:
             nonlocal n_rows, block, block_tokens

@@ -43,7 +43,7 @@ def test_unknown_key(tiny, tmp_path, capsys):
 def test_wrong_type_and_bad_choice(tiny, tmp_path, capsys):
     raw = _raw(tiny, tmp_path)
     raw["tokens"]["batch_tokens"] = "many"
-    _one_line_error(*_cli(tmp_path, raw, capsys), "tokens.batch_tokens", "expected int")
+    _one_line_error(*_cli(tmp_path, raw, capsys), "tokens.batch_tokens", "expected 'auto' | int")
     raw = _raw(tiny, tmp_path)
     raw["positions"] = {"mode": "first"}
     _one_line_error(*_cli(tmp_path, raw, capsys), "positions.mode", "'all', 'last', 'markers'")
@@ -55,6 +55,19 @@ def test_set_override(tiny, tmp_path, capsys):
     _one_line_error(code, err, "tokens.batch_tokens")
     cfg = config.from_dict(config.apply_overrides(_raw(tiny, tmp_path), ["tokens.batch_tokens=512", "data.shards=2"]))
     assert cfg.tokens.batch_tokens == 512 and cfg.data.shards == 2
+    assert cfg.tokens.batch_tokens_on("cpu") == cfg.tokens.batch_tokens_on("cuda") == 512
+
+
+def test_batch_tokens_auto(tiny, tmp_path, capsys):
+    """auto (the default) resolves per device: small CPU batches stay in cache, GPUs get large ones."""
+    raw = _raw(tiny, tmp_path)
+    raw["tokens"].pop("batch_tokens", None)
+    tokens = config.from_dict(raw).tokens
+    assert tokens.batch_tokens == "auto"
+    assert (tokens.batch_tokens_on("cpu"), tokens.batch_tokens_on("cuda")) == (2048, 16384)
+    raw["tokens"]["batch_tokens"] = 0
+    _one_line_error(*_cli(tmp_path, raw, capsys), "tokens.batch_tokens must be 'auto' or >= 1, got 0")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_column(tiny, tmp_path, capsys):

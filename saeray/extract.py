@@ -140,10 +140,12 @@ class Extractor:
             doc, pos, feat, val = (torch.cat(p) for p in zip(*parts))
             st.add_docs(feat, doc)
             if keep_rows:
-                order = np.lexsort((feat.cpu().numpy(), pos.cpu().numpy(), doc.cpu().numpy()))
-                out[key] = {"doc_id": doc.cpu().numpy()[order], "pos": pos.cpu().numpy().astype(np.int32)[order],
-                            "feature": feat.cpu().numpy().astype(np.int32)[order],
-                            "value": val.cpu().numpy()[order]}
+                # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by
+                # the token's key (doc_id << 32 | pos): a quarter of the time of numpy's 3-key lexsort on CPU
+                order = torch.sort(feat, stable=True).indices
+                order = order[torch.sort((doc[order] << _KEY_SHIFT) | pos[order], stable=True).indices]
+                out[key] = {"doc_id": doc[order].cpu().numpy(), "pos": pos[order].to(torch.int32).cpu().numpy(),
+                            "feature": feat[order].to(torch.int32).cpu().numpy(), "value": val[order].cpu().numpy()}
         return out
 
     def _run_batch(self, batch: Batch, found: dict) -> None:

@@ -44,6 +44,23 @@ def test_several_saes_one_pass_and_last_position(tiny, tmp_path):
     assert got.group_by("sae").agg(pl.col("doc_id").n_unique())["doc_id"].max() <= len(tiny["docs"])
 
 
+def test_row_groups_sorted(tiny, tmp_path):
+    """Each row group of an activations file is sorted by (sae, group, doc_id, pos, feature): small
+    batches and blocks put windows of many documents, out of order, into each forward pass."""
+    import pyarrow.parquet as pq
+
+    out = _run(tiny, tmp_path, "llama", [("a", "sae_standard"), ("b", "sae_topk")], tokens={"batch_tokens": 64})
+    files = sorted((out / "activations").rglob("*.parquet"))
+    n_groups = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for i in range(pf.num_row_groups):
+            got = pl.from_arrow(pf.read_row_group(i))
+            assert got.height and got.equals(got.sort(["sae", "group", "doc_id", "pos", "feature"])), (f, i)
+            n_groups += 1
+    assert n_groups >= 2 and len(read_rows(out)) == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
 def test_marker_groups(tiny, tmp_path):
     from transformers import AutoTokenizer
 

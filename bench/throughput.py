@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,8 @@ def ray_run(spec: dict) -> dict:
     exe = Path(sys.executable).with_name("saeray")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "saeray.cli"]
 
-    def one_pass() -> dict:  # a whole `saeray run --overwrite`: a fresh Ray worker each time
+    def one_pass() -> dict:  # a whole `saeray run` into an empty directory: a fresh Ray worker each time
+        shutil.rmtree(spec["out"], ignore_errors=True)
         t0 = time.perf_counter()
         done = subprocess.run([*cmd, "run", str(cfg_file), "--workers", "1", "--overwrite"], capture_output=True,
                               text=True)

@@ -10,6 +10,7 @@ done is its completion marker (see store.py), never the fate of the process that
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -186,7 +187,11 @@ def _run_ray(manifest: dict, run_dir: str, pending: list[int], result: RunResult
     from .worker import ShardWorker
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        # A local Ray starts without its dashboard (its processes take ~2% of a 2-core machine's
+        # throughput, bench/throughput.py); SAERAY_RAY_DASHBOARD=1 keeps it. Joining a running
+        # cluster (RAY_ADDRESS, `ray job submit`) starts nothing either way.
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 include_dashboard=os.environ.get("SAERAY_RAY_DASHBOARD") == "1")
     n, options = _resources(n_workers)
     n = min(n, len(pending))
     Actor = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0, **options)

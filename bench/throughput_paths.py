@@ -279,8 +279,7 @@ def model_only(w: Any, spec: dict) -> dict:
     kinds: dict[str, float] = {}
     for e in prof.key_averages():
         if e.self_cpu_time_total > 0:
-            kind = ("model matmuls" if e.key in _MATMUL else "attention (SDPA, softmax)"
-                    if any(a in e.key for a in _ATTENTION) else "other ops (norms, GELU, rotary, casts, masks, ...)")
+            kind = op_kind(e.key, "saeray.model")
             kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
     kinds["outside torch ops (Python, HF glue)"] = max(0.0, t.seconds - sum(kinds.values()))
     out["profile"] = {"seconds": t.seconds, "by_kind": {k: {"seconds": v, "share": v / t.seconds}
@@ -289,21 +288,26 @@ def model_only(w: Any, spec: dict) -> dict:
 
 
 def profile_worker(w: Any, n_shards: int, spec: dict) -> dict:
-    """torch.profiler (CPU) over the shards again: where the worker's time goes, by op and by kind."""
+    """torch.profiler (CPU, no shapes recorded: cheap per op) over the shards again: where the
+    worker's time goes, by op and by kind. Kinds come from the scopes saeray.extract opens
+    (saeray.model, saeray.sae, saeray.rows) and the op's name."""
     from torch.profiler import ProfilerActivity, profile
 
-    with Timer() as t, profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with Timer() as t, profile(activities=[ProfilerActivity.CPU]) as prof:
         tokens = sum(w.process(i)["tokens"] for i in range(n_shards))
-    d_sae = int(w.handles[0].sae.cfg.d_sae)
     ops, kinds = {}, {}
-    for e in prof.key_averages(group_by_input_shape=True):
-        if e.self_cpu_time_total <= 0:
+    for e in prof.events():
+        if e.name.startswith("saeray.") or e.self_cpu_time_total <= 0:
             continue
-        kind = op_kind(e.key, e.input_shapes, d_sae)
+        scope, up = None, e.cpu_parent
+        while up is not None and scope is None:
+            scope = up.name if up.name.startswith("saeray.") else None
+            up = up.cpu_parent
+        kind = op_kind(e.name, scope)
         kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
-        row = ops.setdefault(e.key, {"op": e.key, "self_s": 0.0, "calls": 0})
+        row = ops.setdefault(e.name, {"op": e.name, "self_s": 0.0, "calls": 0})
         row["self_s"] += e.self_cpu_time_total / 1e6
-        row["calls"] += e.count
+        row["calls"] += 1
     in_ops = sum(kinds.values())
     kinds["outside torch ops (Python, tokenizer, parquet)"] = max(0.0, t.seconds - in_ops)
     top = sorted(ops.values(), key=lambda r: -r["self_s"])[:spec.get("profile_top", 15)]
@@ -315,21 +319,21 @@ def profile_worker(w: Any, n_shards: int, spec: dict) -> dict:
 
 _MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"}
 _ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention", "aten::_softmax")
-_SPARSE = {"aten::topk", "aten::nonzero", "aten::ne", "aten::gt", "aten::abs", "aten::sort", "aten::unique_dim",
-           "aten::_unique2", "aten::bincount", "aten::index_add_", "aten::scatter_reduce", "aten::scatter_",
-           "aten::index", "aten::lexsort", "aten::where", "aten::__lshift__", "aten::remainder"}
 
 
-def op_kind(name: str, shapes: list, d_sae: int) -> str:
-    """Bucket a profiled op: model matmuls, SAE encoder matmul, attention, SAE sparsify/statistics, elementwise."""
-    if name in _MATMUL:
-        out_dim = shapes[1][-1] if len(shapes) > 1 and shapes[1] else None
-        return "SAE encoder matmul" if out_dim == d_sae else "model matmuls"
-    if any(a in name for a in _ATTENTION):
-        return "attention (SDPA, softmax)"
-    if name in _SPARSE:
-        return "SAE sparsify + statistics (topk, nonzero, index, sort, ...)"
-    return "elementwise + copies (norms, GELU, rotary, dtype casts, ...)"
+def op_kind(name: str, scope: str | None) -> str:
+    """Bucket a profiled op by the saeray scope it ran in and what it is."""
+    if scope == "saeray.model":
+        if name in _MATMUL:
+            return "model matmuls"
+        if any(a in name for a in _ATTENTION):
+            return "attention (SDPA, softmax)"
+        return "model's other ops (norms, GELU, rotary, casts, masks, ...)"
+    if scope == "saeray.sae":
+        return "SAE encoder matmul" if name in _MATMUL else "SAE sparsify + statistics (topk, nonzero, index, ...)"
+    if scope == "saeray.rows":
+        return "rows: per-document counts, sort, copies to numpy"
+    return "torch ops outside the forward pass (tokenization, tables)"
 
 
 # ---- the hardware's own limit -----------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.profiler import record_function
 
 from .contexts import Batch, Document, Tokenization
 from .models import HookSite, run_to_hooks
@@ -129,6 +130,11 @@ class Extractor:
         found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]] = {k: [] for k in self.stats}
         for batch in self.tok.batches(docs, self.batch_tokens, self.device):
             self._run_batch(batch, found)
+        with record_function("saeray.rows"):
+            return self._collect(found, keep_rows)
+
+    def _collect(self, found: dict, keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Fold in the block's per-document counts; with `keep_rows`, its rows in (doc_id, pos, feature) order."""
         out = {}
         for key, parts in found.items():
             st = self.stats[key]
@@ -150,8 +156,13 @@ class Extractor:
 
     def _run_batch(self, batch: Batch, found: dict) -> None:
         self.forward_tokens += batch.n_tokens
-        hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask,
-                              pixel_values=batch.pixel_values, token_type_ids=batch.token_type_ids)
+        with record_function("saeray.model"):  # scopes for torch.profiler (bench/throughput.py)
+            hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask,
+                                  pixel_values=batch.pixel_values, token_type_ids=batch.token_type_ids)
+        with record_function("saeray.sae"):
+            self._encode(batch, hidden, found)
+
+    def _encode(self, batch: Batch, hidden: dict[str, torch.Tensor], found: dict) -> None:
         for h in self.saes:
             hs = hidden[h.site.name]
             for g in self.groups:

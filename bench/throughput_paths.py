@@ -58,15 +58,21 @@ class Timer:
         self.cpu = cpu_seconds() - self.c0
 
 
-def best_of(spec: dict, one_pass: Any) -> dict:
-    """Run `one_pass()` (-> a result dict with `seconds`) spec["repeats"] times; keep the fastest.
+def best_of(spec: dict, *passes: Any) -> Any:
+    """Run each of `passes` (each -> a result dict with `seconds`) spec["repeats"] times, taking
+    turns; keep each one's fastest run (a dict, or a list of them for several passes).
 
     Other tenants of a shared machine only ever slow a pass down, and later passes see warm
     kernel and allocator caches as any long run does: the fastest pass is the path's own speed.
+    Passes that are compared take turns, so a slow spell on the machine hits them alike.
     """
-    results = [one_pass() for _ in range(max(1, int(spec.get("repeats", 1))))]
-    best = min(results, key=lambda r: r["seconds"])
-    return {**best, "repeat_seconds": [round(r["seconds"], 3) for r in results]}
+    runs: list[list[dict]] = [[] for _ in passes]
+    for _ in range(max(1, int(spec.get("repeats", 1)))):
+        for one_pass, results in zip(passes, runs):
+            results.append(one_pass())
+    best = [{**min(r, key=lambda x: x["seconds"]), "repeat_seconds": [round(x["seconds"], 3) for x in r]}
+            for r in runs]
+    return best[0] if len(passes) == 1 else best
 
 
 def read_texts(data: str) -> list[str]:
@@ -231,16 +237,22 @@ def worker(spec: dict) -> dict:
         return {"tokens": sum(s["tokens"] for s in done), "seconds": t.seconds, "cpu_seconds": t.cpu,
                 "rows": sum(s["rows"] for s in done), "forward_tokens": sum(s["forward_tokens"] for s in done)}
 
-    out = {**best_of(spec, one_pass), "peak_rss_mb": peak_rss_mb(), "batch_tokens": w.batch_tokens,
+    if spec.get("profile"):  # the model's forward alone takes turns with the worker's passes
+        forward_pass, forward_profile = model_forward(w, spec)
+        best, forward = best_of(spec, one_pass, forward_pass)
+    else:
+        best = best_of(spec, one_pass)
+    out = {**best, "peak_rss_mb": peak_rss_mb(), "batch_tokens": w.batch_tokens,
            "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"]}
     if spec.get("profile"):
         out["profile"] = profile_worker(w, len(prepared.plan.shards), spec)
-        out["model_only"] = model_only(w, spec)
+        out["model_only"] = {**forward, "profile": forward_profile()}
     return out
 
 
-def model_only(w: Any, spec: dict) -> dict:
-    """The hooked model's forward alone on the worker's own batches: no SAE, statistics or I/O.
+def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
+    """(one timed pass, one profiled pass) of the hooked model's forward alone on the worker's own
+    batches: no SAE, statistics or I/O.
 
     Its tokens/s bounds what any SAE pipeline on this model can reach with these ops; its profile
     (no shapes recorded: cheaper, and every matmul here is the model's) says where that time goes.
@@ -249,7 +261,6 @@ def model_only(w: Any, spec: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from saeray.models import run_to_hooks
-
     from saeray.worker import BLOCK_BATCHES
 
     docs = [w.tok.document(i, t, {}) for i, t in enumerate(read_texts(spec["data"]))]
@@ -273,18 +284,19 @@ def model_only(w: Any, spec: dict) -> dict:
             forward_all()
         return {"tokens": tokens, "seconds": t.seconds, "cpu_seconds": t.cpu}
 
-    out = best_of(spec, one_pass)
-    with Timer() as t, profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
-        forward_all()
-    kinds: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.self_cpu_time_total > 0:
-            kind = op_kind(e.key, "saeray.model")
-            kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
-    kinds["outside torch ops (Python, HF glue)"] = max(0.0, t.seconds - sum(kinds.values()))
-    out["profile"] = {"seconds": t.seconds, "by_kind": {k: {"seconds": v, "share": v / t.seconds}
-                                                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
-    return out
+    def profiled() -> dict:
+        with Timer() as t, profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+            forward_all()
+        kinds: dict[str, float] = {}
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                kind = op_kind(e.key, "saeray.model")
+                kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        kinds["outside torch ops (Python, HF glue)"] = max(0.0, t.seconds - sum(kinds.values()))
+        return {"seconds": t.seconds, "by_kind": {k: {"seconds": v, "share": v / t.seconds}
+                                                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+
+    return one_pass, profiled
 
 
 def profile_worker(w: Any, n_shards: int, spec: dict) -> dict:

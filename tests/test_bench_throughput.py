@@ -66,7 +66,7 @@ def test_gpu_sized_mode_at_toy_scale(tmp_path: Path) -> None:
 def test_cpu_benchmark_with_a_tiny_model(tmp_path: Path) -> None:
     """All CPU paths but sae-lens (no TransformerLens name for a random model) and Ray, a small aggregation."""
     args = ["--tiny", "--docs", "16", "--notebook-docs", "4", "--skip-ray", "--agg-rows", "20000",
-            "--flops-seconds", "0.05", "--gemm-rows", "128", "--batch-tokens", "512", "--repeats", "2"]
+            "--flops-seconds", "0.05", "--gemm-rows", "128", "--batch-tokens", "512", "--repeats", "2", "--rounds", "2"]
     report, stdout = _run(args, tmp_path / "t.json", timeout=600)
     p = report["paths"]
     assert set(p) == {"a_notebook", "c_worker_stats", "c_worker_activations"}
@@ -75,6 +75,7 @@ def test_cpu_benchmark_with_a_tiny_model(tmp_path: Path) -> None:
             assert _positive(r[field]), (key, field, r.get(field))
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
         assert len(r["repeat_seconds"]) == 2 and round(r["seconds"], 3) == min(r["repeat_seconds"]), (key, r)
+        assert len(r["round_seconds"]) == 2 and round(r["seconds"], 3) == min(r["round_seconds"]), (key, r)
     # the same documents: the same tokens, and the notebook's are a prefix of them
     assert p["c_worker_stats"]["tokens"] == p["c_worker_activations"]["tokens"]
     assert 0 < p["a_notebook"]["tokens"] < p["c_worker_stats"]["tokens"]

@@ -86,7 +86,7 @@ class TokensConfig:
     batch_tokens: Union[Literal["auto"], int] = "auto"
     """Tokens per forward pass per worker (padding included). auto: 16384 on a GPU; on CPU 2048,
     which keeps a forward pass's activations in cache (bench/throughput.py on Gemma 3 270M, 2 cores:
-    2048 runs 1.13x faster than 16384, which spends its extra time in cache-missing elementwise ops)."""
+    2048 runs 1.12x faster than 16384, which spends its extra time in cache-missing elementwise ops)."""
 
     def batch_tokens_on(self, device_type: str) -> int:
         """batch_tokens for a worker on this device type ('cuda', 'cpu', ...)."""

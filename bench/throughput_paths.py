@@ -260,18 +260,11 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from saeray.contexts import blocks
     from saeray.models import run_to_hooks
-    from saeray.worker import BLOCK_BATCHES
 
     docs = [w.tok.document(i, t, {}) for i, t in enumerate(read_texts(spec["data"]))]
-    batches, block, n = [], [], 0
-    for d in docs + [None]:  # the worker's blocks of documents, batched as it batches them
-        if d is not None:
-            block.append(d)
-            n += len(d.token_ids)
-        if block and (d is None or n >= BLOCK_BATCHES * w.batch_tokens):
-            batches += w.tok.batches(block, w.batch_tokens, w.device)
-            block, n = [], 0
+    batches = [b for block in blocks(docs, w.block_tokens) for b in w.tok.batches(block, w.batch_tokens, w.device)]
     sites = list({h.site.name: h.site for h in w.handles}.values())
     tokens = sum(len(d.token_ids) for d in docs)
 
@@ -292,9 +285,7 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
             if e.self_cpu_time_total > 0:
                 kind = op_kind(e.key, "saeray.model")
                 kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
-        kinds["outside torch ops (Python, HF glue)"] = max(0.0, t.seconds - sum(kinds.values()))
-        return {"seconds": t.seconds, "by_kind": {k: {"seconds": v, "share": v / t.seconds}
-                                                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+        return {"seconds": t.seconds, "by_kind": _by_kind(kinds, t.seconds, "outside torch ops (Python, HF glue)")}
 
     return one_pass, profiled
 
@@ -320,13 +311,17 @@ def profile_worker(w: Any, n_shards: int, spec: dict) -> dict:
         row = ops.setdefault(e.name, {"op": e.name, "self_s": 0.0, "calls": 0})
         row["self_s"] += e.self_cpu_time_total / 1e6
         row["calls"] += 1
-    in_ops = sum(kinds.values())
-    kinds["outside torch ops (Python, tokenizer, parquet)"] = max(0.0, t.seconds - in_ops)
     top = sorted(ops.values(), key=lambda r: -r["self_s"])[:spec.get("profile_top", 15)]
     for r in top:
         r["share"] = r["self_s"] / t.seconds
     return {"tokens": tokens, "seconds": t.seconds, "cpu_seconds": t.cpu, "top_ops": top,
-            "by_kind": {k: {"seconds": v, "share": v / t.seconds} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+            "by_kind": _by_kind(kinds, t.seconds, "outside torch ops (Python, tokenizer, parquet)")}
+
+
+def _by_kind(kinds: dict[str, float], wall: float, outside: str) -> dict[str, dict[str, float]]:
+    """Seconds per kind of op, plus the wall time no op accounts for, with shares of the wall, largest first."""
+    kinds = {**kinds, outside: max(0.0, wall - sum(kinds.values()))}
+    return {k: {"seconds": v, "share": v / wall} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
 _MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -261,6 +261,21 @@ class Tokenization:
                 token_type_ids=torch.from_numpy(types).to(device) if vlm else None,
             ))
         return batches
+
+
+def blocks(docs: Iterable[Document], budget: int) -> Iterator[list[Document]]:
+    """Consecutive documents in groups of at least `budget` tokens (the last group may hold fewer):
+    the unit a worker batches, encodes and writes at once."""
+    block: list[Document] = []
+    n = 0
+    for d in docs:
+        block.append(d)
+        n += len(d.token_ids)
+        if n >= budget:
+            yield block
+            block, n = [], 0
+    if block:
+        yield block
 
 
 def _bucket(width: int, cap: int) -> int:

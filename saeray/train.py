@@ -23,7 +23,7 @@ import torch
 
 from . import data, models, saes
 from .config import PositionsConfig, RunConfig
-from .contexts import Tokenization
+from .contexts import Tokenization, blocks
 from .worker import pick_device
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,10 @@ class Streamer:
                 return
 
     def _blocks(self, start: int, end: int) -> Iterator[torch.Tensor]:
-        block, block_tokens = [], 0
-        budget = 4 * self.cfg.tokens.batch_tokens_on(self.device.type)
-        for doc_id, text, _ in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, ()):
-            doc = self.tok.document(doc_id, text if isinstance(text, str) else "", {})
-            block.append(doc)
-            block_tokens += len(doc.token_ids)
-            if block_tokens >= budget:
-                yield from self._run(block)
-                block, block_tokens = [], 0
-        yield from self._run(block)
+        docs = (self.tok.document(doc_id, text if isinstance(text, str) else "", {})
+                for doc_id, text, _ in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, ()))
+        for block in blocks(docs, 4 * self.cfg.tokens.batch_tokens_on(self.device.type)):
+            yield from self._run(block)
 
     def _run(self, docs: list) -> Iterator[torch.Tensor]:
         for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens_on(self.device.type), self.device):

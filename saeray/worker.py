@@ -14,7 +14,7 @@ import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ import torch
 
 from . import config as config_mod
 from . import models, saes
-from .contexts import Document, Tokenization
+from .contexts import Document, Tokenization, blocks
 from .data import DataPlan, iter_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
 from .images import load_image
@@ -96,6 +96,7 @@ class ShardWorker:
         self.run = RunDir(run_dir)
         self.device = pick_device()
         self.batch_tokens = self.cfg.tokens.batch_tokens_on(self.device.type)
+        self.block_tokens = BLOCK_BATCHES * self.batch_tokens
         resolved = manifest["resolved"]
         self.model, tokenizer, processor = models.load_model_and_processor(self.cfg.model, self.device)
         n_layers = models.n_layers_of(self.model.config)
@@ -137,14 +138,22 @@ class ShardWorker:
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
         pending: list[Future] = []
         n_rows = n_docs = n_tokens = 0
-        block: list[Document] = []
-        block_tokens = 0
-        block_budget = BLOCK_BATCHES * self.batch_tokens
 
-        def flush() -> None:
-            nonlocal n_rows, block, block_tokens
-            if not block:
-                return
+        def documents() -> Iterator[Document]:
+            nonlocal n_docs, n_tokens
+            last_row = self.plan.n_rows - 1
+            image_column = self.cfg.data.image_column
+            columns = self.cfg.data.keep_columns + ((image_column,) if image_column else ())
+            for doc_id, text, extras in iter_rows(self.plan, shard.start, shard.end, self.cfg.data.text_column, columns):
+                cut = self.plan.last_doc_tokens if doc_id == last_row else None
+                image = load_image(extras.pop(image_column), self.plan.file_of(doc_id), doc_id) if image_column else None
+                doc = self.tok.document(doc_id, text, extras, cut, image=image)
+                n_docs += 1
+                n_tokens += len(doc.token_ids)
+                yield doc
+
+        def flush(block: list[Document]) -> None:
+            nonlocal n_rows
             rows = ext.process(block, keep_rows)
             docs_table = self._docs_table(block)
             act_table = _rows_table(rows) if keep_rows else None
@@ -153,23 +162,10 @@ class ShardWorker:
                 f.result()  # at most one block waits on disk while the next one computes
             pending.clear()
             pending.append(io.submit(_write, docs_writer, act_writer, docs_table, act_table))
-            block, block_tokens = [], 0
 
         try:
-            last_row = self.plan.n_rows - 1
-            image_column = self.cfg.data.image_column
-            columns = self.cfg.data.keep_columns + ((image_column,) if image_column else ())
-            for doc_id, text, extras in iter_rows(self.plan, shard.start, shard.end, self.cfg.data.text_column, columns):
-                cut = self.plan.last_doc_tokens if doc_id == last_row else None
-                image = load_image(extras.pop(image_column), self.plan.file_of(doc_id), doc_id) if image_column else None
-                doc = self.tok.document(doc_id, text, extras, cut, image=image)
-                block.append(doc)
-                n_docs += 1
-                n_tokens += len(doc.token_ids)
-                block_tokens += len(doc.token_ids)
-                if block_tokens >= block_budget:
-                    flush()
-            flush()
+            for block in blocks(documents(), self.block_tokens):
+                flush(block)
             for f in pending:
                 f.result()
         finally:

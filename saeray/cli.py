@@ -37,7 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"run {result.run_dir}: {len(result.done)} shards processed, {len(result.skipped)} already committed, "
+    beyond = f", {result.beyond_budget} past the token budget" if result.beyond_budget else ""
+    print(f"run {result.run_dir}: {len(result.done)} units processed, {len(result.skipped)} already committed{beyond}, "
           f"{result.tokens:,} tokens in {result.seconds:,.1f}s (fingerprint {result.fingerprint})")
     return 0
 
@@ -496,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         # Config, plan, data and run-directory errors are user errors: one line, no traceback.
         if args.verbose:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if str(e).strip() else f"error: {type(e).__name__} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
         return 2
 
 

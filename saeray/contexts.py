@@ -163,6 +163,19 @@ class Tokenization:
             ids = ids[:max_tokens]
         return Document(doc_id, ids, extras, self.select(ids))
 
+    def from_ids(self, doc_id: int, ids: list[int], extras: dict[str, Any]) -> Document:
+        """A pre-tokenized document (data.token_column). A leading BOS is dropped when windows get one
+        anyway, so the document's positions are those of the same text tokenized here."""
+        arr = np.asarray(ids, dtype=np.int32)
+        if self.prepend_bos and len(arr) and self.bos_id is not None and arr[0] == self.bos_id:
+            arr = arr[1:]
+        return Document(doc_id, arr, extras, self.select(arr))
+
+    def cut(self, doc: Document, n_tokens: int) -> Document:
+        """The document's first `n_tokens` tokens (the last document of a token budget)."""
+        ids = doc.token_ids[:n_tokens]
+        return Document(doc.doc_id, ids, doc.extras, self.select(ids), pixel_values=doc.pixel_values)
+
     def _image_document(self, doc_id: int, text: str, extras: dict[str, Any], image: Any) -> Document:
         """The processor's sequence for (image, text), cut to context_size in its text part."""
         if not self.images:

@@ -31,8 +31,7 @@ _EXTENSIONS = {
 _COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 
 
-class DataError(ValueError):
-    """The dataset cannot be found, read, or lacks a requested column."""
+from .sources import DataError  # noqa: E402  (one error type for every reader)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,12 @@ def d_model_of(config: Any) -> int:
     raise ModelError(f"cannot tell the hidden size of model type {tc.model_type!r}")
 
 
+def vocab_size_of(config: Any) -> int | None:
+    """Rows of the model's embedding matrix (token ids must be below it), None when the config does not say."""
+    value = getattr(text_config(config), "vocab_size", None) or getattr(config, "vocab_size", None)
+    return int(value) if value else None
+
+
 def parse_hook(name: str, n_layers: int) -> HookSite:
     m = _HOOK_RE.match(name)
     valid = f"blocks.L.{{{','.join(HOOK_KINDS)}}} with L in 0-{n_layers - 1}"

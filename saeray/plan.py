@@ -12,9 +12,10 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, data, models, saes
+from . import __version__, models, reading, saes
 from .config import RunConfig
 from .store import fingerprint
+from .units import DataPlan
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Prepared:
     config: RunConfig
-    plan: data.DataPlan
+    plan: DataPlan
     saes: tuple[saes.SAEInfo, ...]
     prepend_bos: bool
     context_size: int
@@ -52,7 +53,7 @@ class Prepared:
                          "saes": [s.__dict__ for s in self.saes], "model_kind": self.model_kind,
                          "image_token_id": self.image_token_id},
             "plan": self.plan.to_dict(),
-            "n_shards": len(self.plan.shards),
+            "n_units": len(self.plan.units) if not self.plan.streamed else None,
             "definitions": DEFINITIONS,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "pyarrow": pyarrow.__version__},
@@ -106,8 +107,11 @@ def token_settings(cfg: RunConfig, infos: list[saes.SAEInfo]) -> tuple[bool, int
     return prepend_bos, cfg.tokens.context_size or (min(sizes) if sizes else DEFAULT_CONTEXT)
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Check the config against model/SAE/dataset metadata and plan the shards."""
+def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
+    """Check the config against model/SAE/dataset metadata and plan the work units.
+
+    `reuse`: the manifest of the run directory being resumed; when its fingerprint matches, its
+    data plan is taken as it is (a resume reads no data to plan)."""
     if not cfg.saes:
         raise PlanError("saes: at least one SAE is required (a `path`, or a `release` and `id`)")
     model_config = models.load_config(cfg.model)
@@ -125,32 +129,26 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     prepend_bos, context_size = token_settings(cfg, infos)
 
-    plan = data.plan(cfg.data)
-    if cfg.data.max_tokens is not None:
-        from transformers import AutoTokenizer
-
-        source, kwargs = models.resolve_source(cfg.model.name)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
-                                                  trust_remote_code=cfg.model.trust_remote_code, **kwargs)
-
-        def n_tokens(text: Any) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if isinstance(text, str) and text else 0
-
-        plan = data.with_budget(plan, cfg.data, n_tokens, cfg.data.max_tokens)
-
+    files, fmt = reading.list_dataset(cfg.data)  # what the store says about each file: no data is read
     identity = {
         "model": _without_defaults(cfg.model.__dict__, {"kind": "auto"}),
         "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
-        "data": {**_without_defaults(cfg.data.__dict__, {"image_column": None}), "files": [(f.path, f.n_rows) for f in plan.files], "n_rows": plan.n_rows,
-                 "shards": [(s.start, s.end) for s in plan.shards]},
+        "data": {**_without_defaults(cfg.data.__dict__, {"image_column": None, "token_column": None}),
+                 "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
         "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,
                    "exclude_special": cfg.tokens.exclude_special},
         "positions": cfg.to_dict()["positions"],
         "activations": cfg.output.activations,
         "reconstruction": cfg.output.reconstruction,
     }
+    fp = fingerprint(identity)
+    if reuse is not None and reuse.get("fingerprint") == fp and "unit_bytes" in reuse.get("plan", {}):
+        plan = DataPlan.from_dict(reuse["plan"])  # a resume: the plan is in the run directory
+        log.info("resuming: the data plan comes from the run directory's manifest")
+    else:
+        plan = reading.plan(cfg.data, files, fmt, models.vocab_size_of(model_config))
     image_token = models.image_token_id(model_config) if kind == "image_text" else None
-    return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fingerprint(identity),
+    return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fp,
                     model_kind=kind, image_token_id=image_token)
 
 

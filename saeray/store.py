@@ -201,6 +201,13 @@ class RunDir:
             raise RunDirError(f"{self.root} is not a saeray run directory (no {MANIFEST}): run `saeray run CONFIG --out {self.root}` first")
         return json.loads(self.read_bytes(MANIFEST))
 
+    def manifest_if_any(self) -> dict[str, Any] | None:
+        """The manifest of an existing run directory, None when there is none (or it is unreadable)."""
+        try:
+            return json.loads(self.read_bytes(MANIFEST)) if self.exists(MANIFEST) else None
+        except (OSError, ValueError):
+            return None
+
     def _is_empty(self) -> bool:
         if self.remote:
             return not self.list_files()

@@ -1,4 +1,4 @@
-"""A shard worker: loads the model and SAEs once, then turns shards into committed outputs.
+"""A unit worker: loads the model and SAEs once, then turns work units into committed outputs.
 
 Ray-free; the Ray executor wraps it in an actor and the local executor calls it directly.
 """
@@ -14,7 +14,7 @@ import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +24,12 @@ import torch
 from . import config as config_mod
 from . import models, saes
 from .contexts import Document, Tokenization, blocks
-from .data import DataPlan, iter_rows
+from .reading import check_token_ids, unit_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
 from .images import load_image
+from .storage import READ
 from .store import ACTIVATIONS_SCHEMA, RunDir
+from .units import DataPlan, Task
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,11 @@ def _default_threads() -> int:
 
 
 class ShardWorker:
+    """Turns work units into committed outputs: `count` (tokens of a unit, for the budget) and `process`."""
+
+    CACHE_UNITS = 3
+    """Units tokenized by `count` whose documents are kept for the `process` call that follows."""
+
     def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         bound_malloc()
@@ -99,6 +106,7 @@ class ShardWorker:
         self.block_tokens = BLOCK_BATCHES * self.batch_tokens
         resolved = manifest["resolved"]
         self.model, tokenizer, processor = models.load_model_and_processor(self.cfg.model, self.device)
+        self.vocab_size = models.vocab_size_of(self.model.config)
         n_layers = models.n_layers_of(self.model.config)
         self.handles = []
         for s, info in zip(self.cfg.saes, resolved["saes"]):
@@ -112,24 +120,71 @@ class ShardWorker:
         self.docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()),
                                       ("token_ids", pa.list_(pa.int32())), ("positions", POSITIONS_TYPE),
                                       *self.keep_schema])
+        self._cache: dict[int, list[Document]] = {}
+        self._bytes_seen = READ.bytes
 
-    def process(self, shard_index: int) -> dict[str, Any]:
-        """Process one shard and commit it; return its completion summary."""
-        shard = self.plan.shards[shard_index]
+    # ---- documents of a unit -------------------------------------------------------------
+    def _documents(self, task: Task, payload: bytes | None) -> Iterator[Document]:
+        data = self.cfg.data
+        image_column = data.image_column
+        columns = [data.token_column or data.text_column, *data.keep_columns, *([image_column] if image_column else [])]
+        url = self.plan.files[task.file].url
+        for doc_id, rec in unit_rows(self.plan, data, task, payload, columns):
+            extras = {c: rec.get(c) for c in data.keep_columns}
+            if data.token_column:
+                ids = rec.get(data.token_column)
+                check_token_ids(f"{url} row {doc_id & 0xFFFFFFFF}", ids, self.vocab_size)
+                yield self.tok.from_ids(doc_id, ids, extras)
+                continue
+            image = load_image(rec.get(image_column), url, doc_id) if image_column else None
+            yield self.tok.document(doc_id, rec.get(data.text_column), extras, image=image)
+
+    def count(self, task: dict[str, Any], payload: bytes | None = None) -> int:
+        """Tokens of every document of the unit (the budget's ledger); the documents are kept for `process`."""
+        t = Task(**task)
+        docs = list(self._documents(t, payload))
+        self._cache[t.uid] = docs
+        while len(self._cache) > self.CACHE_UNITS:
+            self._cache.pop(next(iter(self._cache)))
+        return sum(len(d.token_ids) for d in docs)
+
+    def _budgeted(self, docs: Iterable[Document], prefix: int | None) -> Iterator[Document]:
+        """The unit's documents inside the budget, given the tokens of all earlier units (None: no budget)."""
+        budget = self.cfg.data.max_tokens
+        if prefix is None or budget is None:
+            yield from docs
+            return
+        total = prefix
+        for d in docs:
+            n = len(d.token_ids)
+            if total + n >= budget:
+                yield self.tok.cut(d, budget - total)
+                return
+            total += n
+            yield d
+
+    # ---- one unit ------------------------------------------------------------------------
+    def process(self, task: dict[str, Any], payload: bytes | None = None, prefix: int | None = None) -> dict[str, Any]:
+        """Process one unit (under a budget: `prefix` = tokens of all earlier units) and commit it."""
+        t = Task(**task)
         t0 = time.time()
-        tmp = self.run.new_attempt(shard_index)
+        tmp = self.run.new_attempt(t.uid)
+        cached = self._cache.pop(t.uid, None)
+        docs = self._budgeted(cached if cached is not None else self._documents(t, payload), prefix)
         try:
-            summary = self._process(shard, tmp)
+            summary = self._process(t, docs, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        summary.update(shard=shard_index, seconds=round(time.time() - t0, 3), host=socket.gethostname(),
-                       pid=os.getpid(), fingerprint=self.manifest["fingerprint"],
+        bytes_read, self._bytes_seen = READ.bytes - self._bytes_seen, READ.bytes
+        summary.update(shard=t.uid, unit=t.to_dict(), prefix=prefix, seconds=round(time.time() - t0, 3),
+                       bytes_read=bytes_read,
+                       host=socket.gethostname(), pid=os.getpid(), fingerprint=self.manifest["fingerprint"],
                        peak_rss_mb=peak_rss_mb())
-        self.run.commit(shard_index, tmp, summary)
+        self.run.commit(t.uid, tmp, summary)
         return summary
 
-    def _process(self, shard: Any, tmp: Path) -> dict[str, Any]:
+    def _process(self, task: Task, documents: Iterable[Document], tmp: Path) -> dict[str, Any]:
         keep_rows = self.cfg.output.activations
         ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                         device=self.device, reconstruction=self.cfg.output.reconstruction)
@@ -139,15 +194,9 @@ class ShardWorker:
         pending: list[Future] = []
         n_rows = n_docs = n_tokens = 0
 
-        def documents() -> Iterator[Document]:
+        def counted(docs: Iterable[Document]) -> Iterator[Document]:
             nonlocal n_docs, n_tokens
-            last_row = self.plan.n_rows - 1
-            image_column = self.cfg.data.image_column
-            columns = self.cfg.data.keep_columns + ((image_column,) if image_column else ())
-            for doc_id, text, extras in iter_rows(self.plan, shard.start, shard.end, self.cfg.data.text_column, columns):
-                cut = self.plan.last_doc_tokens if doc_id == last_row else None
-                image = load_image(extras.pop(image_column), self.plan.file_of(doc_id), doc_id) if image_column else None
-                doc = self.tok.document(doc_id, text, extras, cut, image=image)
+            for doc in docs:
                 n_docs += 1
                 n_tokens += len(doc.token_ids)
                 yield doc
@@ -164,7 +213,7 @@ class ShardWorker:
             pending.append(io.submit(_write, docs_writer, act_writer, docs_table, act_table))
 
         try:
-            for block in blocks(documents(), self.block_tokens):
+            for block in blocks(counted(documents), self.block_tokens):
                 flush(block)
             for f in pending:
                 f.result()
@@ -177,12 +226,12 @@ class ShardWorker:
         pq.write_table(stats.cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
         if ext.recon:
             pq.write_table(recon_table(ext.recon), tmp / "recon.parquet", compression="zstd")
-        counted = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
+        counted_tokens = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
         if self.tok.truncated:
-            log.warning("shard %d: %d image documents were cut to tokens.context_size", shard.index, self.tok.truncated)
+            log.warning("unit %d: %d image documents were cut to tokens.context_size", task.uid, self.tok.truncated)
             self.tok.truncated = 0
         return {"rows": n_rows, "docs": n_docs, "tokens": n_tokens, "forward_tokens": ext.forward_tokens,
-                "counted_tokens": counted}
+                "counted_tokens": counted_tokens}
 
     def _docs_table(self, block: list[Document]) -> pa.Table:
         cols: dict[str, Any] = {

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from helpers import corpus, make_model, make_sae, write_dataset  # noqa: E402
+from helpers import canonical_doc_ids, corpus, make_model, make_sae, write_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["docs"] = docs  # type: ignore[assignment]
     out["data"] = write_dataset(root / "data", docs, 3, {"label": [i % 3 == 0 for i in range(len(docs))],
                                                         "kind": ["code" if i % 2 else "prose" for i in range(len(docs))]})
+    out["doc_ids"] = canonical_doc_ids(out["data"])  # type: ignore[assignment]  # file index << 32 | row
     return out
 
 

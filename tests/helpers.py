@@ -24,3 +24,11 @@ def base_config(model: Path, saes: list[dict], data: Path, out: Path, **over: An
         else:
             cfg[section] = value
     return cfg
+
+
+def canonical_doc_ids(data: Path) -> list[int]:
+    """doc_id of every row of a folder of Parquet files, in canonical order: file index << 32 | row in the file."""
+    import pyarrow.parquet as pq
+
+    files = sorted(p for p in Path(data).rglob("*.parquet"))
+    return [(i << 32) | r for i, f in enumerate(files) for r in range(pq.ParquetFile(f).metadata.num_rows)]

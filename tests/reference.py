@@ -11,7 +11,9 @@ import torch
 
 
 def reference_rows(model_dir: Path, sae_dir: Path, docs: list[str], *, context_size: int, prepend_bos: bool = True,
-                   mode: str = "all", threshold: float = 0.0) -> pl.DataFrame:
+                   mode: str = "all", threshold: float = 0.0, doc_ids: list[int] | None = None,
+                   lengths: list[int] | None = None) -> pl.DataFrame:
+    """Rows of `docs` (doc ids 0.. or `doc_ids`; each cut to `lengths` tokens where given)."""
     from sae_lens import SAE
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,8 +27,10 @@ def reference_rows(model_dir: Path, sae_dir: Path, docs: list[str], *, context_s
     step = context_size - int(prepend_bos)
     out = []
     with torch.no_grad():
-        for doc_id, text in enumerate(docs):
+        for i, (doc_id, text) in enumerate(zip(doc_ids if doc_ids is not None else range(len(docs)), docs)):
             ids = tok(text, add_special_tokens=False)["input_ids"]
+            if lengths is not None:
+                ids = ids[:lengths[i]]
             counted = [p for p, t in enumerate(ids) if t not in special]
             keep = set(counted if mode == "all" else counted[-1:])
             for start in range(0, len(ids), step):

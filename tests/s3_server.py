@@ -34,19 +34,28 @@ class S3Server:
         self.hook: Callable[[dict[str, Any]], bool] | None = None
         self.requests: list[tuple[str, str, str]] = []
         """(method, path, query) of every request, in order."""
+        self.sent_bytes: list[tuple[str, str, int]] = []
+        """(method, path, body bytes sent) of every answered request."""
         app = DomainDispatcherApplication(create_backend_app)
 
         def wsgi(environ: dict[str, Any], start_response: Callable) -> Any:
-            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", "")))
+            method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+            self.requests.append((method, path, environ.get("QUERY_STRING", "")))
             if self.hook is not None and self.hook(environ):
                 start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
                 return [b"refused by the test"]
-            return app(environ, start_response)
+            body = b"".join(app(environ, start_response))
+            self.sent_bytes.append((method, path, len(body)))
+            return [body]
 
         self._server = make_server("127.0.0.1", 0, wsgi, threaded=True, request_handler=_QuietHandler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def sent(self, prefix: str) -> int:
+        """Body bytes the server sent in answer to GETs of objects whose path starts with `prefix`."""
+        return sum(n for m, p, n in list(self.sent_bytes) if m == "GET" and p.startswith(prefix))
 
     def env(self) -> dict[str, str]:
         """What pyarrow, Polars and boto3 need to use this server (dummy credentials)."""

@@ -89,7 +89,8 @@ def dense(run: Path, special: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndar
     counted = np.array([sum(t not in special for t in ids) for ids in docs["token_ids"]])
     keep = counted > 0
     x = np.zeros((len(docs), D_SAE))
-    np.add.at(x, (rows["doc_id"].to_numpy(), rows["feature"].to_numpy()), rows["value"].to_numpy().astype(np.float64))
+    row_of = np.searchsorted(docs["doc_id"].to_numpy(), rows["doc_id"].to_numpy())  # doc ids are not 0..n-1
+    np.add.at(x, (row_of, rows["feature"].to_numpy()), rows["value"].to_numpy().astype(np.float64))
     sums = x.sum(axis=0)
     above = np.bincount(rows.filter(pl.col("value") > 0.1)["feature"].to_numpy(), minlength=D_SAE)
     n_active = np.bincount(rows["feature"].to_numpy(), minlength=D_SAE)

@@ -29,7 +29,7 @@ def test_rows_equal_reference(tiny, tmp_path, model, arch):
     # context_size 24 (from the SAE) splits long documents into several windows; 256-token
     # batches hold several windows of different lengths, padded on the right.
     out = _run(tiny, tmp_path, model, [(arch, f"sae_{arch}")])
-    want = reference_rows(tiny[model], tiny[f"sae_{arch}"], tiny["docs"], context_size=24)
+    want = reference_rows(tiny[model], tiny[f"sae_{arch}"], tiny["docs"], doc_ids=tiny["doc_ids"], context_size=24)
     assert_same_rows(read_rows(out, arch, "all"), want)
 
 
@@ -38,7 +38,7 @@ def test_several_saes_one_pass_and_last_position(tiny, tmp_path):
     got = read_rows(out)
     assert set(got["group"].unique()) == {"last"}
     for name, key in [("a", "sae_standard"), ("b", "sae_topk")]:
-        want = reference_rows(tiny["llama"], tiny[key], tiny["docs"], context_size=24, mode="last")
+        want = reference_rows(tiny["llama"], tiny[key], tiny["docs"], doc_ids=tiny["doc_ids"], context_size=24, mode="last")
         assert_same_rows(got.filter(pl.col("sae") == name), want)
     # one position per document that has any token
     assert got.group_by("sae").agg(pl.col("doc_id").n_unique())["doc_id"].max() <= len(tiny["docs"])
@@ -97,7 +97,7 @@ def test_marker_groups(tiny, tmp_path):
 def test_docs_table_and_special_tokens_excluded(tiny, tmp_path):
     out = _run(tiny, tmp_path, "llama", [("a", "sae_standard")], data__keep_columns=["label", "kind"])
     docs = pl.read_parquet(str(out / "docs" / "**" / "*.parquet")).sort("doc_id")
-    assert docs["doc_id"].to_list() == list(range(len(tiny["docs"])))
+    assert docs["doc_id"].to_list() == tiny["doc_ids"]
     assert docs.schema["label"] == pl.Boolean and docs.schema["kind"] == pl.String
     assert docs["label"].to_list() == [i % 3 == 0 for i in range(len(tiny["docs"]))]
     from transformers import AutoTokenizer
@@ -188,7 +188,7 @@ def test_max_tokens_budget(tiny, tmp_path):
     out = _run(tiny, tmp_path, "llama", [("a", "sae_standard")], data__max_tokens=500, data__shards=4)
     docs = pl.read_parquet(str(out / "docs" / "**" / "*.parquet")).sort("doc_id")
     assert docs["n_tokens"].sum() == 500
-    assert docs["doc_id"].to_list() == list(range(docs.height))
+    assert docs["doc_id"].to_list() == tiny["doc_ids"][:docs.height]
     out2 = tmp_path / "b"
     cfg = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], tiny["data"], out2,
                       data__max_tokens=500)
@@ -201,7 +201,7 @@ def test_stats_only_mode_matches_full_run(tiny, tmp_path):
     lean = _run(tiny, tmp_path / "lean", "llama", [("a", "sae_standard")], data__shards=4,
                 output={"dir": str(tmp_path / "lean" / "run"), "activations": False})
     assert not any((lean / "activations").iterdir())
-    assert sorted(p.name for p in (lean / "completions").iterdir()) == [f"{i:05d}.json" for i in range(4)]
+    assert len(list((lean / "completions").iterdir())) == 4
     a, b = features(full).collect(), features(lean).collect()
     assert a["n_active"].to_list() == b["n_active"].to_list()
     np.testing.assert_allclose(a["mean"].to_numpy(), b["mean"].to_numpy(), rtol=1e-12)

@@ -120,7 +120,7 @@ def test_invalid_utf8_is_read_as_replacement_characters_in_every_format(tiny, tm
 
 @pytest.mark.parametrize("case", ["parquet-int", "parquet-binary", "json-number", "json-list", "json-broken",
                                   "json-not-object", "missing-column"])
-def test_non_text_values_are_refused_before_any_shard(tiny, tmp_path, case):
+def test_non_text_values_are_refused_with_file_and_line(tiny, tmp_path, case):
     d = tmp_path / "data"
     d.mkdir()
     good = [json.dumps({"text": f"fine {i}"}) for i in range(5)]
@@ -142,10 +142,21 @@ def test_non_text_values_are_refused_before_any_shard(tiny, tmp_path, case):
                "json-not-object": "is a JSON list", "missing-column": "column 'text' is not in"}[case]
     out = tmp_path / "run"
     raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], d, out)
+    if case.startswith("json"):
+        # Planning reads the first rows of the first file only (never the corpus): a bad line further on
+        # fails its unit with one line naming the file and line; the other units commit.
+        from saeray.executor import RunFailed
+        from saeray.store import RunDir
+
+        with pytest.raises(RunFailed) as e:
+            run(config.from_dict(raw), executor="local")
+        assert where in str(e.value) and message in str(e.value), str(e.value)
+        assert RunDir(out).committed() == {0}
+        return
     with pytest.raises(DataError) as e:
         run(config.from_dict(raw), executor="local")
     assert where in str(e.value) and message in str(e.value), str(e.value)
-    assert not out.exists()  # refused before the run directory, let alone a shard
+    assert not out.exists()  # refused before the run directory, let alone a unit
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "json", "text"])

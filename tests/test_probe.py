@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from helpers import WORDS, base_config, make_sae, write_dataset
+from helpers import canonical_doc_ids, WORDS, base_config, make_sae, write_dataset
 from reference import read_rows
 from saeray import config
 from saeray.executor import run
@@ -43,7 +43,9 @@ def test_probe_equals_run_rows(small_run, prober):
     assert got.height == sum(len(i) for i in ids) * len(features)  # every token, zeros included
     assert any(len(i) > 24 for i in ids) and not got["counted"].all()
     rows = read_rows(out, "a", "all").select("doc_id", "pos", "feature", "value")
-    j = (got.filter(pl.col("counted")).rename({"text": "doc_id"}).with_columns(pl.col("doc_id").cast(pl.Int64))
+    ids_of = pl.DataFrame({"text": range(len(docs)), "doc_id": canonical_doc_ids(out.parent / "data")},
+                          schema={"text": pl.Int64, "doc_id": pl.Int64})  # text i is the i-th row in canonical order
+    j = (got.filter(pl.col("counted")).with_columns(pl.col("text").cast(pl.Int64)).join(ids_of, on="text").drop("text")
          .join(rows.rename({"value": "ran"}), on=["doc_id", "pos", "feature"], how="left"))
     assert j.filter(pl.col("ran").is_not_null()).height == rows.height  # every written row is probed
     assert (j["value"] - j["ran"].fill_null(0.0)).abs().max() <= 1e-4  # nonzeros agree, zeros elsewhere

@@ -110,7 +110,7 @@ def test_run_into_s3_equals_local_run(tiny, ref, s3_env):
     uri = f"s3://{bucket}/runs/r1"
     start = len(s3.requests)
     result = run(config.from_dict(_raw(tiny, uri)), executor="local")
-    assert sorted(result.done) == [0, 1, 2] and result.run_dir == uri
+    assert sorted(result.done) == [0, 1_000_000, 2_000_000] and result.run_dir == uri
     # No rename on S3: nothing was copied server-side or deleted during a clean run.
     methods = [(m, q) for m, _, q in s3.requests[start:]]
     assert not any(m == "DELETE" or (m == "POST" and q == "delete") for m, q in methods)
@@ -126,7 +126,7 @@ def test_run_into_s3_equals_local_run(tiny, ref, s3_env):
     # Rerunning the same config skips everything and writes nothing.
     before = len(s3.requests)
     again = run(config.from_dict(_raw(tiny, uri)), executor="local")
-    assert again.skipped == [0, 1, 2] and not again.done
+    assert again.skipped == [0, 1_000_000, 2_000_000] and not again.done
     assert not any(m in ("PUT", "POST", "DELETE") for m, _, _ in s3.requests[before:])
 
 
@@ -206,8 +206,8 @@ def test_driver_killed_mid_commit_rerun_completes_only_missing(tiny, ref, tmp_pa
     assert rd.committed() == {0}
     objects = s3.keys(bucket, "run/")
     listed = {f"run/{f}" for fs in rd.completion(0)["files"].values() for f in fs}
-    leftovers = sorted(k for k in objects if k.startswith(("run/activations/shard=00001/", "run/docs/shard=00001/",
-                                                           "run/stats/00001.", "run/recon/00001.")))
+    leftovers = sorted(k for k in objects if k.startswith(("run/activations/shard=1000000/", "run/docs/shard=1000000/",
+                                                           "run/stats/1000000.", "run/recon/1000000.")))
     assert len(leftovers) == 4 and not set(leftovers) & listed  # shard 1's complete but uncommitted files
     # Readers see shard 0 only, never the leftovers.
     rows = _rows(uri)
@@ -221,8 +221,8 @@ def test_driver_killed_mid_commit_rerun_completes_only_missing(tiny, ref, tmp_pa
         rerun = subprocess.run([sys.executable, "-m", "saeray.cli", "run", str(cfg_path), "--workers", "2"], env=env,
                                stdout=f, stderr=subprocess.STDOUT, timeout=400)
     out = (tmp_path / "rerun.log").read_text()
-    assert rerun.returncode == 0 and "2 shards processed, 1 already committed" in out, out[-3000:]
-    assert {rd.completion(i)["pid"] for i in (1, 2)}.isdisjoint({procs[-1].pid, os.getpid()})  # done by the actors
+    assert rerun.returncode == 0 and "2 units processed, 1 already committed" in out, out[-3000:]
+    assert {rd.completion(i)["pid"] for i in (1_000_000, 2_000_000)}.isdisjoint({procs[-1].pid, os.getpid()})  # done by the actors
     objects = _assert_only_listed(s3, bucket, "run")
     assert objects["run/completions/00000.json"] == marker0
     _assert_same_outputs(uri, ref, atol=1e-5)

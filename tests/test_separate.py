@@ -59,9 +59,10 @@ def last_dense(run: Path, special: set[int]) -> np.ndarray:
     docs = pl.read_parquet(str(run / "docs" / "**" / "*.parquet")).sort("doc_id")
     last = {d: max(p for p, t in enumerate(ids) if t not in special) for d, ids in zip(docs["doc_id"], docs["token_ids"])}
     x = np.zeros((len(docs), D_SAE))
+    row_of = {d: i for i, d in enumerate(docs["doc_id"])}  # doc ids are file << 32 | row, not 0..n-1
     for d, p, f, v in rows.select("doc_id", "pos", "feature", "value").iter_rows():
         if last[d] == p:
-            x[d, f] = v
+            x[row_of[d], f] = v
     return x
 
 

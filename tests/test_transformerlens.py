@@ -38,7 +38,7 @@ import torch
 pytest.importorskip("transformer_lens")
 pytest.importorskip("sae_lens")
 
-from helpers import base_config, corpus, make_model, make_sae, write_dataset  # noqa: E402
+from helpers import canonical_doc_ids, base_config, corpus, make_model, make_sae, write_dataset  # noqa: E402
 from saeray import config as config_mod  # noqa: E402
 from saeray import models  # noqa: E402
 from saeray.executor import run  # noqa: E402
@@ -220,15 +220,16 @@ def test_run_matches_hooked_sae_transformer(ref: dict[str, Any], tmp_path: Path)
 
     rows = pl.read_parquet(str(run_dir / "activations" / "**" / "*.parquet"))
     doc_table = pl.read_parquet(str(run_dir / "docs" / "**" / "*.parquet")).sort("doc_id")
-    assert doc_table["doc_id"].to_list() == list(range(len(docs)))
+    doc_ids = canonical_doc_ids(data)  # file index << 32 | row
+    assert doc_table["doc_id"].to_list() == doc_ids
     assert set(rows["group"].unique()) == {"all"}
     special = set(tok.all_special_ids)
 
     # saeray's token ids are TL's tokenization of the text, BOS excluded.
     tokens = []
-    for doc_id, text in enumerate(docs):
-        ids = doc_table["token_ids"][doc_id].to_list()
-        assert ids == ref["ids"][doc_id]
+    for i, text in enumerate(docs):
+        ids = doc_table["token_ids"][i].to_list()
+        assert ids == ref["ids"][i]
         tl_ids = tl.to_tokens(text, prepend_bos=True)[0].tolist()
         assert tl_ids == [tok.bos_token_id] + ids
         assert len(tl_ids) <= CONTEXT
@@ -244,7 +245,7 @@ def test_run_matches_hooked_sae_transformer(ref: dict[str, Any], tmp_path: Path)
         by_doc = mine.partition_by("doc_id", as_dict=True)
         n_ref = n_mine = ties = 0
         max_diff = 0.0
-        for doc_id, ids in enumerate(tokens):
+        for doc_id, ids in zip(doc_ids, tokens):
             with torch.no_grad():
                 _, cache = tl.run_with_cache_with_saes(torch.tensor([ids]), saes=[sae], stop_at_layer=layer + 1)
             want = cache[f"{hook}.hook_sae_acts_post"][0, 1:].float()  # BOS is no position

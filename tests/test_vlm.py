@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import base_config, corpus, make_sae
+from helpers import canonical_doc_ids, base_config, corpus, make_sae
 from reference import assert_same_rows, read_rows
 from saeray import cli, config, models
 from saeray.executor import run
@@ -73,7 +73,7 @@ def reference_rows(parts: dict, sae_name: str) -> pl.DataFrame:
     special, image_id = set(tok.all_special_ids), model.config.image_token_id
     rows = []
     with torch.no_grad():
-        for doc_id, (text, image) in enumerate(zip(parts["texts"], _images(parts))):
+        for doc_id, text, image in zip(canonical_doc_ids(parts["data"]), parts["texts"], _images(parts)):
             if image is None:
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 inputs = {"input_ids": torch.tensor([[tok.bos_token_id] + ids])}

@@ -1,0 +1,437 @@
+"""The Ray actor pool: workers (one per GPU, or CPU slots), a reader per line file being read, and the
+loop that gives each free worker its next call.
+
+Workers take a unit only once they have started (model and SAEs loaded), so the unit timeout
+measures the unit alone. Calls: `process(task, payload, prefix)`; under a token budget first
+`count(task, payload)`, then `process` once the ledger knows the tokens before the unit (the
+counting worker keeps the unit's documents, so it usually processes it too). Readers send each
+unit's bytes through the object store; the driver holds the reference until the unit commits, so a
+unit retried on another worker needs no second read. At most `workers + 1` units wait read ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RunConfig
+from .executor import Progress, RunResult, ledger_for, unit_stream
+from .store import RunDir
+from .units import UNITS_PER_FILE, DataPlan, Task
+
+log = logging.getLogger(__name__)
+
+HELD_UNITS = 2
+"""Counted units a worker may hold (their documents in memory) before it must process one."""
+
+
+@dataclass
+class UnitState:
+    task: Task
+    payload: Any = None
+    """ObjectRef of the unit's bytes (line files), None for Parquet units."""
+    status: str = "new"
+    """new | counting | counted | processing | done | failed | beyond"""
+    tokens: int | None = None
+    holder: Any = None
+    """The actor holding the unit's tokenized documents (after count)."""
+    attempts: int = 0
+
+
+class UnitClock:
+    """When a running unit counts as hung: a fixed limit, or one learned from finished units.
+
+    Adaptive (limit None): 10x the slowest finished unit's seconds per document times the unit's
+    documents, at least `floor_s`; no limit until a unit has finished.
+    """
+
+    FACTOR = 10.0
+
+    def __init__(self, limit_s: float | None, floor_s: float = 600.0):
+        self.limit_s, self.floor_s = limit_s, floor_s
+        self.per_doc: float | None = None
+
+    def finished(self, summary: dict[str, Any]) -> None:
+        if summary.get("seconds") is not None and summary.get("docs"):
+            self.per_doc = max(self.per_doc or 0.0, float(summary["seconds"]) / summary["docs"])
+
+    def limit(self, docs: int) -> float | None:
+        if self.limit_s is not None:
+            return self.limit_s
+        if self.per_doc is None:
+            return None
+        return max(self.floor_s, self.FACTOR * self.per_doc * max(1, docs))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _resources(n_workers: int | str | None) -> tuple[int, dict[str, Any]]:
+    """(number of actors, actor resource options). Threads are sized inside each actor."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = int(sum(r.get("GPU", 0) for r in nodes))
+    biggest = max([int(r.get("CPU", 0)) for r in nodes] or [1]) or 1
+    total = int(sum(r.get("CPU", 0) for r in nodes)) or 1
+    if n_workers in (None, "auto"):
+        n = gpus if gpus else 1
+        if not gpus:
+            log.warning("no GPUs in the Ray cluster: running 1 CPU worker (GPU nodes that join later are not used)")
+    else:
+        n = int(n_workers)
+    if gpus:
+        return n, {"num_gpus": 1, "num_cpus": 1}
+    # Whole CPUs per actor, never more than one node has; fractions when actors outnumber CPUs.
+    per = min(biggest, total // n) if n <= total else total / n
+    return n, {"num_cpus": per}
+
+
+class FileReader:
+    """Streams one line file and returns its units one by one (a Ray actor; no CPU reserved: it mostly waits)."""
+
+    def __init__(self, plan: dict[str, Any], file: int, skip: list[int]):
+        self.stream = unit_stream(DataPlan.from_dict(plan), file, set(skip))
+
+    def next(self) -> tuple[dict[str, Any] | None, bytes | None]:
+        """(the next unit's task with `read_bytes`: stored bytes read for it, its bytes); (None, None) at the end."""
+        from .storage import READ
+
+        b0 = READ.bytes
+        for task, data in self.stream:
+            return {**task.to_dict(), "read_bytes": READ.bytes - b0}, data
+        return None, None
+
+
+class Pool:
+    def __init__(self, manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, markers: dict[int, dict],
+                 result: RunResult, prog: Progress, n_workers: int | str | None, max_attempts: int):
+        import ray
+
+        from .worker import ShardWorker
+
+        self.ray = ray
+        self.manifest, self.run_dir, self.plan, self.result, self.prog = manifest, run_dir, plan, result, prog
+        self.markers, self.max_attempts = markers, max_attempts
+        self.rd = RunDir(run_dir)
+        self.budget = cfg.data.max_tokens
+        self.ledger = ledger_for(plan, self.budget) if self.budget is not None else None
+        if self.ledger:
+            for uid, m in markers.items():
+                self.ledger.counted(uid, m.get("tokens", 0))
+        self.units: dict[int, UnitState] = {t.uid: UnitState(t) for t in plan.units if t.uid not in markers}
+        n, options = _resources(n_workers)
+        if not plan.streamed:
+            n = min(n, max(1, len(self.units)))
+        self.n_workers = n
+        self.Actor = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0, **options)
+        self.Reader = ray.remote(FileReader).options(num_cpus=0, max_restarts=0)
+        self.clock = UnitClock(cfg.shard_timeout_s)
+        self.next_file = 0 if plan.streamed else len(plan.files)
+        self.readers: dict[int, Any] = {}  # file -> reader actor
+        self.reads: dict[Any, tuple[int, Any]] = {}  # meta ref -> (file, payload ref)
+        self.read_units: dict[int, int] = {}  # file -> units its reader returned so far
+        self.max_readers = 1 if self.budget is not None else max(1, min(4, n))
+        self.stop_reading = False
+        self.starting: dict[Any, Any] = {}
+        self.idle: list[Any] = []
+        self.inflight: dict[Any, tuple[Any, int, str, float]] = {}  # ref -> (actor, uid, call, started)
+        self.start_failures = 0
+        self.last_start_error = ""
+
+    # ---- actors ------------------------------------------------------------------------------
+    def spawn(self) -> None:
+        actor = self.Actor.remote(self.manifest, self.run_dir)
+        self.starting[actor.__ray_ready__.remote()] = actor
+
+    def retire(self, actor: Any) -> None:
+        from ray.exceptions import RayError
+
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except RayError:  # already gone with its node
+            pass
+
+    # ---- reading -------------------------------------------------------------------------------
+    def _waiting(self) -> int:
+        return sum(1 for s in self.units.values() if s.status in ("new", "counting", "counted"))
+
+    def _enough_read(self) -> bool:
+        """Under a budget: the units read so far likely hold it (tokens per byte of the counted units)."""
+        if self.ledger is None:
+            return False
+        if self.ledger.reached():
+            return True
+        counted = [s for s in self.units.values() if s.tokens is not None and s.task.n_bytes]
+        if not counted:
+            return False
+        per_byte = sum(s.tokens for s in counted) / sum(s.task.n_bytes for s in counted)
+        pending = sum(s.task.n_bytes for s in self.units.values() if s.tokens is None and s.status == "new")
+        return self.ledger.counted_tokens() + pending * per_byte >= 1.05 * self.budget
+
+    def top_up_reads(self) -> None:
+        if not self.plan.streamed or self.stop_reading:
+            return
+        while self._waiting() + len(self.reads) < self.n_workers + 1 and not self._enough_read():
+            busy = {f for f, _ in self.reads.values()}
+            free = [f for f in self.readers if f not in busy]
+            if not free:
+                if len(self.readers) >= self.max_readers or self.next_file >= len(self.plan.files):
+                    return
+                f = self.next_file
+                self.next_file += 1
+                skip = [u for u in self.markers if u // UNITS_PER_FILE == f]
+                self.readers[f] = self.Reader.remote(self.plan.to_dict(), f, skip)
+                self.read_units[f] = 0
+                free = [f]
+            f = free[0]
+            meta, payload = self.readers[f].next.options(num_returns=2).remote()
+            self.reads[meta] = (f, payload)
+
+    def end_reading(self) -> None:
+        self.stop_reading = True
+        for actor in self.readers.values():
+            self.retire(actor)
+        self.readers.clear()
+        self.reads.clear()
+
+    def on_read(self, ref: Any) -> None:
+        from ray.exceptions import RayError
+
+        f, payload = self.reads.pop(ref)
+        try:
+            meta = self.ray.get(ref)
+        except RayError as e:
+            cause = getattr(e, "cause", None) or e
+            uid = f * UNITS_PER_FILE + self.read_units.get(f, 0)
+            self.result.errors[uid] = f"reading {self.plan.files[f].url}: {type(cause).__name__}: {cause}"
+            self.retire(self.readers.pop(f))
+            if self.ledger is not None:  # later units' share of the budget cannot be known
+                self.fail_undecided(f"reading stopped at {self.plan.files[f].url}")
+            return
+        if meta is None:  # the file is read to its end
+            self.retire(self.readers.pop(f))
+            if self.ledger is not None:
+                self.ledger.file_complete(f, self.read_units[f])
+            return
+        self.read_units[f] += 1
+        self.result.bytes_read += meta.pop("read_bytes", 0)
+        task = Task(**meta)
+        if task.uid not in self.markers:
+            self.units[task.uid] = UnitState(task, payload)
+
+    # ---- dispatch ------------------------------------------------------------------------------
+    def _decided(self, st: UnitState) -> int | None:
+        """The unit's prefix if known and inside the budget; marks it beyond when past it."""
+        p = self.ledger.prefix(st.task.uid)
+        if p is not None and p >= self.budget:
+            self._beyond(st)
+            return None
+        return p
+
+    def _beyond(self, st: UnitState) -> None:
+        st.status, st.payload, st.holder = "beyond", None, None
+        self.result.beyond_budget += 1
+
+    def next_call(self, actor: Any) -> tuple[str, UnitState, int | None] | None:
+        ordered = sorted((s for s in self.units.values() if s.status in ("new", "counted")), key=lambda s: s.task.uid)
+        if self.ledger is None:
+            new = next((s for s in ordered if s.status == "new"), None)
+            return ("process", new, None) if new else None
+        if self.ledger.reached():
+            for s in ordered:
+                if s.status == "new" and self.ledger.beyond(s.task.uid):
+                    self._beyond(s)
+            ordered = [s for s in ordered if s.status != "beyond"]
+        for mine in (True, False):  # its own counted units first (documents in memory), then orphans
+            for s in ordered:
+                if s.status == "counted" and ((s.holder == actor) if mine else s.holder is None):
+                    p = self._decided(s)
+                    if p is not None:
+                        return "process", s, p
+        new = next((s for s in ordered if s.status == "new"), None)
+        if new is None:
+            return None
+        held = sum(1 for s in ordered if s.status == "counted" and s.holder == actor)
+        undecided = [s.task.uid for s in ordered if s.status == "counted"]
+        if held < HELD_UNITS or all(new.task.uid < u for u in undecided):
+            return "count", new, None
+        return None
+
+    def dispatch(self) -> None:
+        waiting = []
+        while self.idle:
+            actor = self.idle.pop()
+            call = self.next_call(actor)
+            if call is None:
+                waiting.append(actor)
+                continue
+            kind, st, prefix = call
+            st.attempts += 1
+            if kind == "count":
+                st.status = "counting"
+                ref = actor.count.remote(st.task.to_dict(), st.payload)
+            else:
+                st.status = "processing"
+                ref = actor.process.remote(st.task.to_dict(), st.payload, prefix)
+            self.inflight[ref] = (actor, st.task.uid, kind, time.time())
+        self.idle = waiting
+
+    # ---- results -------------------------------------------------------------------------------
+    def fail_undecided(self, why: str) -> None:
+        for s in self.units.values():
+            if s.status in ("new", "counted"):
+                s.status = "failed"
+                self.result.errors[s.task.uid] = f"not processed: {why} (the budget's share of this unit is unknown)"
+        self.end_reading()
+
+    def lost(self, st: UnitState, kind: str, why: str) -> None:
+        """The unit's call ended without a result: keep a commit it made, else retry or give up."""
+        uid = st.task.uid
+        if kind == "process" and uid in self.rd.committed():  # it got past its commit point before it was lost
+            self.finish(st, self.rd.completion(uid))
+        elif st.attempts < self.max_attempts:
+            log.warning("unit %d: %s (attempt %d/%d); retrying on a new worker", uid, why, st.attempts,
+                        self.max_attempts)
+            st.status, st.holder = ("counted" if st.tokens is not None else "new"), None
+        else:
+            st.status = "failed"
+            self.result.errors[uid] = f"{why} on each of {st.attempts} attempts"
+        self.spawn()
+
+    def finish(self, st: UnitState, summary: dict[str, Any]) -> None:
+        st.status, st.payload, st.holder = "done", None, None
+        self.result.bytes_read += summary.get("bytes_read", 0)
+        self.result.done[st.task.uid] = summary
+        self.clock.finished(summary)
+        self.prog.update(summary)
+
+    def on_started(self, ref: Any) -> None:
+        from ray.exceptions import RayError
+
+        actor = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.idle.append(actor)
+            self.start_failures = 0
+        except RayError as e:  # the constructor raised, or the actor's node went away
+            self.retire(actor)
+            self.start_failures += 1
+            self.last_start_error = _first_line(e)
+            log.error("a worker failed to start (%d in a row): %s", self.start_failures, self.last_start_error)
+            if self.start_failures < self.max_attempts:
+                self.spawn()
+
+    def on_result(self, ref: Any) -> None:
+        from ray.exceptions import RayError, RayTaskError
+
+        actor, uid, kind, _ = self.inflight.pop(ref)
+        st = self.units[uid]
+        try:
+            value = self.ray.get(ref)
+        except RayTaskError as e:  # the unit itself raised: record, keep the actor
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            if uid in self.rd.committed():
+                self.finish(st, self.rd.completion(uid))
+            else:
+                log.error("unit %d failed: %s", uid, cause)
+                st.status = "failed"
+                self.result.errors[uid] = f"{type(cause).__name__}: {cause}"
+                if self.ledger is not None:
+                    self.fail_undecided(f"unit {uid} failed")
+            self.idle.append(actor)
+            return
+        except RayError as e:  # the worker process or its node died
+            self.retire(actor)
+            for s in self.units.values():
+                if s.holder == actor:
+                    s.holder = None
+            self.lost(st, kind, f"worker died ({_first_line(e)})")
+            return
+        if kind == "count":
+            st.tokens, st.status, st.holder = int(value), "counted", actor
+            self.ledger.counted(uid, int(value))
+        else:
+            self.finish(st, value)
+        self.idle.append(actor)
+
+    def check_timeouts(self) -> None:
+        now = time.time()
+        for ref, (actor, uid, kind, t0) in list(self.inflight.items()):
+            lim = self.clock.limit(self.units[uid].task.n_rows) if kind == "process" else None
+            if lim is not None and now - t0 > lim:
+                del self.inflight[ref]
+                self.retire(actor)
+                for s in self.units.values():
+                    if s.holder == actor:
+                        s.holder = None
+                self.lost(self.units[uid], kind, f"timed out after {lim:,.0f}s (shard_timeout_s)")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def more_to_read(self) -> bool:
+        return self.plan.streamed and not self.stop_reading and (bool(self.readers) or
+                                                                 self.next_file < len(self.plan.files))
+
+    def unfinished(self) -> list[UnitState]:
+        return [s for s in self.units.values() if s.status in ("new", "counting", "counted", "processing")]
+
+    def run(self) -> None:
+        for _ in range(self.n_workers):
+            self.spawn()
+        while True:
+            if self.ledger is not None and self.ledger.reached() and self.plan.streamed and not self.stop_reading:
+                self.end_reading()  # the budget's end is found: read nothing more
+            self.top_up_reads()
+            self.dispatch()
+            if not self.unfinished() and not self.more_to_read():
+                break
+            if not (self.idle or self.inflight or self.starting):  # no worker could be started
+                for s in self.unfinished():
+                    s.status = "failed"
+                    self.result.errors[s.task.uid] = (f"no worker could start ({self.start_failures} tried): "
+                                                      f"{self.last_start_error}")
+                break
+            if not (self.inflight or self.starting or self.reads):
+                if self.unfinished() and self.idle:  # nothing can make progress: say which units are stuck
+                    self.fail_undecided("the units before it could not be counted")
+                    continue
+            now = time.time()
+            deadlines = [t0 + lim for _, uid, kind, t0 in self.inflight.values()
+                         if kind == "process" and (lim := self.clock.limit(self.units[uid].task.n_rows)) is not None]
+            wait = min([self.prog.every, *(d - now for d in deadlines)])
+            ready, _ = self.ray.wait([*self.inflight, *self.starting, *self.reads], num_returns=1,
+                                     timeout=max(0.05, wait))
+            self.prog.update()
+            for ref in ready:
+                if ref in self.starting:
+                    self.on_started(ref)
+                elif ref in self.reads:
+                    self.on_read(ref)
+                else:
+                    self.on_result(ref)
+            self.check_timeouts()
+        for actor in [*self.idle, *self.starting.values(), *(a for a, _, _, _ in self.inflight.values())]:
+            self.retire(actor)
+        self.end_reading()
+        for s in self.units.values():
+            if s.status == "new" and self.ledger is not None and self.ledger.beyond(s.task.uid):
+                self._beyond(s)
+
+
+def run_ray(manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, markers: dict[int, dict],
+            result: RunResult, prog: Progress, n_workers: int | str | None, max_attempts: int) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # A local Ray starts without its dashboard (its processes take ~2% of a 2-core machine's
+        # throughput, bench/throughput.py); SAERAY_RAY_DASHBOARD=1 keeps it. Joining a running
+        # cluster (RAY_ADDRESS, `ray job submit`) starts nothing either way.
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 include_dashboard=os.environ.get("SAERAY_RAY_DASHBOARD") == "1")
+    if not plan.streamed and not any(t.uid not in markers for t in plan.units):
+        return
+    Pool(manifest, run_dir, plan, cfg, markers, result, prog, n_workers, max_attempts).run()

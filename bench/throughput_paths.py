@@ -219,7 +219,7 @@ def saeray_config(spec: dict, out: str, activations: bool) -> dict:
 
 
 def worker(spec: dict) -> dict:
-    """ShardWorker.process on every shard, as `saeray run --local` does; times the shards only."""
+    """ShardWorker.process on every unit, as `saeray run --local` does; times the units only."""
     from saeray import config
     from saeray.plan import prepare
     from saeray.store import RunDir
@@ -233,7 +233,7 @@ def worker(spec: dict) -> dict:
 
     def one_pass() -> dict:  # a later pass redoes every shard; its commit finds the shard done and drops it
         with Timer() as t:
-            done = [w.process(i) for i in range(len(prepared.plan.shards))]
+            done = [w.process(t.to_dict()) for t in prepared.plan.units]
         return {"tokens": sum(s["tokens"] for s in done), "seconds": t.seconds, "cpu_seconds": t.cpu,
                 "rows": sum(s["rows"] for s in done), "forward_tokens": sum(s["forward_tokens"] for s in done)}
 
@@ -245,7 +245,7 @@ def worker(spec: dict) -> dict:
     out = {**best, "peak_rss_mb": peak_rss_mb(), "batch_tokens": w.batch_tokens,
            "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"]}
     if spec.get("profile"):
-        out["profile"] = profile_worker(w, len(prepared.plan.shards), spec)
+        out["profile"] = profile_worker(w, prepared.plan.units, spec)
         out["model_only"] = {**forward, "profile": forward_profile()}
     return out
 
@@ -290,14 +290,14 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
     return one_pass, profiled
 
 
-def profile_worker(w: Any, n_shards: int, spec: dict) -> dict:
+def profile_worker(w: Any, units: Any, spec: dict) -> dict:
     """torch.profiler (CPU, no shapes recorded: cheap per op) over the shards again: where the
     worker's time goes, by op and by kind. Kinds come from the scopes saeray.extract opens
     (saeray.model, saeray.sae, saeray.rows) and the op's name."""
     from torch.profiler import ProfilerActivity, profile
 
     with Timer() as t, profile(activities=[ProfilerActivity.CPU]) as prof:
-        tokens = sum(w.process(i)["tokens"] for i in range(n_shards))
+        tokens = sum(w.process(t.to_dict())["tokens"] for t in units)
     ops, kinds = {}, {}
     for e in prof.events():
         if e.name.startswith("saeray.") or e.self_cpu_time_total <= 0:

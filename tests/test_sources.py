@@ -172,3 +172,20 @@ def test_bad_token_column_is_one_line_error_and_no_run_dir(tiny, tmp_path):
     assert not out.exists()
     with pytest.raises(sources.DataError, match="column 'nope' is not in the dataset"):
         prepare(config.from_dict(base_config(tiny["llama"], saes, j, out, data__token_column="nope")))
+
+
+def test_hub_code_path_resolves_a_local_folder_in_the_piles_layout(tmp_path, monkeypatch):
+    """A hub id resolves through `datasets.load_dataset_builder` (which also takes a local folder) to data
+    files, which then take the same fsspec path as URLs: what `monology/pile-uncopyrighted` does on the hub."""
+    train = tmp_path / "pile" / "train"
+    train.mkdir(parents=True)
+    for i in range(3):
+        (train / f"{i:02d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+            _jsonl([{"text": f"file {i} row {r}", "meta": {"pile_set_name": "Pile-CC"}} for r in range(5)])))
+    monkeypatch.setattr(reading, "_is_path", lambda spec: False)  # as for a hub id
+    cfg = DataConfig(dataset=str(tmp_path / "pile"), split="train", keep_columns=("meta",))
+    files, fmt = reading.list_dataset(cfg)
+    assert fmt == "json" and [Path(f.url).name for f in files] == ["00.jsonl.zst", "01.jsonl.zst", "02.jsonl.zst"]
+    assert all(f.size > 0 and f.version for f in files)
+    with pytest.raises(sources.DataError, match="no split 'validation'"):
+        reading.list_dataset(DataConfig(dataset=str(tmp_path / "pile"), split="validation"))

@@ -28,8 +28,8 @@ A cluster (see cluster.yaml; run from the repo root):
 
 Under `ray job submit` the job sets RAY_ADDRESS, so `ray.init()` joins that cluster instead
 of starting one. Paths in the config and --out are read on the cluster's nodes: use absolute
-paths on storage that every node sees. Rerunning the same command resumes: committed shards
-are skipped. Exit status: 0 done, 1 some shards failed (the rest are committed), 2 bad
+paths on storage that every node sees (or s3://). Rerunning the same command resumes: committed
+units are skipped. Exit status: 0 done, 1 some units failed (the rest are committed), 2 bad
 config, data or run directory.
 """
 

@@ -1,8 +1,8 @@
-"""Plan shards from a dataset's file list and stream its rows in canonical order.
+"""Row-indexed reading of small local corpora, for `saeray train-sae` and the SAE benches.
 
-A document's `doc_id` is its row index in the dataset's canonical order: files in
-sorted order (as the hub lists them), rows in file order. Shards are contiguous ranges
-of doc ids, so a document keeps its id whatever the shard count or worker count.
+Rows are numbered in the dataset's canonical order (files sorted, rows in file order), which
+needs every file's row count: fine for a training corpus, never used by `saeray run` (which
+plans work units from metadata alone: reading.py, sources.py, units.py).
 """
 
 from __future__ import annotations

@@ -61,6 +61,12 @@ class Prepared:
 
 
 DEFINITIONS = {
+    "doc_id": "file_index << 32 | row: the data file's index in the sorted file list and the row's index within "
+              "it (JSON lines: blank lines are not rows; text: every line is a row)",
+    "unit": "a work unit: consecutive rows of one file, about data.unit_bytes uncompressed bytes; id = file_index * "
+            "1,000,000 + its index within the file",
+    "max_tokens": "the leading documents in canonical order (files sorted, rows in file order) whose text tokens sum "
+                  "to data.max_tokens; the document that reaches it is cut to make the sum exact",
     "pos": "index into the document's text token ids (docs.token_ids); BOS added per window is not a position. "
            "Image documents (data.image_column) store the processor's whole sequence (image tokens, BOS, text, "
            "newline) and pos indexes it",

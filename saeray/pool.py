@@ -11,6 +11,7 @@ unit retried on another worker needs no second read. At most `workers + 1` units
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import time
@@ -123,7 +124,13 @@ class Pool:
         if self.ledger:
             for uid, m in markers.items():
                 self.ledger.counted(uid, m.get("tokens", 0))
-        self.units: dict[int, UnitState] = {t.uid: UnitState(t) for t in plan.units if t.uid not in markers}
+        self.units: dict[int, UnitState] = {}
+        self.queue: list[int] = []  # heap of the uids of new units
+        self.counted: dict[int, UnitState] = {}
+        self.open: set[int] = set()  # uids not yet done, failed or beyond
+        for t in plan.units:
+            if t.uid not in markers:
+                self.add(UnitState(t))
         n, options = _resources(n_workers)
         if not plan.streamed:
             n = min(n, max(1, len(self.units)))
@@ -143,6 +150,32 @@ class Pool:
         self.start_failures = 0
         self.last_start_error = ""
 
+    # ---- unit states -------------------------------------------------------------------------
+    def add(self, st: UnitState) -> None:
+        self.units[st.task.uid] = st
+        self.set(st, "new")
+
+    def set(self, st: UnitState, status: str) -> None:
+        """Move a unit to `status`, keeping the queue of new units, the counted units and the open set."""
+        uid = st.task.uid
+        st.status = status
+        if status == "new":
+            heapq.heappush(self.queue, uid)
+        if status == "counted":
+            self.counted[uid] = st
+        else:
+            self.counted.pop(uid, None)
+        if status in ("done", "failed", "beyond"):
+            self.open.discard(uid)
+            st.payload, st.holder = None, None
+        else:
+            self.open.add(uid)
+
+    def earliest_new(self) -> UnitState | None:
+        while self.queue and self.units[self.queue[0]].status != "new":
+            heapq.heappop(self.queue)
+        return self.units[self.queue[0]] if self.queue else None
+
     # ---- actors ------------------------------------------------------------------------------
     def spawn(self) -> None:
         actor = self.Actor.remote(self.manifest, self.run_dir)
@@ -158,7 +191,7 @@ class Pool:
 
     # ---- reading -------------------------------------------------------------------------------
     def _waiting(self) -> int:
-        return sum(1 for s in self.units.values() if s.status in ("new", "counting", "counted"))
+        return sum(1 for u in self.open if self.units[u].status in ("new", "counting", "counted"))
 
     def _enough_read(self) -> bool:
         """Under a budget: the units read so far likely hold it (tokens per byte of the counted units)."""
@@ -166,11 +199,11 @@ class Pool:
             return False
         if self.ledger.reached():
             return True
-        counted = [s for s in self.units.values() if s.tokens is not None and s.task.n_bytes]
-        if not counted:
+        counted = [(n, self.units[u].task.n_bytes) for u, n in self.ledger.counts.items() if u in self.units]
+        if not counted or not sum(b for _, b in counted):
             return False
-        per_byte = sum(s.tokens for s in counted) / sum(s.task.n_bytes for s in counted)
-        pending = sum(s.task.n_bytes for s in self.units.values() if s.tokens is None and s.status == "new")
+        per_byte = sum(n for n, _ in counted) / sum(b for _, b in counted)
+        pending = sum(self.units[u].task.n_bytes for u in self.open if self.units[u].tokens is None)
         return self.ledger.counted_tokens() + pending * per_byte >= 1.05 * self.budget
 
     def top_up_reads(self) -> None:
@@ -222,7 +255,7 @@ class Pool:
         self.result.bytes_read += meta.pop("read_bytes", 0)
         task = Task(**meta)
         if task.uid not in self.markers:
-            self.units[task.uid] = UnitState(task, payload)
+            self.add(UnitState(task, payload))
 
     # ---- dispatch ------------------------------------------------------------------------------
     def _decided(self, st: UnitState) -> int | None:
@@ -234,30 +267,29 @@ class Pool:
         return p
 
     def _beyond(self, st: UnitState) -> None:
-        st.status, st.payload, st.holder = "beyond", None, None
+        self.set(st, "beyond")
         self.result.beyond_budget += 1
 
     def next_call(self, actor: Any) -> tuple[str, UnitState, int | None] | None:
-        ordered = sorted((s for s in self.units.values() if s.status in ("new", "counted")), key=lambda s: s.task.uid)
+        """What a free worker does next: process the earliest new unit (no budget); under a budget,
+        process a counted unit whose share is known (its own first), else count the earliest new unit."""
+        new = self.earliest_new()
         if self.ledger is None:
-            new = next((s for s in ordered if s.status == "new"), None)
             return ("process", new, None) if new else None
-        if self.ledger.reached():
-            for s in ordered:
-                if s.status == "new" and self.ledger.beyond(s.task.uid):
-                    self._beyond(s)
-            ordered = [s for s in ordered if s.status != "beyond"]
+        while new is not None and self.ledger.beyond(new.task.uid):  # read before the budget's end was known
+            self._beyond(new)
+            new = self.earliest_new()
+        counted = sorted(self.counted.values(), key=lambda s: s.task.uid)
         for mine in (True, False):  # its own counted units first (documents in memory), then orphans
-            for s in ordered:
+            for s in counted:
                 if s.status == "counted" and ((s.holder == actor) if mine else s.holder is None):
                     p = self._decided(s)
                     if p is not None:
                         return "process", s, p
-        new = next((s for s in ordered if s.status == "new"), None)
         if new is None:
             return None
-        held = sum(1 for s in ordered if s.status == "counted" and s.holder == actor)
-        undecided = [s.task.uid for s in ordered if s.status == "counted"]
+        undecided = [s.task.uid for s in self.counted.values()]
+        held = sum(1 for s in self.counted.values() if s.holder == actor)
         if held < HELD_UNITS or all(new.task.uid < u for u in undecided):
             return "count", new, None
         return None
@@ -273,20 +305,21 @@ class Pool:
             kind, st, prefix = call
             st.attempts += 1
             if kind == "count":
-                st.status = "counting"
+                self.set(st, "counting")
                 ref = actor.count.remote(st.task.to_dict(), st.payload)
             else:
-                st.status = "processing"
+                self.set(st, "processing")
                 ref = actor.process.remote(st.task.to_dict(), st.payload, prefix)
             self.inflight[ref] = (actor, st.task.uid, kind, time.time())
         self.idle = waiting
 
     # ---- results -------------------------------------------------------------------------------
     def fail_undecided(self, why: str) -> None:
-        for s in self.units.values():
+        for u in list(self.open):
+            s = self.units[u]
             if s.status in ("new", "counted"):
-                s.status = "failed"
-                self.result.errors[s.task.uid] = f"not processed: {why} (the budget's share of this unit is unknown)"
+                self.set(s, "failed")
+                self.result.errors[u] = f"not processed: {why} (the budget's share of this unit is unknown)"
         self.end_reading()
 
     def lost(self, st: UnitState, kind: str, why: str) -> None:
@@ -297,14 +330,15 @@ class Pool:
         elif st.attempts < self.max_attempts:
             log.warning("unit %d: %s (attempt %d/%d); retrying on a new worker", uid, why, st.attempts,
                         self.max_attempts)
-            st.status, st.holder = ("counted" if st.tokens is not None else "new"), None
+            st.holder = None
+            self.set(st, "counted" if st.tokens is not None else "new")
         else:
-            st.status = "failed"
+            self.set(st, "failed")
             self.result.errors[uid] = f"{why} on each of {st.attempts} attempts"
         self.spawn()
 
     def finish(self, st: UnitState, summary: dict[str, Any]) -> None:
-        st.status, st.payload, st.holder = "done", None, None
+        self.set(st, "done")
         self.result.bytes_read += summary.get("bytes_read", 0)
         self.result.done[st.task.uid] = summary
         self.clock.finished(summary)
@@ -339,7 +373,7 @@ class Pool:
                 self.finish(st, self.rd.completion(uid))
             else:
                 log.error("unit %d failed: %s", uid, cause)
-                st.status = "failed"
+                self.set(st, "failed")
                 self.result.errors[uid] = f"{type(cause).__name__}: {cause}"
                 if self.ledger is not None:
                     self.fail_undecided(f"unit {uid} failed")
@@ -347,13 +381,12 @@ class Pool:
             return
         except RayError as e:  # the worker process or its node died
             self.retire(actor)
-            for s in self.units.values():
-                if s.holder == actor:
-                    s.holder = None
+            self.forget(actor)
             self.lost(st, kind, f"worker died ({_first_line(e)})")
             return
         if kind == "count":
-            st.tokens, st.status, st.holder = int(value), "counted", actor
+            st.tokens, st.holder = int(value), actor
+            self.set(st, "counted")
             self.ledger.counted(uid, int(value))
         else:
             self.finish(st, value)
@@ -366,9 +399,7 @@ class Pool:
             if lim is not None and now - t0 > lim:
                 del self.inflight[ref]
                 self.retire(actor)
-                for s in self.units.values():
-                    if s.holder == actor:
-                        s.holder = None
+                self.forget(actor)
                 self.lost(self.units[uid], kind, f"timed out after {lim:,.0f}s (shard_timeout_s)")
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -377,7 +408,13 @@ class Pool:
                                                                  self.next_file < len(self.plan.files))
 
     def unfinished(self) -> list[UnitState]:
-        return [s for s in self.units.values() if s.status in ("new", "counting", "counted", "processing")]
+        return [self.units[u] for u in self.open]
+
+    def forget(self, actor: Any) -> None:
+        """A dead worker's counted units keep their counts; any worker processes them now."""
+        for s in self.counted.values():
+            if s.holder == actor:
+                s.holder = None
 
     def run(self) -> None:
         for _ in range(self.n_workers):
@@ -391,7 +428,7 @@ class Pool:
                 break
             if not (self.idle or self.inflight or self.starting):  # no worker could be started
                 for s in self.unfinished():
-                    s.status = "failed"
+                    self.set(s, "failed")
                     self.result.errors[s.task.uid] = (f"no worker could start ({self.start_failures} tried): "
                                                       f"{self.last_start_error}")
                 break
@@ -417,9 +454,9 @@ class Pool:
         for actor in [*self.idle, *self.starting.values(), *(a for a, _, _, _ in self.inflight.values())]:
             self.retire(actor)
         self.end_reading()
-        for s in self.units.values():
-            if s.status == "new" and self.ledger is not None and self.ledger.beyond(s.task.uid):
-                self._beyond(s)
+        for u in list(self.open):
+            if self.ledger is not None and self.ledger.beyond(u):
+                self._beyond(self.units[u])
 
 
 def run_ray(manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, markers: dict[int, dict],

@@ -37,6 +37,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -62,13 +64,10 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+    """A JSON file written at once (storage.write_atomic), on local disk or in an object store."""
+    fs, key = storage.filesystem(str(path))
+    storage.write_atomic(fs, key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
 def shard_name(index: int) -> str:
@@ -77,8 +76,7 @@ def shard_name(index: int) -> str:
 
 def is_remote(root: str | Path) -> bool:
     """True for object-store URIs (s3://, gs://, ...); plain paths and file:// are local."""
-    s = str(root)
-    return "://" in s and not s.startswith("file://")
+    return storage.is_remote(str(root))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -92,28 +90,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunDir:
-    """A run directory on local disk or in an object store; all paths inside are relative keys."""
+    """A run directory on local disk or in an object store; all paths inside are relative keys.
+
+    Every read, write, listing and deletion goes through one fsspec filesystem (storage.py), local
+    or remote alike. Only the commit differs: local disk renames a finished attempt into place;
+    object stores, which cannot rename, take attempt-unique names (see the module docstring).
+    """
 
     def __init__(self, root: str | Path):
         s = str(root)
         if s.startswith("file://"):
             s = s[len("file://"):]
         self.remote = is_remote(s)
-        self.root: Path | str
-        if self.remote:
-            import fsspec
-
-            self.root = s.rstrip("/")
-            try:  # no listing cache: markers are written by other processes
-                self.fs, base = fsspec.core.url_to_fs(self.root, use_listings_cache=False, skip_instance_cache=True)
-            except (ImportError, ValueError) as e:
-                hint = " (pip install 'saeray[s3]' for s3://)" if isinstance(e, ImportError) else ""
-                raise RunDirError(f"cannot open run directory {self.root}: {e}{hint}") from None
-            self._base = base.rstrip("/")
-        else:
-            self.root = Path(s)
-            self.fs = None
-            self._base = ""
+        self.root: Path | str = s.rstrip("/") if self.remote else Path(s)
+        try:  # no listing cache: markers are written by other processes
+            self.fs, base = storage.filesystem(s)
+        except (OSError, ImportError, ValueError) as e:
+            hint = " (pip install 'saeray[s3]' for s3://)" if "s3" in str(e) and "s3fs" not in str(e) else ""
+            raise RunDirError(f"cannot open run directory {s}: {e}{hint}") from None
+        self._base = base.rstrip("/")
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -127,57 +122,33 @@ class RunDir:
         return f"{self._base}/{rel}" if rel else self._base
 
     def exists(self, rel: str) -> bool:
-        if self.remote:
-            return self.fs.isfile(self._key(rel))
-        return (self.root / rel).is_file()
+        return self.fs.isfile(self._key(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        if self.remote:
-            return self.fs.cat_file(self._key(rel))
-        return (self.root / rel).read_bytes()
+        return self.fs.cat_file(self._key(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file atomically: temporary name + rename (local), one PUT (remote)."""
-        if self.remote:
-            self.fs.pipe_file(self._key(rel), data)
-            return
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write a whole file atomically (storage.write_atomic: temporary name + rename, or one PUT)."""
+        storage.write_atomic(self.fs, self._key(rel), data)
 
     def list_files(self, prefix: str = "") -> list[str]:
         """Relative keys of every file under `prefix` (recursive)."""
-        if self.remote:
-            skip = len(self._base) + 1
-            return sorted(k[skip:] for k in self.fs.find(self._key(prefix).rstrip("/")) if not k.endswith("/"))
-        base = self.root / prefix if prefix else self.root
-        if not base.is_dir():
+        key = self._key(prefix).rstrip("/")
+        if not self.fs.isdir(key):
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() or p.is_symlink())
+        skip = len(self._base) + 1
+        return sorted(k[skip:] for k, info in self.fs.find(key, detail=True, withdirs=False).items()
+                      if info.get("type") != "directory" and not k.endswith("/"))
 
     def _delete(self, rels: list[str]) -> None:
-        if not rels:
-            return
-        if self.remote:
+        if rels:
             self.fs.rm([self._key(r) for r in rels])
-        else:
-            for r in rels:
-                (self.root / r).unlink(missing_ok=True)
 
     def _upload(self, local: Path, rel: str) -> None:
         """One object, whole or not at all (large files: a multipart upload, visible once completed)."""
         self.fs.put_file(str(local), self._key(rel))
 
     # ---- layout --------------------------------------------------------------------
-    @property
-    def manifest_path(self) -> Path | str:
-        return self.root / MANIFEST if isinstance(self.root, Path) else self.uri(MANIFEST)
-
     @staticmethod
     def marker_key(shard: int) -> str:
         return f"completions/{shard_name(shard)}.json"
@@ -209,9 +180,7 @@ class RunDir:
             return None
 
     def _is_empty(self) -> bool:
-        if self.remote:
-            return not self.list_files()
-        return not (self.root.exists() and any(self.root.iterdir()))
+        return not self.fs.isdir(self._base) or not self.fs.ls(self._base)
 
     def prepare(self, manifest: dict[str, Any], overwrite: bool) -> int:
         """Create or reopen the run directory for `manifest`; return the committed shard count.
@@ -246,11 +215,8 @@ class RunDir:
 
     def _clear(self) -> None:
         log.warning("overwriting %s", self.root)
-        if self.remote:
-            self._delete(self.list_files())
-            return
-        for child in self.root.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        for child in self.fs.ls(self._base, detail=False):
+            self.fs.rm(child, recursive=True)
 
     # ---- shards ----------------------------------------------------------------------
     def committed(self) -> set[int]:
@@ -414,10 +380,6 @@ def _remove_dead_attempts(staging: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
         except (OSError, ValueError):
             continue
-
-
-def write_table(path: Path, table: pa.Table) -> None:
-    pq.write_table(table, path, compression="zstd")
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

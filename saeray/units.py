@@ -127,56 +127,67 @@ def split_rows(file: int, n_rows: int, pieces: int) -> list[Task]:
 
 @dataclass
 class Ledger:
-    """Token counts of units in canonical order, and what share of the budget each unit gets."""
+    """Token counts of units in canonical order, and what share of the budget each unit gets.
+
+    The frontier is the first unit not yet counted (or not yet known to exist); the tokens before
+    every unit up to it are kept, so each question costs O(1) amortized, also over 10^5 units.
+    """
     max_tokens: int
     n_files: int
     counts: dict[int, int] = field(default_factory=dict)
     """uid -> the unit's text tokens (all of its documents)."""
     units_in_file: dict[int, int] = field(default_factory=dict)
     """file -> how many units it has, once known (Parquet: from the plan; line files: at the reader's end)."""
+    _before: dict[int, int] = field(default_factory=lambda: {0: 0})
+    """uid -> tokens of every unit before it, for units up to the frontier."""
+    _frontier: int = 0
+    _total: int = 0
+    _end: int | None = None
+    """The uid of the unit that holds the budget's end, once found."""
 
     def counted(self, uid: int, tokens: int) -> None:
         self.counts[uid] = tokens
+        self._advance()
 
     def file_complete(self, file: int, n_units: int) -> None:
         self.units_in_file[file] = n_units
+        self._advance()
+
+    def _advance(self) -> None:
+        while self._end is None:
+            uid = self._frontier
+            file, k = divmod(uid, UNITS_PER_FILE)
+            if file >= self.n_files:
+                return
+            if self.units_in_file.get(file) == k:  # past the file's last unit: the next file starts
+                nxt = uid_of(file + 1, 0)
+                self._before[nxt] = self._total
+                self._frontier = nxt
+                continue
+            c = self.counts.get(uid)
+            if c is None:
+                return
+            if self._total + c >= self.max_tokens:
+                self._end = uid
+                return
+            self._total += c
+            self._frontier = uid + 1
+            self._before[self._frontier] = self._total
 
     def prefix(self, uid: int) -> int | None:
-        """Tokens of every unit before `uid` in canonical order; None while one of them is not counted."""
-        file, k = divmod(uid, UNITS_PER_FILE)
-        total = 0
-        for f in range(file):
-            n = self.units_in_file.get(f)
-            if n is None:
-                return None
-            for j in range(n):
-                c = self.counts.get(uid_of(f, j))
-                if c is None:
-                    return None
-                total += c
-                if total >= self.max_tokens:
-                    return total
-        for j in range(k):
-            c = self.counts.get(uid_of(file, j))
-            if c is None:
-                return None
-            total += c
-            if total >= self.max_tokens:
-                return total
-        return total
+        """Tokens of every unit before `uid` in canonical order; None while one of them is not counted.
+        Past the budget's end it is at least max_tokens (the exact figure is not needed)."""
+        if self._end is not None and uid > self._end:
+            return self.max_tokens
+        return self._before.get(uid)
 
     def beyond(self, uid: int) -> bool:
         """True once it is known that the budget ends before this unit."""
-        p = self.prefix(uid)
-        return p is not None and p >= self.max_tokens
+        return self._end is not None and uid > self._end
 
     def reached(self) -> bool:
         """The budget's end is found: some counted unit reaches it with every earlier unit counted."""
-        for uid, c in self.counts.items():
-            p = self.prefix(uid)
-            if p is not None and p + c >= self.max_tokens:
-                return True
-        return False
+        return self._end is not None
 
     def counted_tokens(self) -> int:
         return sum(self.counts.values())

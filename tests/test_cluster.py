@@ -338,16 +338,16 @@ def test_ray_job_submit_extract_on_token_auth_head(token_auth_head, tmp_path):
     assert status.returncode == 0, status.stderr
     assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, f"{status.stdout}\n--- job output ---\n{output[-8000:]}"
     assert done.returncode == 0, output[-8000:]
-    assert "2 shards processed" in output, output[-8000:]
+    assert "2 units processed" in output, output[-8000:]
     print(f"ray job submit -> SUCCEEDED in {elapsed:.1f}s")
 
     # The run directory: manifest, one completion marker per shard, activations/docs/stats files.
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["n_shards"] == 2
+    assert manifest["n_units"] == 2
     markers = sorted(p.name for p in (run_dir / "completions").glob("*.json"))
-    assert markers == ["00000.json", "00001.json"]
+    assert markers == ["00000.json", "1000000.json"]  # one unit per file: ids file * 1,000,000 + k
     n_docs = 0
-    for shard in ("00000", "00001"):
+    for shard in ("00000", "1000000"):
         marker = json.loads((run_dir / "completions" / f"{shard}.json").read_text())
         assert marker["fingerprint"] == manifest["fingerprint"]
         acts = list((run_dir / "activations" / f"shard={shard}").glob("*.parquet"))

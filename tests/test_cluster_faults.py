@@ -40,9 +40,10 @@ def _raw(tiny, data: Path, out: Path | str, **over) -> dict:
     return base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, out, **over)
 
 
-def _slow_data(tmp_path: Path, n_files: int = 4) -> Path:
-    """24 documents of 40-100 words per file (one shard per file): a shard takes a while with 64-token batches."""
-    return write_dataset(tmp_path / "data", corpus(24 * n_files, seed=9, min_words=40, max_words=100), n_files=n_files)
+def _slow_data(tmp_path: Path, n_units: int = 4) -> Path:
+    """One file of 24 documents of 40-100 words per unit (data.shards = n_units gives units 0..n-1 of 24 rows):
+    a unit takes a while with 64-token batches."""
+    return write_dataset(tmp_path / "data", corpus(24 * n_units, seed=9, min_words=40, max_words=100), n_files=1)
 
 
 def _rows(run_dir: Path | str) -> pl.DataFrame:
@@ -86,11 +87,11 @@ def assert_committed_once(run_dir: Path, n_shards: int) -> dict[int, dict]:
 
 @pytest.mark.timeout(420)
 def test_node_lost_mid_shard_run_finishes_identical(tiny, tmp_path):
-    data = _slow_data(tmp_path, n_files=6)
+    data = _slow_data(tmp_path, n_units=6)
     ref = tmp_path / "ref"
-    run(config.from_dict(_raw(tiny, data, ref, tokens__batch_tokens=64)), executor="local")
+    run(config.from_dict(_raw(tiny, data, ref, tokens__batch_tokens=64, data__shards=6)), executor="local")
     out = tmp_path / "run"
-    raw = _raw(tiny, data, out, tokens__batch_tokens=64, workers="auto")
+    raw = _raw(tiny, data, out, tokens__batch_tokens=64, workers="auto", data__shards=6)
     temp_dir = tempfile.mkdtemp(prefix="saeray-rc-", dir="/tmp")  # Ray's sockets need a short path
     spec = {"config": raw, "temp_dir": temp_dir, "nodes": 2, "victim_shard": 1,
             "pid_glob": str(out / "_tmp" / "00001-*" / "worker.pid")}
@@ -143,9 +144,9 @@ def _killed_at_rename(cfg_path: Path, out: Path, nth: int, log: Path) -> None:
 
 @pytest.mark.timeout(420)
 def test_driver_killed_during_commits_rerun_completes_only_missing(tiny, tmp_path):
-    data = write_dataset(tmp_path / "data", corpus(48, seed=4), n_files=4)
+    data = write_dataset(tmp_path / "data", corpus(48, seed=4), n_files=1)
     out, ref = tmp_path / "run", tmp_path / "ref"
-    raw = _raw(tiny, data, out)
+    raw = _raw(tiny, data, out, data__shards=4)  # units 0-3 of 12 rows, in one file
     run(config.from_dict({**raw, "output": {"dir": str(ref)}}), executor="local")
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
@@ -205,10 +206,10 @@ def _stop_attempts(out: Path, plan: dict[str, int], stopped: list[tuple[str, int
 def test_hung_worker_is_timed_out_replaced_and_retried(tiny, tmp_path, ray_session):
     # Shards that take a second or two: long enough for the watcher to catch every attempt in flight
     # (a shard of a few short documents can finish between two polls), well inside the limit.
-    data = _slow_data(tmp_path, n_files=4)
+    data = _slow_data(tmp_path, n_units=4)
     out, ref = tmp_path / "run", tmp_path / "ref"
     timeout_s = 10.0
-    raw = _raw(tiny, data, out, shard_timeout_s=timeout_s, workers=2, tokens__batch_tokens=64)
+    raw = _raw(tiny, data, out, shard_timeout_s=timeout_s, workers=2, tokens__batch_tokens=64, data__shards=4)
     run(config.from_dict({**raw, "output": {"dir": str(ref)}}), executor="local")
     stopped: list[tuple[str, int]] = []
     done = threading.Event()
@@ -229,7 +230,7 @@ def test_hung_worker_is_timed_out_replaced_and_retried(tiny, tmp_path, ray_sessi
                 pass
     elapsed = time.time() - t0
     message = str(failed.value)
-    assert "1 of 4 shards failed" in message and f"shard 3: timed out after {timeout_s:.0f}s" in message, message
+    assert "1 of 4 units failed" in message and f"unit 3: timed out after {timeout_s:.0f}s" in message, message
     assert "on each of 3 attempts" in message, message
     assert [s for s, _ in stopped].count("00003") == 3 and [s for s, _ in stopped].count("00001") == 1
     assert elapsed >= 3 * timeout_s

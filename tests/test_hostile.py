@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import WORDS, base_config, make_sae
+from helpers import canonical_doc_ids, WORDS, base_config, make_sae
 from reference import assert_same_rows, reference_rows
 from saeray import config
 from saeray.data import DataError
@@ -255,11 +255,12 @@ def test_many_one_word_documents(tiny, tmp_path, early_saes):
         pq.write_table(pa.table({"text": words[k * MANY // 4:(k + 1) * MANY // 4]}), d / f"part-{k}.parquet")
     out = _run(tiny, tmp_path, d, sae=early_saes["pre0"], tokens__batch_tokens=32768)
     docs = scan_docs(out).select("doc_id", "n_tokens").collect().sort("doc_id")
-    assert docs.height == MANY and docs["doc_id"].to_list() == list(range(MANY))
+    ids = canonical_doc_ids(d)  # file index << 32 | row
+    assert docs.height == MANY and docs["doc_id"].to_list() == ids
     ref = reference_rows(tiny["llama"], early_saes["pre0"], vocab, context_size=24)  # each word as its own document
     per_word = ref.rename({"doc_id": "word_id"}).with_columns(pl.col("word_id").cast(pl.Int64))
     index = {w: i for i, w in enumerate(vocab)}
-    doc_words = pl.DataFrame({"doc_id": pl.Series(range(MANY), dtype=pl.Int64),
+    doc_words = pl.DataFrame({"doc_id": pl.Series(ids, dtype=pl.Int64),
                               "word_id": pl.Series([index[w] for w in words], dtype=pl.Int64)})
     want = doc_words.join(per_word, on="word_id").drop("word_id").sort("doc_id", "pos", "feature")
     got = scan_activations(out).select("doc_id", "pos", "feature", "value").collect().sort("doc_id", "pos", "feature")

@@ -16,7 +16,6 @@ is its completion marker (see store.py), never the fate of the process that wrot
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator

@@ -189,3 +189,69 @@ def test_hub_code_path_resolves_a_local_folder_in_the_piles_layout(tmp_path, mon
     assert all(f.size > 0 and f.version for f in files)
     with pytest.raises(sources.DataError, match="no split 'validation'"):
         reading.list_dataset(DataConfig(dataset=str(tmp_path / "pile"), split="validation"))
+
+
+class _Files:
+    """An HTTP server on 127.0.0.1 serving bytes from memory with Range requests (as object stores do)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import http.server
+        import threading
+
+        served = files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _body(self) -> bytes | None:
+                data = served.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                return data
+
+            def do_HEAD(self):
+                data = self._body()
+                if data is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("ETag", f'"{len(data)}-{hash(data) & 0xffff}"')
+                    self.send_header("Accept-Ranges", "bytes")
+                    self.end_headers()
+
+            def do_GET(self):
+                data = self._body()
+                if data is None:
+                    return
+                rng = self.headers.get("Range")
+                if rng:
+                    a, b = rng.split("=")[1].split("-")
+                    a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+                    data = data[a:b + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_https_urls_read_through_the_same_path(tmp_path):
+    rows = [{"text": f"served {i} " + "x" * (i % 50)} for i in range(400)]
+    blob = zstandard.ZstdCompressor().compress(_jsonl(rows))
+    server = _Files({"pile/00.jsonl.zst": blob})
+    try:
+        got = _all_rows(f"{server.url}/pile/00.jsonl.zst", 2000, ["text"])
+        assert got == [(i, r) for i, r in enumerate(rows)]
+        (info,) = reading.list_dataset(DataConfig(dataset=f"{server.url}/pile/00.jsonl.zst"))[0]
+        assert info.size == len(blob) and info.version.startswith("etag:")
+    finally:
+        server.close()

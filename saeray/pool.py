@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import signals
 from .config import RunConfig
 from .executor import Progress, RunResult, ledger_for, unit_stream
 from .store import RunDir
@@ -417,9 +418,20 @@ class Pool:
                 s.holder = None
 
     def run(self) -> None:
+        """Dispatch until every unit is done or failed; on SIGINT/SIGTERM (signals.Stopped) end every actor."""
+        try:
+            with signals.deferred():
+                self._loop()
+        finally:
+            for actor in [*self.idle, *self.starting.values(), *(a for a, _, _, _ in self.inflight.values())]:
+                self.retire(actor)
+            self.end_reading()
+
+    def _loop(self) -> None:
         for _ in range(self.n_workers):
             self.spawn()
         while True:
+            signals.check()
             if self.ledger is not None and self.ledger.reached() and self.plan.streamed and not self.stop_reading:
                 self.end_reading()  # the budget's end is found: read nothing more
             self.top_up_reads()
@@ -439,7 +451,7 @@ class Pool:
             now = time.time()
             deadlines = [t0 + lim for _, uid, kind, t0 in self.inflight.values()
                          if kind == "process" and (lim := self.clock.limit(self.units[uid].task.n_rows)) is not None]
-            wait = min([self.prog.every, *(d - now for d in deadlines)])
+            wait = min([self.prog.every, 0.5, *(d - now for d in deadlines)])  # 0.5 s: signals.check() often
             ready, _ = self.ray.wait([*self.inflight, *self.starting, *self.reads], num_returns=1,
                                      timeout=max(0.05, wait))
             self.prog.update()
@@ -451,9 +463,6 @@ class Pool:
                 else:
                     self.on_result(ref)
             self.check_timeouts()
-        for actor in [*self.idle, *self.starting.values(), *(a for a, _, _, _ in self.inflight.values())]:
-            self.retire(actor)
-        self.end_reading()
         for u in list(self.open):
             if self.ledger is not None and self.ledger.beyond(u):
                 self._beyond(self.units[u])
@@ -469,6 +478,7 @@ def run_ray(manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, marker
         # cluster (RAY_ADDRESS, `ray job submit`) starts nothing either way.
         ray.init(log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
                  include_dashboard=os.environ.get("SAERAY_RAY_DASHBOARD") == "1")
+        signals.reinstall()  # ray.init may set handlers of its own
     if not plan.streamed and not any(t.uid not in markers for t in plan.units):
         return
     Pool(manifest, run_dir, plan, cfg, markers, result, prog, n_workers, max_attempts).run()

@@ -268,8 +268,9 @@ class Pool:
         return p
 
     def _beyond(self, st: UnitState) -> None:
+        if st.tokens is not None or st.payload is not None:  # work done in vain: read or counted
+            self.result.beyond_budget += 1
         self.set(st, "beyond")
-        self.result.beyond_budget += 1
 
     def next_call(self, actor: Any) -> tuple[str, UnitState, int | None] | None:
         """What a free worker does next: process the earliest new unit (no budget); under a budget,

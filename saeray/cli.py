@@ -75,6 +75,9 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
                         activation_cache=args.activation_cache)
     report = train(cfg, opts, args.out)
     print(json.dumps(report["held_out"], indent=2))
+    out = report["outside_texts"]
+    print(f"texts outside the corpus ({out['tokens']:,} tokens): explained variance {out['explained_variance']:.3f}, "
+          f"L0 {out['l0']:.1f}")
     print(f"saved {args.out} (sae-lens disk format; training report in {args.out}/saeray_training.json)")
     return 0
 

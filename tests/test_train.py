@@ -85,11 +85,34 @@ def test_train_refuses_non_empty_out(trained, tmp_path, capsys):
 
 
 def test_corpus_is_deterministic_and_labelled(tmp_path):
-    a = build(tmp_path / "a", n_files=3, max_docs=300)
-    b = build(tmp_path / "b", n_files=3, max_docs=300)
+    import json
+
+    from saeray.corpus import BUDGETS
+
+    a = build(tmp_path / "a", n_files=3, max_docs=600)
+    b = build(tmp_path / "b", n_files=3, max_docs=600)
     ta = [pq.read_table(f) for f in sorted(a.glob("*.parquet"))]
     tb = [pq.read_table(f) for f in sorted(b.glob("*.parquet"))]
     assert len(ta) == 3 and all(x.equals(y) for x, y in zip(ta, tb))
-    kinds = set(np.concatenate([t["kind"].to_numpy(zero_copy_only=False) for t in ta]))
-    assert kinds == {"code", "prose"}
-    assert sum(len(d["text"]) for d in documents()) > 4_000_000  # ~1M+ tokens of text available
+    rows = [r for t in ta for r in t.to_pylist()]
+    assert set(BUDGETS) == {"code", "docstring", "documentation", "manual", "quotation"}
+    # every kind in each half: the training half and the held-out half both hold all of them
+    for half in (rows[:300], rows[300:]):
+        assert {r["kind"] for r in half} == set(BUDGETS)
+    meta = json.loads((a / "_corpus.json").read_text())
+    assert meta["documents"] == len(rows)
+    for kind in BUDGETS:
+        docs = [r for r in rows if r["kind"] == kind]
+        assert meta["by_kind"][kind] == {"documents": len(docs), "chars": sum(len(r["text"]) for r in docs)}
+    assert all(meta["sources"][s]["version"] for s in ("python-docs", "manpages", "fortunes"))
+    assert sum(len(d["text"]) for d in documents()) > 4_000_000  # the stdlib alone: ~1M+ tokens of text
+
+
+def test_corpus_text_is_clean_of_markup():
+    from saeray.textsources import rst_to_text, troff_to_text
+
+    man = troff_to_text('.\\" a comment\n.TH TCP 7\n.SH NAME\ntcp \\- TCP protocol\n.SH DESCRIPTION\n.B socket\n'
+                        'is \\fIthe\\fP call\\(emsee\n.BR ip (7).\n.TS\ntab(:);\nlb l.\nA:B\n.TE\n')
+    assert man == "Name\n\ntcp - TCP protocol\n\nDescription\n\nsocket\nis the call\u2014see\nip(7).\nA:B"
+    doc = rst_to_text(".. _label:\n\nTitle\n=====\n\nUse :func:`len` and ``x`` with *care*.\n")
+    assert doc == "\nTitle\n\nUse len and x with care."

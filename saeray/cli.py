@@ -45,13 +45,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from .stats import summary, write_features
+    from .stats import summary, training_gaps, write_features
 
     path = write_features(args.run)
     frame = pl.read_parquet(path)
     print(f"wrote {path} ({frame.height:,} rows)")
     with pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=160):
         print(summary(frame))
+    for g in training_gaps(args.run):
+        print(f"warning: SAE {g['sae']!r} (group {g['group']}) explains {g['explained_variance']:.2f} of the variance "
+              f"on this run's {g['tokens']:,} tokens, far below the {g['report_explained_variance']:.2f} of its "
+              f"training report on {g['report_tokens']:,} held-out tokens ({g['report']}): this text is unlike what "
+              "it was trained on, and its features miss much of what the model computes here. Train one on your "
+              "data with `saeray train-sae`, or use a wider SAE", file=sys.stderr)
     return 0
 
 

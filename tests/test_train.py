@@ -116,3 +116,44 @@ def test_corpus_text_is_clean_of_markup():
     assert man == "Name\n\ntcp - TCP protocol\n\nDescription\n\nsocket\nis the call\u2014see\nip(7).\nA:B"
     doc = rst_to_text(".. _label:\n\nTitle\n=====\n\nUse :func:`len` and ``x`` with *care*.\n")
     assert doc == "\nTitle\n\nUse len and x with care."
+
+
+def test_stats_warns_when_a_run_explains_far_less_than_the_training_report(trained, tmp_path, capsys):
+    import shutil
+
+    from saeray.stats import EV_MARGIN, reconstruction
+
+    model, data, out = trained
+    sae = tmp_path / "sae"
+    shutil.copytree(out, sae)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": str(model), "dtype": "float32"},
+                                   "saes": [{"name": "mine", "path": str(sae)}],
+                                   "data": {"dataset": str(data)}, "tokens": {"context_size": 32},
+                                   "output": {"dir": str(tmp_path / "run"), "reconstruction": True}}))
+    assert cli.main(["run", str(cfg), "--local"]) == 0
+    ev = reconstruction(tmp_path / "run").row(0, named=True)["explained_variance"]
+    report_file = sae / "saeray_training.json"
+    report = json.loads(report_file.read_text())
+
+    def stats_err(report_ev: float) -> str:
+        report["held_out"]["explained_variance"] = report_ev
+        report_file.write_text(json.dumps(report))
+        capsys.readouterr()
+        assert cli.main(["stats", str(tmp_path / "run")]) == 0
+        return capsys.readouterr().err
+
+    assert stats_err(ev + EV_MARGIN / 2) == ""  # near the report: nothing to say
+    err = stats_err(ev + EV_MARGIN + 0.05)
+    assert "warning: SAE 'mine'" in err and f"{ev:.2f}" in err and f"{ev + EV_MARGIN + 0.05:.2f}" in err
+    assert str(report_file) in err
+    # weights changed since the run: the report no longer describes the SAE the run used
+    cfg_json = json.loads((sae / "cfg.json").read_text())
+    (sae / "cfg.json").write_text(json.dumps(cfg_json, indent=1))  # same config, other bytes: another digest
+    assert stats_err(ev + 0.5) == ""
+    # a run without reconstruction partials: no comparison, no warning
+    cfg.write_text(cfg.read_text().replace("reconstruction: true", "reconstruction: false")
+                   .replace(str(tmp_path / "run"), str(tmp_path / "run2")))
+    assert cli.main(["run", str(cfg), "--local"]) == 0
+    capsys.readouterr()
+    assert cli.main(["stats", str(tmp_path / "run2")]) == 0 and "warning" not in capsys.readouterr().err

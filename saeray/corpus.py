@@ -82,6 +82,8 @@ PROSE_KINDS = ("docstring", "documentation", "manual", "quotation")
 """Kinds of natural-language text (the demo's `prose` condition); the rest is `code`."""
 COLUMNS = ["text", "kind", "source", "module", "name"]
 SEED = 0
+VERSION = 2
+"""Bumped whenever the corpus' recipe changes; a corpus directory of another version is rebuilt."""
 
 
 def all_documents() -> dict[str, list[dict[str, str]]]:
@@ -127,7 +129,7 @@ def metadata(docs: list[dict[str, str]]) -> dict[str, Any]:
                           "python": sys.version.split()[0], "path": sysconfig.get_paths()["stdlib"]}}
     for name, info in textsources.SOURCES.items():
         sources[name] = {**info, "version": textsources.package_version(info["package"])}
-    return {"documents": len(docs), "seed": SEED, "budgets_chars": BUDGETS, "sources": sources,
+    return {"version": VERSION, "documents": len(docs), "seed": SEED, "budgets_chars": BUDGETS, "sources": sources,
             "by_kind": {k.split(":", 1)[1]: v for k, v in sizes.items() if k.startswith("kind:")},
             "by_source": {k.split(":", 1)[1]: v for k, v in sizes.items() if k.startswith("source:")}}
 
@@ -135,8 +137,12 @@ def metadata(docs: list[dict[str, str]]) -> dict[str, Any]:
 def build(out: str | Path, *, n_files: int = 8, max_docs: int | None = None) -> Path:
     """Write the corpus as `n_files` parquet files and _corpus.json under `out` (reused if already there)."""
     out = Path(out)
-    if (out / "_COMPLETE").is_file():
+    meta_file = out / "_corpus.json"
+    if (out / "_COMPLETE").is_file() and meta_file.is_file() and json.loads(meta_file.read_text()).get("version") == VERSION:
         return out
+    if (out / "_COMPLETE").is_file():
+        log.info("%s holds a corpus of another version: rebuilding it", out)
+        (out / "_COMPLETE").unlink()
     docs = select(all_documents())
     if max_docs is not None:
         docs = docs[:max_docs]

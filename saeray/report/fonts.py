@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import matplotlib
@@ -22,6 +23,9 @@ WIDE = ("DejaVu Sans", "Noto Sans", "Noto Sans CJK JP", "Noto Sans Thai", "Noto 
         "Noto Sans Math", "Noto Sans Symbols", "Noto Sans Symbols 2")
 """Font families tried in this order for each character (those not installed are left out)."""
 
+NOTO_DIRS = ("/usr/share/fonts/truetype/noto", "/usr/share/fonts/opentype/noto")
+"""Where Debian's fonts-noto-core and fonts-noto-cjk put them."""
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -31,6 +35,16 @@ def families() -> tuple[str, ...]:
     from matplotlib import font_manager
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
+    known = {f.fname for f in font_manager.fontManager.ttflist}
+    for family in WIDE:  # fonts installed after matplotlib cached its font list
+        if family in installed:
+            continue
+        stem = "NotoSansCJK" if family == "Noto Sans CJK JP" else family.replace(" ", "")
+        for d in NOTO_DIRS:
+            for path in sorted(Path(d).glob(f"{stem}-Regular.tt[fc]")):
+                if str(path) not in known:
+                    font_manager.fontManager.addfont(str(path))
+                    installed.add(family)
     return tuple(f for f in WIDE if f in installed) or ("DejaVu Sans",)
 
 

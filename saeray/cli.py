@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="directory for index.html, figures/ and diff/")
     rp.set_defaults(fn=_cmd_report)
 
-    c = sub.add_parser("corpus", help="build the local corpus (Python stdlib source and docstrings) as parquet")
+    c = sub.add_parser("corpus", help="build the local corpus (stdlib code and docstrings, Python docs, man pages, quotations) as parquet")
     c.add_argument("--out", default="runs/corpus")
     c.add_argument("--files", type=int, default=8)
     c.add_argument("--chat", metavar="MODEL", help="instead: chat prompts about stdlib definitions, formatted with "

@@ -11,6 +11,7 @@ writes an HTML report with PNG figures.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,11 +94,11 @@ def build_configs(root: Path, use_tiny: bool) -> dict[str, Path]:
 
 def _clear_stale(root: Path, use_tiny: bool) -> None:
     """Outputs of an earlier demo with another SAE or corpus cannot be reused: remove them (demo outputs only)."""
-    stamp = {"tiny": use_tiny, "corpus": corpus.VERSION}
+    stamp: dict[str, Any] = {"tiny": use_tiny, "corpus": corpus.VERSION}
     if not use_tiny and (DEFAULT_SAE / "sae_weights.safetensors").is_file():
-        stamp["sae_bytes"] = (DEFAULT_SAE / "sae_weights.safetensors").stat().st_size
-        stamp["sae_report"] = (DEFAULT_SAE / "saeray_training.json").read_text() if \
-            (DEFAULT_SAE / "saeray_training.json").is_file() else None
+        h = hashlib.sha256((DEFAULT_SAE / "cfg.json").read_bytes())
+        h.update((DEFAULT_SAE / "sae_weights.safetensors").read_bytes())
+        stamp["sae"] = h.hexdigest()
     path = root / "demo.json"
     if path.is_file() and json.loads(path.read_text()) == stamp:
         return

@@ -99,3 +99,18 @@ def test_embedded_demo_outputs_are_real_and_it_prints_no_warnings(tmp_path):
         _check_run(tmp_path / "d" / f"run-{kind}")
         manifest = (tmp_path / "d" / f"run-{kind}" / "manifest.json").read_text()
         assert "gemma-3-270m" in manifest
+
+
+def test_outputs_of_an_earlier_demo_with_another_corpus_are_removed(tmp_path, monkeypatch):
+    from saeray import corpus
+
+    (tmp_path / "run-prose").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    demo._clear_stale(tmp_path, use_tiny=True)  # no stamp yet: outputs of unknown origin go
+    assert not (tmp_path / "run-prose").exists() and (tmp_path / "notes.txt").is_file()
+    (tmp_path / "run-prose").mkdir()
+    demo._clear_stale(tmp_path, use_tiny=True)  # same stamp: reused
+    assert (tmp_path / "run-prose").is_dir()
+    monkeypatch.setattr(corpus, "VERSION", corpus.VERSION + 1)
+    demo._clear_stale(tmp_path, use_tiny=True)
+    assert not (tmp_path / "run-prose").exists() and (tmp_path / "notes.txt").is_file()

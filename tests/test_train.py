@@ -157,3 +157,40 @@ def test_stats_warns_when_a_run_explains_far_less_than_the_training_report(train
     assert cli.main(["run", str(cfg), "--local"]) == 0
     capsys.readouterr()
     assert cli.main(["stats", str(tmp_path / "run2")]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_evaluate_by_label_equals_numpy_per_label():
+    """Per-label figures (held-out kinds) against a direct numpy computation on the same tokens."""
+    from saeray.train import evaluate
+
+    class Sae:  # a fixed linear encoder with ReLU and a linear decoder
+        dtype = torch.float64
+
+        def __init__(self):
+            g = torch.Generator().manual_seed(3)
+            self.w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+            self.d = torch.randn(10, 6, generator=g, dtype=torch.float64) / 4
+
+        def encode(self, x):
+            return torch.relu(x @ self.w - 1.0)
+
+        def decode(self, z):
+            return z @ self.d
+
+    sae = Sae()
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 6, generator=g, dtype=torch.float64) * (1 + i) for i, n in enumerate((7, 9, 5))]
+    labels = [np.array(["a", "b", "a", "c", "b", "a", "a"][:7], dtype=object), np.array(["c"] * 4 + ["b"] * 5, dtype=object),
+              np.array(["a", "b", "c", "a", "b"], dtype=object)]
+    got = evaluate(sae, iter(list(zip(xs, labels))))
+    x, lab = torch.cat(xs).numpy(), np.concatenate(labels)
+    for name in ("a", "b", "c"):
+        xi = x[lab == name]
+        zi = np.maximum(xi @ sae.w.numpy() - 1.0, 0)
+        err = ((zi @ sae.d.numpy() - xi) ** 2).sum()
+        f = got["by_label"][name]
+        assert f["tokens"] == len(xi)
+        assert f["explained_variance"] == pytest.approx(1 - err / ((xi - xi.mean(0)) ** 2).sum(), rel=1e-12)
+        assert f["l0"] == pytest.approx((zi != 0).sum(1).mean())
+        assert f["dead_fraction"] == pytest.approx(((zi != 0).sum(0) == 0).mean())
+    assert got["tokens"] == len(x) == sum(f["tokens"] for f in got["by_label"].values())

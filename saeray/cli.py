@@ -84,13 +84,19 @@ def _missing_extra(cmd: str, e: ModuleNotFoundError) -> str:
 def _cmd_stats(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from .stats import summary, write_features
+    from .stats import summary, training_gaps, write_features
 
     path = write_features(args.run)
     frame = pl.read_parquet(path)
     print(f"wrote {path} ({frame.height:,} rows)")
     with pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=160):
         print(summary(frame))
+    for g in training_gaps(args.run):
+        print(f"warning: SAE {g['sae']!r} (group {g['group']}) explains {g['explained_variance']:.2f} of the variance "
+              f"on this run's {g['tokens']:,} tokens, far below the {g['report_explained_variance']:.2f} of its "
+              f"training report on {g['report_tokens']:,} held-out tokens ({g['report']}): this text is unlike what "
+              "it was trained on, and its features miss much of what the model computes here. Train one on your "
+              "data with `saeray train-sae`, or use a wider SAE", file=sys.stderr)
     return 0
 
 
@@ -120,6 +126,9 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
                         activation_cache=args.activation_cache)
     report = train(cfg, opts, args.out)
     print(json.dumps(report["held_out"], indent=2))
+    out = report["outside_texts"]
+    print(f"texts outside the corpus ({out['tokens']:,} tokens): explained variance {out['explained_variance']:.3f}, "
+          f"L0 {out['l0']:.1f}")
     print(f"saved {args.out} (sae-lens disk format; training report in {args.out}/saeray_training.json)")
     return 0
 
@@ -513,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="directory for index.html, figures/ and diff/")
     rp.set_defaults(fn=_cmd_report)
 
-    c = sub.add_parser("corpus", help="build the local corpus (Python stdlib source and docstrings) as parquet")
+    c = sub.add_parser("corpus", help="build the local corpus (stdlib code and docstrings, Python docs, man pages, quotations) as parquet")
     c.add_argument("--out", default="runs/corpus")
     c.add_argument("--files", type=int, default=8)
     c.add_argument("--chat", metavar="MODEL", help="instead: chat prompts about stdlib definitions, formatted with "

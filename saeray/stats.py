@@ -148,3 +148,46 @@ def reconstruction(run: str | Path) -> pl.DataFrame:
     out = pl.DataFrame(rows)
     dead = features(run).group_by("sae", "group").agg((pl.col("n_active") == 0).mean().alias("dead_fraction")).collect()
     return out.join(dead, on=["sae", "group"], how="left").sort("sae", "group")
+
+
+EV_MARGIN = 0.10
+"""`saeray stats` warns when a run's explained variance is this far below the SAE's training report."""
+
+
+def training_gaps(run: str | Path, margin: float = EV_MARGIN) -> list[dict]:
+    """Per (sae, group) of a run with reconstruction partials: where the run's explained variance is more
+    than `margin` below the held-out figure of the SAE's own training report (saeray_training.json beside
+    a disk SAE, written by `saeray train-sae`). SAEs without a report, or whose weights changed since the
+    run (digest), are skipped. Empty when the run has no reconstruction partials."""
+    import json
+
+    if not _committed_files(run, "recon"):
+        return []
+    manifest = RunDir(run).read_manifest()
+    paths = {s["name"]: s.get("path") for s in manifest["config"].get("saes", [])}
+    digests = {s["name"]: s.get("digest") for s in manifest["resolved"].get("saes", [])}
+    reports = {}
+    for name, path in paths.items():
+        report_file = Path(path).expanduser() / "saeray_training.json" if path else None
+        if report_file is None or not report_file.is_file():
+            continue
+        from .config import SAEConfig
+        from .saes import describe
+
+        try:
+            if describe(SAEConfig(name=name, path=path)).digest != digests.get(name):
+                continue
+        except Exception:  # noqa: BLE001 - an SAE that cannot be read now has no comparable report
+            continue
+        reports[name] = (report_file, json.loads(report_file.read_text())["held_out"])
+    out = []
+    for row in reconstruction(run).iter_rows(named=True):
+        if row["sae"] not in reports:
+            continue
+        report_file, held = reports[row["sae"]]
+        if row["explained_variance"] < held["explained_variance"] - margin:
+            out.append({"sae": row["sae"], "group": row["group"], "tokens": row["n_tokens"],
+                        "explained_variance": row["explained_variance"],
+                        "report_explained_variance": held["explained_variance"], "report_tokens": held["tokens"],
+                        "report": str(report_file)})
+    return out

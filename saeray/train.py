@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from . import data, models, saes
@@ -58,6 +59,8 @@ class TrainOptions:
     normalize: str = "expected_average_only_in"
     """Input normalization during training (sae-lens): expected_average_only_in | covariance_whitening | none.
     Whitening is folded into the saved weights, so the saved SAE takes raw activations."""
+    label_column: str = "kind"
+    """Held-out figures are also reported per value of this dataset column, when the dataset has it."""
     activation_cache: str | None = None
     """Directory where collected training activations are kept, keyed by everything that
     determines them, so a second run with other SAE options skips the forward passes."""
@@ -77,28 +80,50 @@ class Streamer:
 
     def stream(self, start: int, end: int, max_tokens: int) -> Iterator[torch.Tensor]:
         """Yield [n, d_model] float32 activations for documents [start, end) until max_tokens."""
-        seen = 0
-        for acts in self._blocks(start, end):
-            acts = acts[: max_tokens - seen]
-            seen += len(acts)
+        for acts, _ in self.stream_labelled(start, end, max_tokens):
             yield acts
+
+    def stream_labelled(self, start: int, end: int, max_tokens: int, label_column: str | None = None
+                        ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """Like `stream`, with each token's document label (the value of `label_column`, else "all")."""
+        labels: dict[int, str] = {}
+
+        def docs() -> Iterator[Any]:
+            keep = (label_column,) if label_column else ()
+            for doc_id, text, extras in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, keep):
+                labels[doc_id] = str(extras[label_column]) if label_column else "all"
+                yield self.tok.document(doc_id, text if isinstance(text, str) else "", {})
+        yield from self._limit(self._labelled(docs(), labels), max_tokens)
+
+    def stream_texts(self, texts: list[str], max_tokens: int = 10**12) -> Iterator[torch.Tensor]:
+        """[n, d_model] float32 activations of texts given here (each its own document)."""
+        docs = (self.tok.document(i, t, {}) for i, t in enumerate(texts))
+        for acts, _ in self._limit(self._labelled(docs, {i: "all" for i in range(len(texts))}), max_tokens):
+            yield acts
+
+    @staticmethod
+    def _limit(it: Iterator[tuple[torch.Tensor, np.ndarray]], max_tokens: int
+               ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        seen = 0
+        for acts, lab in it:
+            acts, lab = acts[: max_tokens - seen], lab[: max_tokens - seen]
+            seen += len(acts)
+            yield acts, lab
             if seen >= max_tokens:
                 return
 
-    def _blocks(self, start: int, end: int) -> Iterator[torch.Tensor]:
-        docs = (self.tok.document(doc_id, text if isinstance(text, str) else "", {})
-                for doc_id, text, _ in data.iter_rows(self.plan, start, end, self.cfg.data.text_column, ()))
+    def _labelled(self, docs: Iterator[Any], labels: dict[int, str]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         for block in blocks(docs, 4 * self.cfg.tokens.batch_tokens_on(self.device.type)):
-            yield from self._run(block)
+            yield from self._run(block, labels)
 
-    def _run(self, docs: list) -> Iterator[torch.Tensor]:
+    def _run(self, docs: list, labels: dict[int, str]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens_on(self.device.type), self.device):
             if "all" not in batch.sel_row:
                 continue
             h = models.run_to_hooks(self.model, [self.site], batch.input_ids, batch.attention_mask)[self.site.name]
             rows = torch.from_numpy(batch.sel_row["all"]).to(self.device)
             cols = torch.from_numpy(batch.sel_col["all"]).to(self.device)
-            yield h[rows, cols].float()
+            yield h[rows, cols].float(), np.array([labels[int(d)] for d in batch.sel_doc["all"]], dtype=object)
 
 
 def _training_activations(st: Streamer, cfg: RunConfig, opts: TrainOptions, n_train_docs: int, context_size: int,
@@ -148,29 +173,70 @@ def _training_sae(opts: TrainOptions, d_in: int, metadata: dict[str, Any]) -> An
     raise ValueError(f"--arch {opts.arch!r}: choose topk or jumprelu")
 
 
+class _Moments:
+    """Sums behind explained variance, L0 and dead latents over a set of tokens (float64)."""
+
+    def __init__(self) -> None:
+        self.n, self.sq_err, self.l0, self.s, self.s2, self.fired = 0, 0.0, 0.0, None, 0.0, None
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, active: torch.Tensor) -> None:
+        xd = x.double()
+        self.s = xd.sum(0) if self.s is None else self.s + xd.sum(0)
+        self.s2 += float((xd * xd).sum())
+        self.sq_err += float(((x_hat.double() - xd) ** 2).sum())
+        self.l0 += float(active.sum())
+        fired = active.any(0)
+        self.fired = fired if self.fired is None else self.fired | fired
+        self.n += len(x)
+
+    def figures(self) -> dict[str, float]:
+        total_var = self.s2 - float((self.s * self.s).sum()) / self.n
+        return {"tokens": self.n, "explained_variance": 1 - self.sq_err / total_var, "mse_per_token": self.sq_err / self.n,
+                "l0": self.l0 / self.n, "dead_fraction": float((~self.fired).sum()) / len(self.fired)}
+
+
 @torch.inference_mode()
-def evaluate(sae: Any, batches: Iterator[torch.Tensor]) -> dict[str, float]:
-    """Centred explained variance, MSE per token, L0 and dead-latent fraction over the batches."""
-    n, sq_err, l0 = 0, 0.0, 0.0
-    s = s2 = None
-    fired = None
-    for x in batches:
+def evaluate(sae: Any, batches: Iterator[Any]) -> dict[str, Any]:
+    """Centred explained variance, MSE per token, L0 and dead-latent fraction over the batches.
+
+    Batches are [n, d] tensors, or (tensor, labels) pairs: then `by_label` holds the same figures
+    per label (EV centred on that label's own mean; dead = never fires on that label's tokens)."""
+    total, parts = _Moments(), {}
+    for b in batches:
+        x, labels = b if isinstance(b, tuple) else (b, None)
+        if len(x) == 0:
+            continue
         x = x.to(sae.dtype)
         z = sae.encode(x)
         x_hat = sae.decode(z)
-        xd = x.double()
-        s = xd.sum(0) if s is None else s + xd.sum(0)
-        s2 = (xd * xd).sum() if s2 is None else s2 + (xd * xd).sum()
-        sq_err += float(((x_hat.double() - xd) ** 2).sum())
         active = z != 0
-        l0 += float(active.sum())
-        fired = active.any(0) if fired is None else fired | active.any(0)
-        n += len(x)
-    if n == 0:
-        raise ValueError("no held-out tokens to evaluate on: lower --held-out-fraction's complement or add data")
-    total_var = float(s2 - (s * s).sum() / n)
-    return {"tokens": n, "explained_variance": 1 - sq_err / total_var, "mse_per_token": sq_err / n,
-            "l0": l0 / n, "dead_fraction": float((~fired).sum()) / len(fired)}
+        total.add(x, x_hat, active)
+        if labels is not None:
+            for lab in sorted(set(labels)):
+                idx = torch.from_numpy(np.flatnonzero(labels == lab)).to(x.device)
+                parts.setdefault(lab, _Moments()).add(x[idx], x_hat[idx], active[idx])
+    if total.n == 0:
+        raise ValueError("no tokens to evaluate on: lower --held-out-fraction's complement or add data")
+    out: dict[str, Any] = total.figures()
+    if parts:
+        out["by_label"] = {lab: m.figures() for lab, m in sorted(parts.items())}
+    return out
+
+
+def evaluate_outside(sae: Any, st: Streamer) -> dict[str, Any]:
+    """The figures on saeray's texts of kinds absent from the corpus (saeray/outside_texts.py)."""
+    from .outside_texts import TEXTS
+
+    figures = evaluate(sae, st.stream_texts(list(TEXTS.values())))
+    return {"texts": list(TEXTS), **figures}
+
+
+def _has_column(plan: Any, column: str) -> bool:
+    if plan.format != "parquet" or not plan.files:
+        return False
+    import pyarrow.parquet as pq
+
+    return column in pq.read_schema(plan.files[0].path).names
 
 
 def train(cfg: RunConfig, opts: TrainOptions, out: str | Path) -> dict[str, Any]:
@@ -212,10 +278,14 @@ def train(cfg: RunConfig, opts: TrainOptions, out: str | Path) -> dict[str, Any]
     trained.save_inference_model(out)
     loaded = SAE.load_from_disk(out, device=str(st.device))  # evaluate exactly what users will load
     t2 = time.time()
-    figures = evaluate(loaded, st.stream(n_train_docs, st.plan.n_rows, opts.eval_tokens))
+    label = opts.label_column if _has_column(st.plan, opts.label_column) else None
+    figures = evaluate(loaded, st.stream_labelled(n_train_docs, st.plan.n_rows, opts.eval_tokens, label))
+    if "by_label" in figures:
+        figures[f"by_{label}"] = figures.pop("by_label")
+    outside = evaluate_outside(loaded, st)
     report = {"options": opts.__dict__, "model": cfg.model.name, "dataset": cfg.data.dataset,
               "train_docs": [0, n_train_docs], "held_out_docs": [n_train_docs, st.plan.n_rows],
-              "train_tokens": n_collected, "training_samples": total, "held_out": figures,
+              "train_tokens": n_collected, "training_samples": total, "held_out": figures, "outside_texts": outside,
               "seconds": {"collect": round(collect_s, 1), "train": round(train_s, 1), "eval": round(time.time() - t2, 1)}}
     (out / "saeray_training.json").write_text(json.dumps(report, indent=2))
     return report

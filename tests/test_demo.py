@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -46,6 +52,32 @@ def _check_run(run):
     assert docs.height > 0
 
 
+WARNING = re.compile(r"\b\w*Warning\b|warnings\.warn|missing from font")
+"""What a Python warning looks like in a log (UserWarning: ..., FutureWarning, matplotlib's glyph warnings)."""
+
+
+def _demo_subprocess(out: Path, *extra: str) -> str:
+    """`saeray demo` as a user runs it, in its own process (Ray workers' output included); its output."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "saeray.cli", "demo", "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def test_warning_pattern_sees_python_warnings():
+    log = subprocess.run([sys.executable, "-c", "import warnings; warnings.warn('x')"], capture_output=True,
+                         text=True).stderr
+    assert WARNING.search(log) and not WARNING.search("== statistics (prose)\nfeature 12 #1 max 3.2")
+
+
+def test_tiny_demo_prints_no_warnings(tmp_path):
+    log = _demo_subprocess(tmp_path / "d", "--tiny")
+    assert "== report" in log
+    assert not WARNING.search(log), [line for line in log.splitlines() if WARNING.search(line)]
+
+
 def test_tiny_demo_outputs_are_real(tmp_path, capsys):
     assert demo.main(tmp_path / "d", use_tiny=True) == 0
     out = capsys.readouterr().out
@@ -60,9 +92,25 @@ def test_tiny_demo_outputs_are_real(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (demo.DEFAULT_SAE / "cfg.json").is_file(), reason="no shipped SAE in this checkout")
-def test_embedded_demo_outputs_are_real(tmp_path, capsys):
-    assert demo.main(tmp_path / "d") == 0
+def test_embedded_demo_outputs_are_real_and_it_prints_no_warnings(tmp_path):
+    log = _demo_subprocess(tmp_path / "d")
+    assert not WARNING.search(log), [line for line in log.splitlines() if WARNING.search(line)]
     for kind in ("prose", "code"):
         _check_run(tmp_path / "d" / f"run-{kind}")
         manifest = (tmp_path / "d" / f"run-{kind}" / "manifest.json").read_text()
         assert "gemma-3-270m" in manifest
+
+
+def test_outputs_of_an_earlier_demo_with_another_corpus_are_removed(tmp_path, monkeypatch):
+    from saeray import corpus
+
+    (tmp_path / "run-prose").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    demo._clear_stale(tmp_path, use_tiny=True)  # no stamp yet: outputs of unknown origin go
+    assert not (tmp_path / "run-prose").exists() and (tmp_path / "notes.txt").is_file()
+    (tmp_path / "run-prose").mkdir()
+    demo._clear_stale(tmp_path, use_tiny=True)  # same stamp: reused
+    assert (tmp_path / "run-prose").is_dir()
+    monkeypatch.setattr(corpus, "VERSION", corpus.VERSION + 1)
+    demo._clear_stale(tmp_path, use_tiny=True)
+    assert not (tmp_path / "run-prose").exists() and (tmp_path / "notes.txt").is_file()

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -269,3 +270,33 @@ def test_png_text_from_data_is_not_mathtext():
 
     assert _text("$x$ costs $5") == r"\$x\$ costs \$5"
     assert _text("a\nb") == "a\u21b5b" and len(_text("x" * 100)) == 40
+
+
+def test_feature_card_draws_any_script_without_warnings(tmp_path):
+    """Thai, Hangul, CJK, Arabic and emoji tokens in a feature card: no missing-glyph warnings, and a
+    character no installed font has is drawn as its UTF-8 bytes."""
+    import warnings
+
+    from saeray.report import fonts
+    from saeray.report.data import Card
+    from saeray.report.png import _text, feature_card
+
+    tokens = ["สวัสดี", "안녕하세요", "日本語", "中文", "مرحبا", "\U0001F600", "plain", "naïve", "\u21b5"]
+    logits = pl.DataFrame({"token": tokens, "token_id": list(range(len(tokens))),
+                           "logit": np.linspace(-1, 1, len(tokens))})
+    card = Card(sae="s", group="all", feature=3, run="r", why="test", stats={}, hist_edges=np.array([0.0, 1.0, 2.0]),
+                hist_counts=np.array([3, 1]), logits=logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = feature_card(card, tmp_path / "card.png")
+    assert path.is_file() and path.stat().st_size > 1000
+    covered = fonts.coverage()
+    assert ord("a") in covered
+    for t in tokens:
+        shown = _text(t)
+        assert all(ord(c) in covered for c in shown), shown
+        assert shown == t or "<" in shown  # drawn as is, or as bytes
+    if ord("\U0001F600") not in covered:
+        assert _text("\U0001F600") == "<f0 9f 98 80>"
+    if "Noto Sans CJK JP" in fonts.families():  # the set-up's fonts are installed: CJK, Hangul, Thai draw as text
+        assert all(_text(t) == t for t in tokens[:4])

@@ -36,8 +36,32 @@ def test_loads_with_plain_sae_lens_and_fits_the_size_limit(sae_dir):
     assert held["explained_variance"] >= 0.75 and held["l0"] <= 64 and held["dead_fraction"] <= 0.05
 
 
+NOT_RETRAINED = {"smollm2-135m-instruct-res15": "still the stdlib-only SAE: not yet retrained on the broader corpus"}
+"""Shipped SAEs whose training report predates the broader corpus (no per-kind or outside-text figures)."""
+
+
+RETRAINED_OR_XFAIL = [pytest.param(d, marks=pytest.mark.xfail(reason=NOT_RETRAINED[d.name], strict=True))
+                      if d.name in NOT_RETRAINED else d for d in SAES]
+
+
+@pytest.mark.parametrize("sae_dir", RETRAINED_OR_XFAIL, ids=[d.name for d in SAES])
+def test_training_report_meets_the_targets_on_every_kind_and_outside_the_corpus(sae_dir):
+    from saeray.corpus import BUDGETS
+
+    report = _report(sae_dir)
+    held = report["held_out"]
+    assert "by_kind" in held, "the training report has no per-kind figures"
+    assert set(held["by_kind"]) == set(BUDGETS)
+    assert sum(f["tokens"] for f in held["by_kind"].values()) == held["tokens"]
+    for kind, f in held["by_kind"].items():
+        assert f["explained_variance"] >= 0.75, (kind, f)
+    # and on the texts written outside the corpus
+    outside = report["outside_texts"]
+    assert outside["tokens"] >= 660 and outside["explained_variance"] >= 0.65
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sae_dir", SAES, ids=[d.name for d in SAES])
+@pytest.mark.parametrize("sae_dir", RETRAINED_OR_XFAIL, ids=[d.name for d in SAES])
 def test_quality_recomputed_on_held_out_text(sae_dir, tmp_path):
     """EV (centred) and L0 on 20k held-out tokens spread over the held-out documents, computed here directly
     rather than by train.evaluate."""
@@ -69,3 +93,41 @@ def test_quality_recomputed_on_held_out_text(sae_dir, tmp_path):
     assert len(x) == 20_000
     assert ev >= 0.75, f"explained variance {ev:.3f}"
     assert l0 <= 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sae_dir", RETRAINED_OR_XFAIL, ids=[d.name for d in SAES])
+def test_quality_on_texts_outside_the_corpus_recomputed_with_plain_transformers(sae_dir):
+    """The training report's figure on saeray/outside_texts.py, recomputed with a plain Hugging Face forward
+    (output_hidden_states, windows of context_size - 1 tokens after BOS) instead of saeray's streamer."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saeray.outside_texts import TEXTS
+
+    report = _report(sae_dir)
+    if not embedded.available(report["model"]):
+        pytest.skip(f"the embedded model {report['model']} is not installed")
+    model_dir, _ = embedded.resolve(report["model"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    sae = SAE.load_from_disk(str(sae_dir))
+    meta = sae.cfg.metadata
+    layer = int(meta.hook_name.split(".")[1])
+    assert meta.hook_name.endswith("hook_resid_post")
+    xs = []
+    with torch.no_grad():
+        for text in TEXTS.values():
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            w = meta.context_size - 1
+            for s in range(0, len(ids), w):
+                window = torch.tensor([[tok.bos_token_id] + ids[s:s + w]])
+                xs.append(model(window, output_hidden_states=True).hidden_states[layer + 1][0, 1:].float())
+        x = torch.cat(xs)
+        x_hat = sae.decode(sae.encode(x))
+    x, x_hat = x.double(), x_hat.double()
+    ev = float(1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    outside = report["outside_texts"]
+    assert len(x) == outside["tokens"] >= 660
+    assert ev == pytest.approx(outside["explained_variance"], abs=0.02)  # bf16 forwards batched differently
+    assert ev >= 0.65, f"explained variance {ev:.3f} on the texts outside the corpus"

@@ -85,11 +85,112 @@ def test_train_refuses_non_empty_out(trained, tmp_path, capsys):
 
 
 def test_corpus_is_deterministic_and_labelled(tmp_path):
-    a = build(tmp_path / "a", n_files=3, max_docs=300)
-    b = build(tmp_path / "b", n_files=3, max_docs=300)
+    import json
+
+    from saeray.corpus import BUDGETS
+
+    a = build(tmp_path / "a", n_files=3, max_docs=600)
+    b = build(tmp_path / "b", n_files=3, max_docs=600)
     ta = [pq.read_table(f) for f in sorted(a.glob("*.parquet"))]
     tb = [pq.read_table(f) for f in sorted(b.glob("*.parquet"))]
     assert len(ta) == 3 and all(x.equals(y) for x, y in zip(ta, tb))
-    kinds = set(np.concatenate([t["kind"].to_numpy(zero_copy_only=False) for t in ta]))
-    assert kinds == {"code", "prose"}
-    assert sum(len(d["text"]) for d in documents()) > 4_000_000  # ~1M+ tokens of text available
+    rows = [r for t in ta for r in t.to_pylist()]
+    assert set(BUDGETS) == {"code", "docstring", "documentation", "manual", "quotation"}
+    # every kind in each half: the training half and the held-out half both hold all of them
+    for half in (rows[:300], rows[300:]):
+        assert {r["kind"] for r in half} == set(BUDGETS)
+    meta = json.loads((a / "_corpus.json").read_text())
+    assert meta["documents"] == len(rows)
+    for kind in BUDGETS:
+        docs = [r for r in rows if r["kind"] == kind]
+        assert meta["by_kind"][kind] == {"documents": len(docs), "chars": sum(len(r["text"]) for r in docs)}
+    assert all(meta["sources"][s]["version"] for s in ("python-docs", "manpages", "fortunes"))
+    assert sum(len(d["text"]) for d in documents()) > 4_000_000  # the stdlib alone: ~1M+ tokens of text
+
+
+def test_corpus_text_is_clean_of_markup():
+    from saeray.textsources import rst_to_text, troff_to_text
+
+    man = troff_to_text('.\\" a comment\n.TH TCP 7\n.SH NAME\ntcp \\- TCP protocol\n.SH DESCRIPTION\n.B socket\n'
+                        'is \\fIthe\\fP call\\(emsee\n.BR ip (7).\n.TS\ntab(:);\nlb l.\nA:B\n.TE\n')
+    assert man == "Name\n\ntcp - TCP protocol\n\nDescription\n\nsocket\nis the call\u2014see\nip(7).\nA:B"
+    doc = rst_to_text(".. _label:\n\nTitle\n=====\n\nUse :func:`len` and ``x`` with *care*.\n")
+    assert doc == "\nTitle\n\nUse len and x with care."
+
+
+def test_stats_warns_when_a_run_explains_far_less_than_the_training_report(trained, tmp_path, capsys):
+    import shutil
+
+    from saeray.stats import EV_MARGIN, reconstruction
+
+    model, data, out = trained
+    sae = tmp_path / "sae"
+    shutil.copytree(out, sae)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": str(model), "dtype": "float32"},
+                                   "saes": [{"name": "mine", "path": str(sae)}],
+                                   "data": {"dataset": str(data)}, "tokens": {"context_size": 32},
+                                   "output": {"dir": str(tmp_path / "run"), "reconstruction": True}}))
+    assert cli.main(["run", str(cfg), "--local"]) == 0
+    ev = reconstruction(tmp_path / "run").row(0, named=True)["explained_variance"]
+    report_file = sae / "saeray_training.json"
+    report = json.loads(report_file.read_text())
+
+    def stats_err(report_ev: float) -> str:
+        report["held_out"]["explained_variance"] = report_ev
+        report_file.write_text(json.dumps(report))
+        capsys.readouterr()
+        assert cli.main(["stats", str(tmp_path / "run")]) == 0
+        return capsys.readouterr().err
+
+    assert stats_err(ev + EV_MARGIN / 2) == ""  # near the report: nothing to say
+    err = stats_err(ev + EV_MARGIN + 0.05)
+    assert "warning: SAE 'mine'" in err and f"{ev:.2f}" in err and f"{ev + EV_MARGIN + 0.05:.2f}" in err
+    assert str(report_file) in err
+    # weights changed since the run: the report no longer describes the SAE the run used
+    cfg_json = json.loads((sae / "cfg.json").read_text())
+    (sae / "cfg.json").write_text(json.dumps(cfg_json, indent=1))  # same config, other bytes: another digest
+    assert stats_err(ev + 0.5) == ""
+    # a run without reconstruction partials: no comparison, no warning
+    cfg.write_text(cfg.read_text().replace("reconstruction: true", "reconstruction: false")
+                   .replace(str(tmp_path / "run"), str(tmp_path / "run2")))
+    assert cli.main(["run", str(cfg), "--local"]) == 0
+    capsys.readouterr()
+    assert cli.main(["stats", str(tmp_path / "run2")]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_evaluate_by_label_equals_numpy_per_label():
+    """Per-label figures (held-out kinds) against a direct numpy computation on the same tokens."""
+    from saeray.train import evaluate
+
+    class Sae:  # a fixed linear encoder with ReLU and a linear decoder
+        dtype = torch.float64
+
+        def __init__(self):
+            g = torch.Generator().manual_seed(3)
+            self.w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+            self.d = torch.randn(10, 6, generator=g, dtype=torch.float64) / 4
+
+        def encode(self, x):
+            return torch.relu(x @ self.w - 1.0)
+
+        def decode(self, z):
+            return z @ self.d
+
+    sae = Sae()
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 6, generator=g, dtype=torch.float64) * (1 + i) for i, n in enumerate((7, 9, 5))]
+    labels = [np.array(["a", "b", "a", "c", "b", "a", "a"][:7], dtype=object), np.array(["c"] * 4 + ["b"] * 5, dtype=object),
+              np.array(["a", "b", "c", "a", "b"], dtype=object)]
+    got = evaluate(sae, iter(list(zip(xs, labels))))
+    x, lab = torch.cat(xs).numpy(), np.concatenate(labels)
+    for name in ("a", "b", "c"):
+        xi = x[lab == name]
+        zi = np.maximum(xi @ sae.w.numpy() - 1.0, 0)
+        err = ((zi @ sae.d.numpy() - xi) ** 2).sum()
+        f = got["by_label"][name]
+        assert f["tokens"] == len(xi)
+        assert f["explained_variance"] == pytest.approx(1 - err / ((xi - xi.mean(0)) ** 2).sum(), rel=1e-12)
+        assert f["l0"] == pytest.approx((zi != 0).sum(1).mean())
+        assert f["dead_fraction"] == pytest.approx(((zi != 0).sum(0) == 0).mean())
+    assert got["tokens"] == len(x) == sum(f["tokens"] for f in got["by_label"].values())

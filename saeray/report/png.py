@@ -1,7 +1,8 @@
 """PNG figures for papers and slides, drawn with matplotlib's object API (no pyplot, no display).
 
 Each function writes one file (to a temporary name, then renamed) and returns its path.
-Data strings are passed through `_text` so matplotlib's mathtext never parses them.
+Data strings are passed through `_text` so matplotlib's mathtext never parses them, and every figure is
+drawn with a fallback chain of wide-coverage fonts (`fonts.py`): tokens in any script draw without warnings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ..diff import CLASSES, METRICS
+from . import fonts
 from .data import Card, pairs
 from .style import (MARKERS, METRIC_LABELS, SHORT_LABELS, METRIC_TITLES, NEG_COLOR, POS_COLOR, SEQUENTIAL, color,
                     pair_label)
@@ -23,8 +25,9 @@ DPI = 150
 
 def _text(s: str, limit: int = 40) -> str:
     """Data text safe for matplotlib: '$' escaped (no mathtext), whitespace visible, long strings cut."""
-    s = s.replace("\n", "\u21b5").replace("\t", "\u21e5").replace("$", r"\$")
-    return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+    s = s.replace("\n", "\u21b5").replace("\t", "\u21e5")
+    s = s if len(s) <= limit else s[: limit - 1] + "\u2026"
+    return fonts.drawable(s).replace("$", r"\$")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -54,6 +57,7 @@ def _log_axes(ax) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
+@fonts.wide
 def density_histogram(features: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4.2))
     ax = _axes(fig)[0]
@@ -74,6 +78,7 @@ def density_histogram(features: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@fonts.wide
 def mean_vs_density(features: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4.8))
     ax = _axes(fig)[0]
@@ -89,6 +94,7 @@ def mean_vs_density(features: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@fonts.wide
 def feature_card(card: Card, path: Path) -> Path:
     """The feature's activation histogram and, when computed, its top promoted/suppressed tokens."""
     has_logits = card.logits is not None and card.logits.height > 0
@@ -118,6 +124,7 @@ def feature_card(card: Card, path: Path) -> Path:
     return _save(fig, path)
 
 
+@fonts.wide
 def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str, path: Path, *, log: bool) -> Path:
     fig = Figure(figsize=(15, 5))
     axes = _axes(fig, 1, 3)
@@ -145,6 +152,7 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str, path: Path, *, 
     return _save(fig, path)
 
 
+@fonts.wide
 def class_counts(diff: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(8, 4.2))
     ax = _axes(fig)[0]
@@ -164,6 +172,7 @@ def class_counts(diff: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@fonts.wide
 def rho_histogram(diff: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4))
     ax = _axes(fig)[0]
@@ -179,6 +188,7 @@ def rho_histogram(diff: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@fonts.wide
 def separation_scores(scores: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(15, 4.2))
     axes = _axes(fig, 1, 3)
@@ -195,6 +205,7 @@ def separation_scores(scores: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@fonts.wide
 def separation_feature(values: pl.DataFrame, feature: int, pos_name: str, neg_name: str, path: Path) -> Path:
     v = values.filter(pl.col("feature") == feature)
     groups = [(v.filter(pl.col("y"))["value"].to_numpy(), pos_name, POS_COLOR),
@@ -217,6 +228,7 @@ def separation_feature(values: pl.DataFrame, feature: int, pos_name: str, neg_na
     return _save(fig, path)
 
 
+@fonts.wide
 def heatmap(matrix: pl.DataFrame, features: list[int], category: str, stride: int, path: Path) -> Path:
     z = np.stack([matrix[str(f)].to_numpy() for f in features])
     cats = matrix["category"].cast(pl.String).fill_null("(none)").to_list()

@@ -22,7 +22,7 @@ from saeray.store import RunDir
 @pytest.fixture(scope="module")
 def slow(tiny, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("signals")
-    data = write_dataset(root / "data", corpus(168, seed=9, min_words=40, max_words=100), n_files=1)
+    data = write_dataset(root / "data", corpus(112, seed=9, min_words=40, max_words=80), n_files=1)
     raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",
                       tokens__batch_tokens=64, data__shards=7)
     run(config.from_dict(raw), executor="local")

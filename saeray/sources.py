@@ -241,9 +241,21 @@ def check_text(where: str, value: Any, column: str) -> None:
                         "not a string: write it as a string, or set data.text_column to a text field")
 
 
-def unit_records(unit: LineUnit, data: bytes, fmt: str, url: str, columns: list[str],
+def json_record(url: str, lineno: int, line: bytes) -> dict[str, Any]:
+    """One JSON lines row, or a one-line error naming the file and line."""
+    try:
+        rec = parse_json_line(line)
+    except ValueError as e:
+        raise DataError(f"{url} line {lineno:,} is not valid JSON ({e}): fix or remove that line") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{url} line {lineno:,} is a JSON {type(rec).__name__}, not an object with fields")
+    return rec
+
+
+def unit_records(unit: LineUnit, data: bytes, fmt: str, url: str, columns: list[str] | None,
                  text_column: str | None = None) -> Iterator[tuple[int, dict]]:
-    """(row within the file, {column: value}) of each row of a line unit; `text_column`'s values must be text."""
+    """(row within the file, {column: value}) of each row of a line unit (columns None: every field);
+    `text_column`'s values must be text."""
     row = unit.row_start
     for i, line in enumerate(_lines(data)):
         if fmt == "text":
@@ -252,44 +264,21 @@ def unit_records(unit: LineUnit, data: bytes, fmt: str, url: str, columns: list[
             continue
         if not line.strip():
             continue
-        lineno = unit.line_start + i
-        try:
-            rec = parse_json_line(line)
-        except ValueError as e:
-            raise DataError(f"{url} line {lineno:,} is not valid JSON ({e}): fix or remove that line") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{url} line {lineno:,} is a JSON {type(rec).__name__}, not an object with fields")
+        rec = json_record(url, unit.line_start + i, line)
         if text_column is not None:
-            check_text(f"{url} line {lineno:,}", rec.get(text_column), text_column)
-        yield row, {c: rec.get(c) for c in columns}
+            check_text(f"{url} line {unit.line_start + i:,}", rec.get(text_column), text_column)
+        yield row, rec if columns is None else {c: rec.get(c) for c in columns}
         row += 1
 
 
 def first_records(url: str, fmt: str, n: int, block_size: int = 16 << 10) -> list[dict[str, Any]]:
-    """The first `n` rows of a line file (planning: column names and kept-column types), read lazily."""
+    """The first `n` rows of a line file (planning: column names and kept-column types), read a block at a time."""
     out: list[dict[str, Any]] = []
-    tail = b""
-    line = 0
-    for chunk in read_chunks(url, block_size=block_size):
-        parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
-        for p in parts:
-            line += 1
-            if fmt == "text":
-                out.append({"text": p.decode("utf-8", errors="replace")})
-            elif p.strip():
-                try:
-                    rec = parse_json_line(p)
-                except ValueError as e:
-                    raise DataError(f"{url} line {line:,} is not valid JSON ({e}): fix or remove that line") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{url} line {line:,} is a JSON {type(rec).__name__}, not an object with fields")
-                out.append(rec)
-            if len(out) >= n:
-                return out
-    if tail.strip() and len(out) < n:
-        out.append({"text": tail.decode("utf-8", errors="replace")} if fmt == "text" else parse_json_line(tail))
-    return out
+    for unit, data in line_units(url, 0, fmt, block_size, block_size=block_size):
+        out += [rec for _, rec in unit_records(unit, data, fmt, url, None)]
+        if len(out) >= n:
+            break
+    return out[:n]
 
 
 # ---- Parquet -------------------------------------------------------------------------------

@@ -32,3 +32,23 @@ def canonical_doc_ids(data: Path) -> list[int]:
 
     files = sorted(p for p in Path(data).rglob("*.parquet"))
     return [(i << 32) | r for i, f in enumerate(files) for r in range(pq.ParquetFile(f).metadata.num_rows)]
+
+
+def kill_worker_of(run_dir: Path, unit: str, killed: list[int], timeout_s: float = 300) -> None:
+    """SIGKILL the first worker found holding `unit` (its attempt folder RUN/_tmp/<unit>-*), mid-unit;
+    append its pid to `killed`. Meant for a thread beside a run."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not killed:
+        for pid_file in (Path(run_dir) / "_tmp").glob(f"{unit}-*/worker.pid"):
+            try:
+                pid = int(pid_file.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except (OSError, ValueError):
+                continue
+            return
+        time.sleep(0.005)

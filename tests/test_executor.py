@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import polars as pl
 import pytest
 import yaml
 
-from helpers import base_config, corpus, write_dataset
+from helpers import base_config, kill_worker_of, corpus, write_dataset
 from reference import assert_same_rows, read_rows
 from saeray import config
 from saeray.executor import run
@@ -66,20 +65,7 @@ def test_killed_worker_is_replaced_and_rows_match(tiny, tmp_path, ray_session):
     out = tmp_path / "run"
     killed: list[int] = []
 
-    def killer() -> None:  # SIGKILL the first worker found holding shard 3, mid-shard
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            for pid_file in (out / "_tmp").glob("00003-*/worker.pid"):
-                try:
-                    pid = int(pid_file.read_text())
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except (OSError, ValueError):
-                    continue
-                return
-            time.sleep(0.01)
-
-    t = threading.Thread(target=killer)
+    t = threading.Thread(target=kill_worker_of, args=(out, "00003", killed, 120))  # unit 3, mid-unit
     t.start()
     result = run(_cfg(tiny, out, data, tokens__batch_tokens=64, data__shards=7), workers=2, executor="ray")
     t.join()

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 
-from helpers import base_config
+from helpers import base_config, kill_worker_of
 from pile import budget_documents, total_tokens, write_mini_pile
 from reference import assert_same_rows, reference_rows
 from s3_server import S3Server
@@ -137,20 +137,7 @@ def test_worker_killed_mid_unit(tiny, pile, tmp_path, ray_session):
     out = tmp_path / "run"
     killed: list[int] = []
 
-    def killer() -> None:  # SIGKILL the worker found holding unit 3 (file 0), mid-unit
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            for pid_file in (out / "_tmp").glob("00003-*/worker.pid"):
-                try:
-                    pid = int(pid_file.read_text())
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except (OSError, ValueError):
-                    continue
-                return
-            time.sleep(0.005)
-
-    t = threading.Thread(target=killer)
+    t = threading.Thread(target=kill_worker_of, args=(out, "00003", killed, 300))  # unit 3, mid-unit
     t.start()
     result = run(config.from_dict(_raw(tiny, pile, str(pile.pile.root), str(out))), workers=2, executor="ray")
     t.join()

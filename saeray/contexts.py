@@ -163,7 +163,7 @@ class Tokenization:
             ids = ids[:max_tokens]
         return Document(doc_id, ids, extras, self.select(ids))
 
-    def from_ids(self, doc_id: int, ids: list[int], extras: dict[str, Any]) -> Document:
+    def from_ids(self, doc_id: int, ids: Any, extras: dict[str, Any]) -> Document:
         """A pre-tokenized document (data.token_column). A leading BOS is dropped when windows get one
         anyway, so the document's positions are those of the same text tokenized here."""
         arr = np.asarray(ids, dtype=np.int32)

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from . import sources
@@ -105,15 +106,18 @@ def _check_token_type(url: str, schema: pa.Schema, column: str) -> None:
                         "give one list of token ids per row, or use data.text_column for text")
 
 
-def check_token_ids(where: str, ids: Any, vocab_size: int | None) -> None:
-    """One document's token ids: a list of ints inside the model's vocabulary."""
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+def check_token_ids(where: str, ids: Any, vocab_size: int | None) -> np.ndarray:
+    """One document's token ids, checked (a list of ints inside the model's vocabulary) with numpy: this
+    runs on every document of a pre-tokenized run."""
+    arr = np.asarray(ids) if isinstance(ids, list) else None
+    if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise DataError(f"{where}: data.token_column holds {type(ids).__name__} {str(ids)[:40]}, not a list of "
                         "integer token ids")
-    if vocab_size is not None and ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        bad = next(t for t in ids if t < 0 or t >= vocab_size)
+    if vocab_size is not None and arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
         raise DataError(f"{where}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}): the "
                         "dataset was tokenized for another model")
+    return arr
 
 
 def _value_column(cfg: DataConfig) -> str:

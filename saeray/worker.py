@@ -132,8 +132,7 @@ class ShardWorker:
         for doc_id, rec in unit_rows(self.plan, data, task, payload, columns):
             extras = {c: rec.get(c) for c in data.keep_columns}
             if data.token_column:
-                ids = rec.get(data.token_column)
-                check_token_ids(f"{url} row {doc_id & 0xFFFFFFFF}", ids, self.vocab_size)
+                ids = check_token_ids(f"{url} row {doc_id & 0xFFFFFFFF}", rec.get(data.token_column), self.vocab_size)
                 yield self.tok.from_ids(doc_id, ids, extras)
                 continue
             image = load_image(rec.get(image_column), url, doc_id) if image_column else None

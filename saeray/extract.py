@@ -7,6 +7,7 @@ and per-feature accumulators leave the encoder. Partials merge with Chan's formu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,8 @@ import torch
 from torch.profiler import record_function
 
 from .contexts import Batch, Document, Tokenization
-from .models import HookSite, run_to_hooks
-from .saes import ReconStats, encode_sparse
+from .models import HookSite, Hooks, run_to_hooks
+from .saes import ReconStats, encode_chunk_tokens, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
 _NO_KEY = torch.iinfo(torch.int64).max
@@ -117,25 +118,34 @@ class Extractor:
     """Runs blocks of whole documents through the model and SAEs."""
 
     def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
-                 device: torch.device, encode_chunk: int = 4096, reconstruction: bool = False):
+                 device: torch.device, encode_chunk: int | None = None, reconstruction: bool = False,
+                 hooks: Hooks | None = None):
+        """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
+        `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE)."""
         self.model = model
         self.saes = saes
         self.tok = tok
         self.batch_tokens = batch_tokens
         self.device = device
-        self.encode_chunk = encode_chunk
         self.sites = list({h.site.name: h.site for h in saes}.values())
+        self.hooks = hooks
+        self.chunks = {h.name: encode_chunk or encode_chunk_tokens(int(h.sae.cfg.d_sae), h.sae.dtype, device)
+                       for h in saes}
         self.groups = tok.group_names
         self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
 
-    def process(self, docs: list[Document], keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """Run whole documents; update statistics; return {(sae, group): rows} when `keep_rows`."""
+    def process(self, docs: list[Document], keep_rows: bool, batches: list[Batch] | None = None
+                ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Run whole documents; update statistics; return {(sae, group): rows} when `keep_rows`.
+        `batches`: the documents' batches built ahead on the host (worker.prefetch_blocks), else built here."""
         found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]] = {k: [] for k in self.stats}
-        for batch in self.tok.batches(docs, self.batch_tokens, self.device):
-            self._run_batch(batch, found)
+        if batches is None:
+            batches = self.tok.batches(docs, self.batch_tokens)
+        for batch in batches:
+            self._run_batch(batch.to(self.device), found)
         with record_function("saeray.rows"):
             return self._collect(found, keep_rows)
 
@@ -165,22 +175,22 @@ class Extractor:
     def _run_batch(self, batch: Batch, found: dict) -> None:
         self.forward_tokens += batch.n_tokens
         with record_function("saeray.model"):  # scopes for torch.profiler (bench/throughput.py)
-            hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask,
-                                  pixel_values=batch.pixel_values, token_type_ids=batch.token_type_ids)
+            forward = self.hooks or functools.partial(run_to_hooks, self.model, self.sites)
+            hidden = forward(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values,
+                             token_type_ids=batch.token_type_ids)
         with record_function("saeray.sae"):
             self._encode(batch, hidden, found)
 
     def _encode(self, batch: Batch, hidden: dict[str, torch.Tensor], found: dict) -> None:
+        """Encode each group's positions and fold them into the statistics. The only host syncs are
+        `nonzero`'s, one per (SAE, group, encode chunk): one per batch for one SAE in positions mode `all`."""
         for h in self.saes:
             hs = hidden[h.site.name]
             for g in self.groups:
-                if g not in batch.sel_row or len(batch.sel_row[g]) == 0:
+                if g not in batch.selected or len(batch.sel_row[g]) == 0:
                     continue
-                rows = torch.from_numpy(batch.sel_row[g]).to(self.device)
-                cols = torch.from_numpy(batch.sel_col[g]).to(self.device)
-                doc = torch.from_numpy(batch.sel_doc[g]).to(self.device)
-                pos = torch.from_numpy(batch.sel_pos[g].astype(np.int64)).to(self.device)
-                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.encode_chunk,
+                rows, cols, doc, pos = batch.selected[g]
+                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.chunks[h.name],
                                         self.recon.get((h.name, g)))
                 d, p = doc[r], pos[r]
                 self.stats[(h.name, g)].add(len(rows), f, v, d, p)

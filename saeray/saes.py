@@ -96,16 +96,34 @@ def describe(cfg: SAEConfig) -> SAEInfo:
     )
 
 
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The SAE dtype a worker on `device` uses: `auto` is bfloat16 on a GPU that has it, float32 elsewhere."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def encode_chunk_tokens(d_sae: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows of the dense code encoded at once. Each chunk costs one host sync (`nonzero`'s output size is data
+    dependent), so a GPU encodes up to 2 GiB of code at once (16k latents in bf16: 65,536 tokens, a whole
+    batch; 131k latents: 8,192); CPU keeps 4,096 rows, which stay in cache."""
+    if device.type != "cuda":
+        return 4096
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return max(4096, (2 << 30) // (d_sae * itemsize))
+
+
 def load(cfg: SAEConfig, device: torch.device) -> Any:
-    """Load an SAE with sae-lens onto `device`, in eval mode without gradients."""
+    """Load an SAE with sae-lens onto `device` (dtype `auto` resolved for it), in eval mode without gradients."""
     from sae_lens import SAE
 
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.path:
         path = Path(cfg.path).expanduser()
         _check_disk(path, cfg.name)
-        sae = SAE.load_from_disk(path, device=str(device), dtype=cfg.dtype)
+        sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
     else:
-        sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=cfg.dtype)
+        sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=dtype)
     sae.eval()
     sae.requires_grad_(False)
     return sae
@@ -119,21 +137,34 @@ class ReconStats:
 
     def __init__(self, d_in: int, device: torch.device):
         self.n = 0
-        self.sse = 0.0
-        self.sum_sq = 0.0
-        self.l0 = 0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
-        self.hist = torch.zeros(len(self.BINS) - 1, dtype=torch.int64, device=device)
+        z = dict(device=device)
+        self._sse = torch.zeros((), dtype=torch.float64, **z)  # on the device: no host sync per chunk
+        self._sum_sq = torch.zeros((), dtype=torch.float64, **z)
+        self._l0 = torch.zeros((), dtype=torch.int64, **z)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, **z)
+        self.hist = torch.zeros(len(self.BINS) - 1, dtype=torch.int64, **z)
         self._edges = self.BINS.to(device)
+
+    @property
+    def sse(self) -> float:
+        return float(self._sse)
+
+    @property
+    def sum_sq(self) -> float:
+        return float(self._sum_sq)
+
+    @property
+    def l0(self) -> int:
+        return int(self._l0)
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> None:
         xd = x.double()
         err = ((x_hat.double() - xd) ** 2).sum(-1)
         self.n += len(x)
-        self.sse += float(err.sum())
-        self.sum_sq += float((xd * xd).sum())
+        self._sse += err.sum()
+        self._sum_sq += (xd * xd).sum()
         self.sum_x += xd.sum(0)
-        self.l0 += int((acts != 0).sum())
+        self._l0 += (acts != 0).sum()
         idx = (torch.bucketize(err, self._edges) - 1).clamp(0, len(self.hist) - 1)
         self.hist += torch.bincount(idx, minlength=len(self.hist))
 

@@ -27,6 +27,7 @@ from .contexts import Document, Tokenization, blocks
 from .reading import check_token_ids, unit_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
 from .images import load_image
+from .pipeline import Prefetch
 from .storage import READ
 from .store import ACTIVATIONS_SCHEMA, RunDir
 from .units import DataPlan, Task
@@ -71,30 +72,54 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _default_threads() -> int:
-    """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
-    cpus = os.cpu_count() or 1
+def _assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this actor, None outside a Ray actor."""
     try:
         import ray
 
         if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            assigned = ray.get_runtime_context().get_assigned_resources()
-            if assigned.get("GPU"):
-                return max(1, cpus // max(1, torch.cuda.device_count()))
-            return max(1, int(assigned.get("CPU", 1)))
+            return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     except ImportError:
         pass
+    return None
+
+
+def _default_threads() -> int:
+    """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
+    cpus = os.cpu_count() or 1
+    assigned = _assigned_cpus()
+    if assigned is not None:
+        if torch.cuda.is_available():
+            return max(1, cpus // max(1, torch.cuda.device_count()))
+        return max(1, int(assigned))
     return cpus
+
+
+def tokenizer_threads(setting: int | str, device: torch.device) -> int:
+    """worker.tokenizer_threads resolved: auto is a GPU worker's CPUs but one (the model's thread keeps
+    one), and 1 on CPU, where the model needs every core and tokenizing is <1% of its time."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 1
+    assigned = _assigned_cpus()
+    cpus = assigned if assigned is not None else (os.cpu_count() or 1) / max(1, torch.cuda.device_count())
+    return max(1, int(cpus) - 1)
+
+
+TOKENIZE_CHARS = 1 << 20
+"""Texts are tokenized in batches of about this many characters (one call into the Rust tokenizer)."""
 
 
 class ShardWorker:
     """Turns work units into committed outputs: `count` (tokens of a unit, for the budget) and `process`."""
 
     CACHE_UNITS = 3
+    extractor_class = Extractor
+    """What runs the model and SAEs on a block (bench/throughput.py --simulate swaps in a timed stand-in)."""
     """Units tokenized by `count` whose documents are kept for the `process` call that follows."""
 
     def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         bound_malloc()
         torch.set_num_threads(threads or _default_threads())
         self.manifest = manifest
@@ -102,6 +127,14 @@ class ShardWorker:
         self.plan = DataPlan.from_dict(manifest["plan"])
         self.run = RunDir(run_dir)
         self.device = pick_device()
+        # The Rust tokenizer reads these at its first batch encode (and forks disable its threads anyway).
+        self.tokenizer_threads = tokenizer_threads(self.cfg.worker.tokenizer_threads, self.device)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.tokenizer_threads > 1 else "false"
+        if self.tokenizer_threads > 1:
+            os.environ["RAYON_NUM_THREADS"] = str(self.tokenizer_threads)
+        if self.cfg.worker.tf32 and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.batch_tokens = self.cfg.tokens.batch_tokens_on(self.device.type)
         self.block_tokens = BLOCK_BATCHES * self.batch_tokens
         resolved = manifest["resolved"]
@@ -112,6 +145,11 @@ class ShardWorker:
         for s, info in zip(self.cfg.saes, resolved["saes"]):
             sae = saes.load(s, self.device)
             self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
+        # registered once for the worker's life (the model runs nowhere else in this process)
+        self.hooks = models.Hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()))
+        log.info("worker on %s: model %s attention %s, SAEs %s, %d tokenizer threads", self.device,
+                 self.cfg.model.name, getattr(self.model.config, "_attn_implementation", "?"),
+                 ", ".join(f"{h.name} {h.sae.dtype}" for h in self.handles), self.tokenizer_threads)
         self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
                                 context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special,
                                 processor=processor, images=self.cfg.data.image_column is not None,
@@ -129,14 +167,25 @@ class ShardWorker:
         image_column = data.image_column
         columns = [data.token_column or data.text_column, *data.keep_columns, *([image_column] if image_column else [])]
         url = self.plan.files[task.file].url
+        texts: list[tuple[int, Any, dict[str, Any]]] = []  # text documents waiting for one batch encode
+        chars = 0
         for doc_id, rec in unit_rows(self.plan, data, task, payload, columns):
             extras = {c: rec.get(c) for c in data.keep_columns}
             if data.token_column:
                 ids = check_token_ids(f"{url} row {doc_id & 0xFFFFFFFF}", rec.get(data.token_column), self.vocab_size)
                 yield self.tok.from_ids(doc_id, ids, extras)
-                continue
-            image = load_image(rec.get(image_column), url, doc_id) if image_column else None
-            yield self.tok.document(doc_id, rec.get(data.text_column), extras, image=image)
+            elif image_column:
+                image = load_image(rec.get(image_column), url, doc_id)
+                yield self.tok.document(doc_id, rec.get(data.text_column), extras, image=image)
+            else:
+                text = rec.get(data.text_column)
+                texts.append((doc_id, text, extras))
+                chars += len(text) if isinstance(text, str) else 1
+                if chars >= TOKENIZE_CHARS:
+                    yield from self.tok.text_documents(texts)
+                    texts, chars = [], 0
+        if texts:
+            yield from self.tok.text_documents(texts)
 
     def count(self, task: dict[str, Any], payload: bytes | None = None) -> int:
         """Tokens of every document of the unit (the budget's ledger); the documents are kept for `process`."""
@@ -185,8 +234,8 @@ class ShardWorker:
 
     def _process(self, task: Task, documents: Iterable[Document], tmp: Path) -> dict[str, Any]:
         keep_rows = self.cfg.output.activations
-        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
-                        device=self.device, reconstruction=self.cfg.output.reconstruction)
+        ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
+                                   device=self.device, reconstruction=self.cfg.output.reconstruction, hooks=self.hooks)
         act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
         docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
@@ -200,9 +249,14 @@ class ShardWorker:
                 n_tokens += len(doc.token_ids)
                 yield doc
 
-        def flush(block: list[Document]) -> None:
+        def prepared() -> Iterator[tuple[list[Document], list]]:
+            """Blocks of documents with their host batches: what runs ahead of the model (prefetch_blocks)."""
+            for block in blocks(counted(documents), self.block_tokens):
+                yield block, self.tok.batches(block, self.batch_tokens, pin=self.device.type == "cuda")
+
+        def flush(block: list[Document], batches: list) -> None:
             nonlocal n_rows
-            rows = ext.process(block, keep_rows)
+            rows = ext.process(block, keep_rows, batches)
             docs_table = self._docs_table(block)
             act_table = _rows_table(rows) if keep_rows else None
             n_rows += act_table.num_rows if act_table is not None else 0
@@ -211,12 +265,23 @@ class ShardWorker:
             pending.clear()
             pending.append(io.submit(_write, docs_writer, act_writer, docs_table, act_table))
 
+        depth = self.cfg.worker.prefetch_blocks
+        source = Prefetch(prepared(), depth, name="saeray-prefetch") if depth else prepared()
+        wait = 0.0  # seconds the model's thread spent getting its next block (prefetch: waiting for it)
         try:
-            for block in blocks(counted(documents), self.block_tokens):
-                flush(block)
+            items = iter(source)
+            while True:
+                t0 = time.perf_counter()
+                item = next(items, None)
+                wait += time.perf_counter() - t0
+                if item is None:
+                    break
+                flush(*item)
             for f in pending:
                 f.result()
         finally:
+            if isinstance(source, Prefetch):
+                source.close()
             io.shutdown(wait=True)
             docs_writer.close()
             if act_writer is not None:
@@ -230,7 +295,7 @@ class ShardWorker:
             log.warning("unit %d: %d image documents were cut to tokens.context_size", task.uid, self.tok.truncated)
             self.tok.truncated = 0
         return {"rows": n_rows, "docs": n_docs, "tokens": n_tokens, "forward_tokens": ext.forward_tokens,
-                "counted_tokens": counted_tokens}
+                "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
 
     def _docs_table(self, block: list[Document]) -> pa.Table:
         cols: dict[str, Any] = {

@@ -8,7 +8,8 @@ and per-feature accumulators leave the encoder. Partials merge with Chan's formu
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch.profiler import record_function
 
 from .contexts import Batch, Document, Tokenization
 from .models import HookSite, Hooks, run_to_hooks
-from .saes import ReconStats, encode_chunk_tokens, encode_sparse
+from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
 _NO_KEY = torch.iinfo(torch.int64).max
@@ -29,6 +30,10 @@ STATS_SCHEMA = pa.schema([
     ("sum", pa.float64()), ("m2", pa.float64()),
     ("max", pa.float32()), ("max_doc_id", pa.int64()), ("max_pos", pa.int32()),
 ])
+
+
+DENSE_DOC_MARKS = 1 << 26
+"""Largest documents x latents of a block whose per-feature document count uses a dense mark."""
 
 
 class FeatureStats:
@@ -68,6 +73,11 @@ class FeatureStats:
         self.m2 += m2_b + delta * delta * (na * nb / tot)
         self.n_tokens = tot
         self.n_active += count
+        if feat.numel() and feat.device.type == "cpu":
+            # Only entries >= their feature's running max can change it (ties included): after the first
+            # batches few are, and the passes below touch only those. (On a GPU the mask would cost a sync.)
+            keep = val >= self.max[feat]
+            feat, val, doc, pos = feat[keep], val[keep], doc[keep], pos[keep]
         if feat.numel():
             bmax = torch.full_like(self.max, float("-inf")).scatter_reduce(0, feat, val, "amax")
             # ties go to the smallest (doc_id, pos): the smallest doc among the maxima, then its smallest pos
@@ -81,10 +91,18 @@ class FeatureStats:
             self.max_doc = torch.where(better, bdoc, self.max_doc)
             self.max_pos = torch.where(better, bpos, self.max_pos)
 
-    def add_docs(self, feat: torch.Tensor, doc: torch.Tensor) -> None:
-        """Count documents per feature; call once per set of whole documents."""
-        if feat.numel():
-            pairs = torch.unique(doc * self.d_sae + feat)
+    def add_docs(self, feat: torch.Tensor, rank: torch.Tensor, n_docs: int) -> None:
+        """Count documents per feature; call once per set of whole documents, `rank` being each entry's
+        document's index among the set's `n_docs`. A dense (document, feature) mark when it fits in
+        64 MiB (one pass, no sort), else the distinct pairs."""
+        if not feat.numel():
+            return
+        if n_docs * self.d_sae <= DENSE_DOC_MARKS:
+            seen = torch.zeros(n_docs * self.d_sae, dtype=torch.bool, device=feat.device)
+            seen[rank * self.d_sae + feat] = True
+            self.n_docs += seen.view(n_docs, self.d_sae).sum(0)
+        else:
+            pairs = torch.unique(rank * self.d_sae + feat)
             self.n_docs += torch.bincount(pairs % self.d_sae, minlength=self.d_sae)
 
     def to_table(self, sae: str, group: str) -> pa.Table:
@@ -119,9 +137,11 @@ class Extractor:
 
     def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
                  device: torch.device, encode_chunk: int | None = None, reconstruction: bool = False,
-                 hooks: Hooks | None = None):
+                 hooks: Hooks | None = None, ahead: int | None = None):
         """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
-        `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE)."""
+        `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE).
+        `ahead`: batches launched before the host waits on the one before (None: 1 on a GPU, 0 on CPU,
+        where nothing runs asynchronously and a second batch's dense codes would only take memory)."""
         self.model = model
         self.saes = saes
         self.tok = tok
@@ -136,21 +156,57 @@ class Extractor:
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
+        self.ahead = (1 if device.type == "cuda" else 0) if ahead is None else ahead
+        self._flight: deque[_InFlight] = deque()
+        self._blocks: deque[_Block] = deque()
 
     def process(self, docs: list[Document], keep_rows: bool, batches: list[Batch] | None = None
                 ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """Run whole documents; update statistics; return {(sae, group): rows} when `keep_rows`.
-        `batches`: the documents' batches built ahead on the host (worker.prefetch_blocks), else built here."""
-        found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]] = {k: [] for k in self.stats}
+        """Run one block of whole documents to the end; update statistics; return {(sae, group): rows}
+        when `keep_rows`. `batches`: the documents' batches built ahead on the host, else built here."""
+        done = self.push(docs, keep_rows, batches) + self.drain()
+        return done[-1][1]
+
+    def push(self, docs: list[Document], keep_rows: bool, batches: list[Batch] | None = None
+             ) -> list[tuple[list[Document], dict[tuple[str, str], dict[str, np.ndarray]]]]:
+        """Start a block of whole documents; return the blocks finished meanwhile, in order, as (docs, rows).
+
+        Up to `ahead` batches stay in flight: a batch's forward pass and encoder are queued on the device
+        before the host waits for the previous batch's active entries (its one sync), so the device is
+        never idle while the host folds statistics or finishes a block. Blocks finish in order; `drain`
+        finishes the rest."""
         if batches is None:
             batches = self.tok.batches(docs, self.batch_tokens)
+        ids = torch.from_numpy(np.unique(np.fromiter((d.doc_id for d in docs), np.int64, len(docs))))
+        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids.to(self.device))
+        self._blocks.append(block)
+        done = []
         for batch in batches:
-            self._run_batch(batch.to(self.device), found)
-        with record_function("saeray.rows"):
-            return self._collect(found, keep_rows)
+            with record_function("saeray.model"):  # scopes for torch.profiler (bench/throughput.py)
+                self._flight.append(self._launch(batch.to(self.device), block))
+            while len(self._flight) > self.ahead:
+                self._finish(self._flight.popleft())
+                done += self._finished()
+        return done + self._finished()
 
-    def _collect(self, found: dict, keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """Fold in the block's per-document counts; with `keep_rows`, its rows in (doc_id, pos, feature) order."""
+    def drain(self) -> list[tuple[list[Document], dict[tuple[str, str], dict[str, np.ndarray]]]]:
+        """Finish every batch in flight; the blocks that finishes, in order."""
+        while self._flight:
+            self._finish(self._flight.popleft())
+        return self._finished()
+
+    def _finished(self) -> list[tuple[list[Document], dict[tuple[str, str], dict[str, np.ndarray]]]]:
+        out = []
+        while self._blocks and self._blocks[0].left == 0:
+            b = self._blocks.popleft()
+            with record_function("saeray.rows"):
+                out.append((b.docs, self._collect(b.found, b.keep_rows, b.doc_ids)))
+        return out
+
+    def _collect(self, found: dict, keep_rows: bool, doc_ids: torch.Tensor
+                 ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Fold in the block's per-document counts; with `keep_rows`, its rows in (doc_id, pos, feature) order.
+        `doc_ids`: the block's document ids, sorted."""
         out = {}
         for key, parts in found.items():
             st = self.stats[key]
@@ -159,42 +215,84 @@ class Extractor:
                     out[key] = {"doc_id": np.empty(0, np.int64), "pos": np.empty(0, np.int32),
                                 "feature": np.empty(0, np.int32), "value": np.empty(0, np.float32)}
                 continue
-            doc, pos, feat, val = (torch.cat(p) for p in zip(*parts))
-            st.add_docs(feat, doc)
+            doc, pos, feat, val, rank = (torch.cat(p) for p in zip(*parts))
+            st.add_docs(feat, rank, len(doc_ids))
             if keep_rows:
                 # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by the
                 # token's key (rank of doc_id in the block << 32 | pos; doc ids themselves use 63 bits): a
                 # quarter of the time of numpy's 3-key lexsort on CPU
-                rank = torch.unique(doc, return_inverse=True)[1]
                 order = torch.sort(feat, stable=True).indices
                 order = order[torch.sort((rank[order] << _KEY_SHIFT) | pos[order], stable=True).indices]
                 out[key] = {"doc_id": doc[order].cpu().numpy(), "pos": pos[order].to(torch.int32).cpu().numpy(),
                             "feature": feat[order].to(torch.int32).cpu().numpy(), "value": val[order].cpu().numpy()}
         return out
 
-    def _run_batch(self, batch: Batch, found: dict) -> None:
+    def _launch(self, batch: Batch, block: "_Block") -> "_InFlight":
+        """Queue the batch's forward pass and dense encodes on the device (no host sync)."""
         self.forward_tokens += batch.n_tokens
-        with record_function("saeray.model"):  # scopes for torch.profiler (bench/throughput.py)
-            forward = self.hooks or functools.partial(run_to_hooks, self.model, self.sites)
-            hidden = forward(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values,
-                             token_type_ids=batch.token_type_ids)
+        forward = self.hooks or functools.partial(run_to_hooks, self.model, self.sites)
+        hidden = forward(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values,
+                         token_type_ids=batch.token_type_ids)
+        item = _InFlight(batch, block)
         with record_function("saeray.sae"):
-            self._encode(batch, hidden, found)
+            for h in self.saes:
+                hs = hidden[h.site.name]
+                for g in self.groups:
+                    if g not in batch.selected or len(batch.sel_row[g]) == 0:
+                        continue
+                    rows, cols = batch.selected[g][:2]
+                    args = (h.sae, hs[rows, cols], h.threshold, self.chunks[h.name], self.recon.get((h.name, g)))
+                    # nothing in flight (CPU): encode when read, one chunk's code in memory at a time
+                    item.codes[(h.name, g)] = encode_dense(*args) if self.ahead else functools.partial(encode_sparse, *args)
+        return item
 
-    def _encode(self, batch: Batch, hidden: dict[str, torch.Tensor], found: dict) -> None:
-        """Encode each group's positions and fold them into the statistics. The only host syncs are
-        `nonzero`'s, one per (SAE, group, encode chunk): one per batch for one SAE in positions mode `all`."""
-        for h in self.saes:
-            hs = hidden[h.site.name]
-            for g in self.groups:
-                if g not in batch.selected or len(batch.sel_row[g]) == 0:
-                    continue
-                rows, cols, doc, pos = batch.selected[g]
-                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.chunks[h.name],
-                                        self.recon.get((h.name, g)))
-                d, p = doc[r], pos[r]
-                self.stats[(h.name, g)].add(len(rows), f, v, d, p)
-                found[(h.name, g)].append((d, p, f, v))
+    def _entries(self, item: "_InFlight", key: tuple[str, str]) -> tuple[torch.Tensor, ...]:
+        """(row, feature, value) of the active entries of one (SAE, group) of a launched batch."""
+        codes = item.codes.pop(key)
+        return codes() if callable(codes) else active_entries(codes)
+
+    def _finish(self, item: "_InFlight") -> None:
+        """Wait for a launched batch's active entries (`nonzero`: the one host sync per (SAE, group, chunk):
+        one per batch for one SAE in positions mode `all`) and fold them into the statistics."""
+        with record_function("saeray.sae"):
+            for key in self._keys(item.batch):
+                self._fold(item, key, *self._entries(item, key))
+        item.block.left -= 1
+
+    def _keys(self, batch: Batch) -> list[tuple[str, str]]:
+        """The (SAE, group)s that have positions in the batch."""
+        return [k for k in self.stats if k[1] in batch.selected and len(batch.sel_row[k[1]])]
+
+    def _fold(self, item: "_InFlight", key: tuple[str, str], r: torch.Tensor, f: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold one (SAE, group)'s active entries (row in the group's positions, feature, value) into the
+        statistics and keep them for the block's rows."""
+        rows, _, doc, pos = item.batch.selected[key[1]]
+        d, p = doc[r], pos[r]
+        rank = torch.searchsorted(item.block.doc_ids, doc)[r]  # the document's index in its block
+        self.stats[key].add(len(rows), f, v, d, p)
+        item.block.found[key].append((d, p, f, v, rank))
+
+
+@dataclass
+class _Block:
+    """A block of whole documents whose batches are in flight or done."""
+
+    docs: list[Document]
+    keep_rows: bool
+    left: int
+    """Batches not finished yet."""
+    found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]]
+    doc_ids: torch.Tensor
+    """The block's document ids, sorted, on the device."""
+
+
+@dataclass
+class _InFlight:
+    """A launched batch: its block and, per (SAE, group), the dense codes and masks not yet read."""
+
+    batch: Batch
+    block: _Block
+    codes: dict[tuple[str, str], Any] = field(default_factory=dict)
 
 
 RECON_SCHEMA = pa.schema([

@@ -170,26 +170,39 @@ class ReconStats:
 
 
 @torch.inference_mode()
-def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode `x` [n, d_in] and keep the active entries (and fold reconstruction stats into `recon`).
-
-    Returns (row [nnz] int64, feature [nnz] int64, value [nnz] float32), all on x's
-    device, sorted by (row, feature). The dense code exists only `chunk_tokens` rows at a time.
-    """
-    rows, feats, vals = [], [], []
+def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
+                 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Queue the encoding of `x` [n, d_in], `chunk_tokens` rows at a time: (first row, code, active mask)
+    per chunk, with no host sync (and reconstruction stats folded into `recon`). `active_entries` reads them."""
+    out = []
     for start in range(0, x.shape[0], chunk_tokens):
         xc = x[start:start + chunk_tokens].to(sae.dtype)
         acts = sae.encode(xc)
         if recon is not None:
             recon.add(xc, sae.decode(acts), acts)
-        mask = acts.abs() > threshold if threshold > 0 else acts != 0
+        out.append((start, acts, acts.abs() > threshold if threshold > 0 else acts != 0))
+    return out
+
+
+def active_entries(chunks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row [nnz] int64, feature [nnz] int64, value [nnz] float32) of the chunks' active entries, sorted by
+    (row, feature), on their device. One host sync per chunk (`nonzero`'s size)."""
+    rows, feats, vals = [], [], []
+    device = chunks[0][1].device if chunks else torch.device("cpu")
+    while chunks:
+        start, acts, mask = chunks.pop(0)  # each chunk's code is freed once read
         idx = mask.nonzero()
         rows.append(idx[:, 0] + start)
         feats.append(idx[:, 1])
         vals.append(acts[idx[:, 0], idx[:, 1]].float())
         del acts, mask
     if not rows:
-        empty = torch.empty(0, dtype=torch.int64, device=x.device)
-        return empty, empty, torch.empty(0, dtype=torch.float32, device=x.device)
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.empty(0, dtype=torch.float32, device=device)
     return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+
+
+def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode `x` [n, d_in] and keep the active entries (see `encode_dense` and `active_entries`)."""
+    return active_entries(encode_dense(sae, x, threshold, chunk_tokens, recon))

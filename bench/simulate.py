@@ -325,7 +325,7 @@ def run(a: argparse.Namespace) -> dict:
         corpus = write_corpus(work / "pile", Path(a.data), a.docs, a.files)
         model_dir, _ = models.resolve_source(a.model)
         mcfg = models.load_config(config_mod.ModelConfig(name=model_dir))
-        hook = "blocks.6.hook_resid_post"
+        hook = f"blocks.{models.n_layers_of(mcfg) // 2}.hook_resid_post"  # any layer: the stand-in never runs it
         write_sae(work / "sae", models.d_model_of(mcfg), a.d_sae, hook)
         configs = {}
         for rows in ([False, True] if a.rows else [False]):
@@ -355,7 +355,7 @@ def run(a: argparse.Namespace) -> dict:
                     results[name] = got
                 else:
                     prev["round_busy"] = got["round_busy"]
-                print(f"  round {r + 1}/{a.rounds} {name}: busy {100 * got['busy_fraction']:.1f}% "
+                print(f"  [simulated H100] round {r + 1}/{a.rounds} {name}: busy {100 * got['busy_fraction']:.1f}% "
                       f"(idle {100 * got['idle_fraction']:.1f}%) "
                       f"{got['tokens_per_s']:,.0f} tok/s, {got['cores_host']:.2f} host cores", flush=True)
         report = {"SIMULATION": "the GPU is simulated: forward pass and SAE encoder replaced by a stand-in timed "

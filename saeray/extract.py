@@ -140,8 +140,9 @@ class Extractor:
                  hooks: Hooks | None = None, ahead: int | None = None):
         """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
         `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE).
-        `ahead`: batches launched before the host waits on the one before (None: 1 on a GPU, 0 on CPU,
-        where nothing runs asynchronously and a second batch's dense codes would only take memory)."""
+        `ahead`: batches launched before the host waits on the one before (None: 2 on a GPU, 1 when a batch's
+        dense codes pass 1 GiB; 0 on CPU, where nothing runs asynchronously and queued codes would only take
+        memory)."""
         self.model = model
         self.saes = saes
         self.tok = tok
@@ -156,7 +157,10 @@ class Extractor:
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
-        self.ahead = (1 if device.type == "cuda" else 0) if ahead is None else ahead
+        if ahead is None:  # a GPU keeps two batches queued, one if a batch's dense codes pass 1 GiB
+            code_bytes = batch_tokens * max(int(h.sae.cfg.d_sae) * h.sae.dtype.itemsize for h in saes)
+            ahead = (2 if code_bytes <= 1 << 30 else 1) if device.type == "cuda" else 0
+        self.ahead = ahead
         self._flight: deque[_InFlight] = deque()
         self._blocks: deque[_Block] = deque()
 
@@ -178,7 +182,9 @@ class Extractor:
         if batches is None:
             batches = self.tok.batches(docs, self.batch_tokens)
         ids = torch.from_numpy(np.unique(np.fromiter((d.doc_id for d in docs), np.int64, len(docs))))
-        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids.to(self.device))
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the batches in flight
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids)
         self._blocks.append(block)
         done = []
         for batch in batches:

@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     report["total_s"] = round(time.time() - t0, 1)
     print(report["table"])
     text = json.dumps(report, indent=2)
-    for path, name in ((f"{ROOT}/", ""), (tempfile.gettempdir(), "$TMP"), (str(Path.home()), "~")):
+    for path, name in (*(((a.baseline_src.rstrip("/"), "$BASELINE"),) if a.baseline_src else ()),
+                       (f"{ROOT}/", ""), (tempfile.gettempdir(), "$TMP"), (str(Path.home()), "~")):
         text = text.replace(path, name)
     Path(a.json).write_text(text)
     print(f"\nwrote {a.json} ({report['total_s']:.0f}s in all)")

@@ -505,7 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     report["total_s"] = round(time.time() - t0, 1)
     report["table"] = text
     print(text)
-    Path(a.json).write_text(portable(json.dumps(report, indent=2, default=float)))
+    text = json.dumps(report, indent=2, default=float)
+    if a.baseline_src:
+        text = text.replace(a.baseline_src.rstrip("/"), "$BASELINE")
+    Path(a.json).write_text(portable(text))
     print(f"\nwrote {a.json} ({report['total_s']:.0f}s in all)")
 
 

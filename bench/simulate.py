@@ -1,6 +1,7 @@
 """A SIMULATED GPU: does a worker's CPU side keep an H100 busy? (bench/throughput.py --simulate)
 
     python bench/simulate.py                         # Gemma-2-2B to layer 12 + 16k SAE on a simulated H100 at 50% MFU
+    python bench/simulate.py --files 4 --unit-mb 8 --json bench/simulate_8mib.json   # several units: their boundaries
     python bench/simulate.py --baseline-src DIR      # also the code in DIR (a checkout of an older saeray) as is
     python bench/simulate.py --rows                  # also with activation rows written
     python bench/simulate.py --docs 400 --unit-mb 0.5  # a quick look (the CPU test's size)
@@ -404,8 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gemma-3-270m", help="whose tokenizer reads the text (default: the Gemma tokenizer)")
     p.add_argument("--data", default=str(ROOT / "runs" / "corpus"), help="corpus of real text (parquet, text column)")
     p.add_argument("--docs", type=int, help="documents (default: all of the corpus)")
-    p.add_argument("--files", type=int, default=4)
-    p.add_argument("--unit-mb", type=float, default=8.0, help="data.unit_bytes in MiB (default 8: several units)")
+    p.add_argument("--files", type=int, default=1, help="files the corpus is split into (a unit never spans two)")
+    p.add_argument("--unit-mb", type=float, default=64.0, help="data.unit_bytes in MiB (default 64, as saeray)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens.batch_tokens (a GPU's auto: 16384)")
     p.add_argument("--d-sae", type=int, default=16384)
     p.add_argument("--density", type=float, default=0.005, help="active fraction of latents per token (L0/d_sae)")

@@ -13,7 +13,9 @@ batched, statistics (and rows) are computed and written to Parquet, units are co
 replaced is the model's forward pass and the SAE encoder: a stand-in that gives each batch the time
 an H100 would need for it, FLOPs of the real configuration on the batch's padded shape / (peak x
 assumed MFU), on a simulated device timeline that behaves like a CUDA stream: launching is
-asynchronous, and the host blocks only where the real path syncs (nonzero, once per batch). The
+asynchronous, and the host blocks only where the real path syncs: at the start of each forward pass
+(transformers checks the attention mask on the host: everything queued must finish) and for a batch's
+active-entry counts (an event recorded after that batch's encoder: the batch alone). The
 stand-in's SAE codes are drawn from a fixed table indexed by token id (L0 = density x d_sae), so the
 statistics, row sorting and Parquet writes do real work of the real size. On a GPU the statistics are
 device kernels; here they run on the host's cores while the simulated device runs, so their CPU cost
@@ -104,6 +106,11 @@ class Device:
         self._queue.put((flops / self.flops_per_s, work, done))
         return done
 
+    def wait_idle(self) -> None:
+        """Block until everything queued is done (a host sync on the stream, such as transformers'
+        host-side check of the attention mask at the start of a forward pass)."""
+        self._queue.join()
+
     def _run(self) -> None:
         while True:
             t_idle = time.perf_counter()
@@ -125,6 +132,7 @@ class Device:
             self.batches += 1
             self.last_done = time.perf_counter()
             done.set()
+            self._queue.task_done()
 
 
 def simulated_extractor(base: type, device: Device, d_sae: int, l0: int, seed: int = 0) -> type:
@@ -166,6 +174,9 @@ def simulated_extractor(base: type, device: Device, d_sae: int, l0: int, seed: i
                 for key in self._keys(batch):
                     self._fold(item, key, *self._codes(batch, key[1]))
 
+            # the forward pass starts with a host sync in transformers (its attention-mask check): modeled
+            # as waiting for everything queued; the batch's own entries are then read by its event alone
+            device.wait_idle()
             item.done = device.launch(self._flops(batch), work)
             return item
 

@@ -219,6 +219,8 @@ def _run_local(manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, mar
             if budget is not None and total >= budget:  # stop before reading the next unit
                 break
     finally:
+        if worker is not None:
+            worker.close()
         if isinstance(tasks, Prefetch):
             tasks.close()
 

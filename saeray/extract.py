@@ -32,6 +32,14 @@ STATS_SCHEMA = pa.schema([
 ])
 
 
+def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in `idx` (int64 [n]): bincount on CPU; on a GPU a scatter-add, since
+    CUDA's bincount reads the input's range back to the host."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 DENSE_DOC_MARKS = 1 << 26
 """Largest documents x latents of a block whose per-feature document count uses a dense mark."""
 
@@ -61,7 +69,7 @@ class FeatureStats:
         if n == 0:
             return
         v = val.double()
-        count = torch.bincount(feat, minlength=self.d_sae)
+        count = counts(feat, self.d_sae)
         s = torch.zeros(self.d_sae, dtype=torch.float64, device=v.device).index_add_(0, feat, v)
         mean_b = s / n
         dev = v - mean_b[feat]
@@ -81,10 +89,12 @@ class FeatureStats:
         if feat.numel():
             bmax = torch.full_like(self.max, float("-inf")).scatter_reduce(0, feat, val, "amax")
             # ties go to the smallest (doc_id, pos): the smallest doc among the maxima, then its smallest pos
+            # (entries that are not candidates carry _NO_KEY, which never lowers a minimum: no mask indexing,
+            # which would cost a host sync on a GPU)
             hit = val == bmax[feat]
-            bdoc = torch.full_like(self.max_doc, _NO_KEY).scatter_reduce(0, feat[hit], doc[hit], "amin")
+            bdoc = torch.full_like(self.max_doc, _NO_KEY).scatter_reduce(0, feat, torch.where(hit, doc, _NO_KEY), "amin")
             hit &= doc == bdoc[feat]
-            bpos = torch.full_like(self.max_pos, _NO_KEY).scatter_reduce(0, feat[hit], pos[hit], "amin")
+            bpos = torch.full_like(self.max_pos, _NO_KEY).scatter_reduce(0, feat, torch.where(hit, pos, _NO_KEY), "amin")
             tie = bmax == self.max
             better = (bmax > self.max) | (tie & (bdoc < self.max_doc)) | (tie & (bdoc == self.max_doc) & (bpos < self.max_pos))
             self.max = torch.where(better, bmax, self.max)
@@ -102,8 +112,8 @@ class FeatureStats:
             seen[rank * self.d_sae + feat] = True
             self.n_docs += seen.view(n_docs, self.d_sae).sum(0)
         else:
-            pairs = torch.unique(rank * self.d_sae + feat)
-            self.n_docs += torch.bincount(pairs % self.d_sae, minlength=self.d_sae)
+            pairs = torch.unique(rank * self.d_sae + feat)  # a host sync on a GPU; only for blocks of many documents
+            self.n_docs += counts(pairs % self.d_sae, self.d_sae)
 
     def to_table(self, sae: str, group: str) -> pa.Table:
         max_doc = self.max_doc.cpu().numpy()
@@ -140,9 +150,7 @@ class Extractor:
                  hooks: Hooks | None = None, ahead: int | None = None):
         """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
         `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE).
-        `ahead`: batches launched before the host waits on the one before (None: 2 on a GPU, 1 when a batch's
-        dense codes pass 1 GiB; 0 on CPU, where nothing runs asynchronously and queued codes would only take
-        memory)."""
+        `ahead`: batches launched before the host waits on the one before (None: `in_flight`)."""
         self.model = model
         self.saes = saes
         self.tok = tok
@@ -157,10 +165,7 @@ class Extractor:
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
-        if ahead is None:  # a GPU keeps two batches queued, one if a batch's dense codes pass 1 GiB
-            code_bytes = batch_tokens * max(int(h.sae.cfg.d_sae) * h.sae.dtype.itemsize for h in saes)
-            ahead = (2 if code_bytes <= 1 << 30 else 1) if device.type == "cuda" else 0
-        self.ahead = ahead
+        self.ahead = in_flight(batch_tokens, saes, device) if ahead is None else ahead
         self._flight: deque[_InFlight] = deque()
         self._blocks: deque[_Block] = deque()
 
@@ -277,6 +282,21 @@ class Extractor:
         rank = torch.searchsorted(item.block.doc_ids, doc)[r]  # the document's index in its block
         self.stats[key].add(len(rows), f, v, d, p)
         item.block.found[key].append((d, p, f, v, rank))
+
+
+def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25) -> int:
+    """Batches a GPU keeps queued ahead of the one the host reads: 2, or fewer when the queued batches'
+    dense codes and masks (every SAE's, whole batches: (ahead + 1) x tokens x sum of d_sae x (bytes + 1))
+    would pass `share` of the GPU's free memory (0: each batch is encoded and read a chunk at a time, as on
+    CPU, where nothing runs asynchronously and queued codes would only take memory)."""
+    if device.type != "cuda":
+        return 0
+    per_batch = batch_tokens * sum(int(h.sae.cfg.d_sae) * (h.sae.dtype.itemsize + 1) for h in saes)
+    free = torch.cuda.mem_get_info(device)[0]
+    for ahead in (2, 1):
+        if (ahead + 1) * per_batch <= share * free:
+            return ahead
+    return 0
 
 
 @dataclass

@@ -166,32 +166,59 @@ class ReconStats:
         self.sum_x += xd.sum(0)
         self._l0 += (acts != 0).sum()
         idx = (torch.bucketize(err, self._edges) - 1).clamp(0, len(self.hist) - 1)
-        self.hist += torch.bincount(idx, minlength=len(self.hist))
+        if idx.device.type == "cpu":
+            self.hist += torch.bincount(idx, minlength=len(self.hist))
+        else:  # CUDA's bincount reads the input's range back to the host
+            self.hist.scatter_add_(0, idx, torch.ones_like(idx))
+
+
+@dataclass
+class DenseCodes:
+    """A queued encode of `n` rows: per chunk (first row, code, active mask), and the chunks' active counts,
+    copied to the host without blocking; `ready` (CUDA) is recorded right after that copy, so waiting on it
+    waits for this encode alone, not for the batches queued after it."""
+
+    chunks: list[tuple[int, torch.Tensor, torch.Tensor]]
+    counts: torch.Tensor
+    ready: Any = None
 
 
 @torch.inference_mode()
 def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
-                 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Queue the encoding of `x` [n, d_in], `chunk_tokens` rows at a time: (first row, code, active mask)
-    per chunk, with no host sync (and reconstruction stats folded into `recon`). `active_entries` reads them."""
-    out = []
+                 ) -> DenseCodes:
+    """Queue the encoding of `x` [n, d_in], `chunk_tokens` rows at a time, with no host sync (and
+    reconstruction stats folded into `recon`). `active_entries` reads it."""
+    chunks, sizes = [], []
     for start in range(0, x.shape[0], chunk_tokens):
         xc = x[start:start + chunk_tokens].to(sae.dtype)
         acts = sae.encode(xc)
         if recon is not None:
             recon.add(xc, sae.decode(acts), acts)
-        out.append((start, acts, acts.abs() > threshold if threshold > 0 else acts != 0))
-    return out
+        mask = acts.abs() > threshold if threshold > 0 else acts != 0
+        chunks.append((start, acts, mask))
+        sizes.append(mask.sum())
+    stacked = torch.stack(sizes) if sizes else torch.zeros(0, dtype=torch.int64, device=x.device)
+    if x.device.type != "cuda":
+        return DenseCodes(chunks, stacked)
+    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return DenseCodes(chunks, host, ready)
 
 
-def active_entries(chunks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row [nnz] int64, feature [nnz] int64, value [nnz] float32) of the chunks' active entries, sorted by
-    (row, feature), on their device. One host sync per chunk (`nonzero`'s size)."""
+def active_entries(codes: DenseCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row [nnz] int64, feature [nnz] int64, value [nnz] float32) of queued codes' active entries, sorted by
+    (row, feature), on their device. Waits for that encode only (its count), then gathers with sizes known
+    on the host (`nonzero_static`): no further sync."""
+    if codes.ready is not None:
+        codes.ready.synchronize()
+    sizes = codes.counts.tolist()
     rows, feats, vals = [], [], []
-    device = chunks[0][1].device if chunks else torch.device("cpu")
-    while chunks:
-        start, acts, mask = chunks.pop(0)  # each chunk's code is freed once read
-        idx = mask.nonzero()
+    device = codes.chunks[0][1].device if codes.chunks else torch.device("cpu")
+    while codes.chunks:
+        start, acts, mask = codes.chunks.pop(0)  # each chunk's code is freed once read
+        idx = torch.nonzero_static(mask, size=int(sizes.pop(0)))
         rows.append(idx[:, 0] + start)
         feats.append(idx[:, 1])
         vals.append(acts[idx[:, 0], idx[:, 1]].float())
@@ -202,7 +229,32 @@ def active_entries(chunks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tupl
     return torch.cat(rows), torch.cat(feats), torch.cat(vals)
 
 
+def _sparse_chunks(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode and read one chunk at a time (one chunk's code in memory; a sync per chunk)."""
+    rows, feats, vals = [], [], []
+    for start in range(0, x.shape[0], chunk_tokens):
+        xc = x[start:start + chunk_tokens].to(sae.dtype)
+        acts = sae.encode(xc)
+        if recon is not None:
+            recon.add(xc, sae.decode(acts), acts)
+        mask = acts.abs() > threshold if threshold > 0 else acts != 0
+        idx = mask.nonzero()
+        rows.append(idx[:, 0] + start)
+        feats.append(idx[:, 1])
+        vals.append(acts[idx[:, 0], idx[:, 1]].float())
+        del acts, mask
+    if not rows:
+        empty = torch.empty(0, dtype=torch.int64, device=x.device)
+        return empty, empty, torch.empty(0, dtype=torch.float32, device=x.device)
+    return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+
+
+@torch.inference_mode()
 def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode `x` [n, d_in] and keep the active entries (see `encode_dense` and `active_entries`)."""
-    return active_entries(encode_dense(sae, x, threshold, chunk_tokens, recon))
+    """Encode `x` [n, d_in] and keep the active entries, one chunk's dense code in memory at a time.
+
+    Returns (row [nnz] int64, feature [nnz] int64, value [nnz] float32), all on x's device, sorted by
+    (row, feature). (`encode_dense` + `active_entries` queue every chunk first, for batches in flight.)"""
+    return _sparse_chunks(sae, x, threshold, chunk_tokens, recon)

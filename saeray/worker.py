@@ -229,14 +229,16 @@ class ShardWorker:
         t = Task(**task)
         t0 = time.time()
         tmp = self.run.new_attempt(t.uid)
-        source = self._ahead.pop(t.uid, None) or self._input(t, payload, prefix)
-        for stale in self._ahead.values():  # started for a unit that did not come next
-            if isinstance(stale.blocks, Prefetch):
-                stale.blocks.close()
-        self._ahead.clear()
-        if then is not None and isinstance(source.blocks, Prefetch):
+        source = self._ahead.pop(t.uid, None)
+        self.close()  # reading started for a unit that did not come next: stopped before this one starts
+        start_next = None
+        if then is not None:
             nxt = Task(**then[0])
-            source.then = lambda: self._ahead.__setitem__(nxt.uid, self._input(nxt, then[1], None))
+            start_next = lambda: self._ahead.__setitem__(nxt.uid, self._input(nxt, then[1], None))  # noqa: E731
+        if source is None:
+            source = self._input(t, payload, prefix, start_next)
+        else:
+            source.then = start_next  # (if it is prepared already, the next unit starts when it comes)
         try:
             summary = self._process(t, source, tmp)
         except BaseException:
@@ -250,12 +252,21 @@ class ShardWorker:
         self.run.commit(t.uid, tmp, summary)
         return summary
 
-    def _input(self, task: Task, payload: bytes | None, prefix: int | None) -> "UnitInput":
+    def close(self) -> None:
+        """Stop the reading started ahead for units not processed (their threads and blocks)."""
+        for unit in self._ahead.values():
+            if isinstance(unit.blocks, Prefetch):
+                unit.blocks.close()
+        self._ahead.clear()
+
+    def _input(self, task: Task, payload: bytes | None, prefix: int | None, then: Any = None) -> "UnitInput":
         """The unit's blocks of documents with their host batches: read, tokenized and batched in a
-        background thread, `worker.prefetch_blocks` ahead of the model (0: in the caller's thread, lazily)."""
+        background thread, `worker.prefetch_blocks` ahead of the model (0: in the caller's thread, lazily).
+        `then` is called in that thread once the last block is prepared."""
         cached = self._cache.pop(task.uid, None)
         docs = self._budgeted(cached if cached is not None else self._documents(task, payload), prefix)
         unit = UnitInput()
+        unit.then = then
         pin = self.device.type == "cuda"
 
         def prepared() -> Iterator[tuple[list[Document], list]]:

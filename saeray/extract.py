@@ -263,8 +263,9 @@ class Extractor:
         return codes() if callable(codes) else active_entries(codes)
 
     def _finish(self, item: "_InFlight") -> None:
-        """Wait for a launched batch's active entries (`nonzero`: the one host sync per (SAE, group, chunk):
-        one per batch for one SAE in positions mode `all`) and fold them into the statistics."""
+        """Wait for a launched batch's active entries and fold them into the statistics. Batches in flight: the
+        wait is on the batch's own event (its counts), once per (SAE, group); none in flight: `nonzero` per
+        encode chunk."""
         with record_function("saeray.sae"):
             for key in self._keys(item.batch):
                 self._fold(item, key, *self._entries(item, key))

@@ -1,7 +1,7 @@
 """A SIMULATED GPU: does a worker's CPU side keep an H100 busy? (bench/throughput.py --simulate)
 
     python bench/simulate.py                         # Gemma-2-2B to layer 12 + 16k SAE on a simulated H100 at 50% MFU
-    python bench/simulate.py --files 4 --unit-mb 8 --json bench/simulate_8mib.json   # several units: their boundaries
+    python bench/simulate.py --files 4 --unit-mb 8 --json /tmp/sim-8mib.json   # several units: their boundaries
     python bench/simulate.py --baseline-src DIR      # also the code in DIR (a checkout of an older saeray) as is
     python bench/simulate.py --rows                  # also with activation rows written
     python bench/simulate.py --docs 400 --unit-mb 0.5  # a quick look (the CPU test's size)
@@ -183,6 +183,29 @@ def simulated_extractor(base: type, device: Device, d_sae: int, l0: int, seed: i
         def _finish(self, item: Any) -> None:
             item.done.wait()
             item.block.left -= 1
+
+        def _finished(self) -> list:
+            """A finished block's per-document counts and row sorting are device kernels on a GPU: the
+            simulated device runs them (for real, on this CPU; their time is stretch, not modeled); the host
+            waits for them only when it needs the rows (the rows' copy to the host)."""
+            out = []
+            while self._blocks and self._blocks[0].left == 0:
+                b = self._blocks.popleft()
+                holder: dict = {}
+
+                def work(b: Any = b, holder: dict = holder) -> None:
+                    holder["rows"] = self._collect(b.found, b.keep_rows, b.doc_ids)
+
+                done = device.launch(0.0, work)
+                if b.keep_rows:
+                    done.wait()
+                out.append((b.docs, holder["rows"] if b.keep_rows else {}))
+            return out
+
+        def drain(self) -> list:
+            out = super().drain()
+            device.wait_idle()  # the unit's statistics are read next: on a GPU their copy to the host syncs
+            return out
 
         # the Extractor before it (bench --baseline-src): one call per batch, launch and wait together
         def _run_batch(self, batch: Any, found: dict) -> None:

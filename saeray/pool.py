@@ -73,7 +73,7 @@ def _first_line(e: BaseException) -> str:
 
 
 GPU_WORKER_CPUS = 2
-"""CPUs a GPU worker needs to keep an H100 busy on Gemma-2-2B: 0.6 CPU-seconds per GPU-second measured by
+"""CPUs a GPU worker needs to keep an H100 busy on Gemma-2-2B: 0.4 CPU-seconds per GPU-second measured by
 bench/simulate.py (reading, tokenizing, batching, writing), with headroom."""
 
 
@@ -100,7 +100,7 @@ def _resources(n_workers: int | str | None, cpus: float | str = "auto") -> tuple
             cpus = max(1, min(per_gpu or [1]))
             if cpus < GPU_WORKER_CPUS:
                 log.warning("GPU nodes have %d CPU(s) per GPU: a worker keeps an H100 fed on Gemma-2-2B with about "
-                            "%d (0.6 CPU-s per GPU-s, bench/simulate.py), more on smaller models; the GPUs may wait "
+                            "%d (0.4 CPU-s per GPU-s, bench/simulate.py), more on smaller models; the GPUs may wait "
                             "for their CPUs", cpus, GPU_WORKER_CPUS)
         return n, {"num_gpus": 1, "num_cpus": cpus}
     # Whole CPUs per actor, never more than one node has; fractions when actors outnumber CPUs.

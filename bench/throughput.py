@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if not os.environ.get("SAERAY_BENCH_SRC"):  # a --baseline-src step imports the saeray it was pointed at
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import throughput_paths as paths  # noqa: E402
@@ -51,12 +52,16 @@ H100_BF16_DENSE = 989.4e12
 
 
 def child(step: str, spec: dict, work: Path) -> dict:
-    """Run one measured step in a fresh process; return its JSON result."""
+    """Run one measured step in a fresh process; return its JSON result. spec["src"]: the step imports the
+    saeray checkout there (--baseline-src) instead of this one."""
     spec_file = work / f"spec-{step}-{time.time_ns()}.json"
     spec_file.write_text(json.dumps(spec))
     t0 = time.perf_counter()
+    env = {**os.environ, **ENV}
+    if spec.get("src"):
+        env.update(PYTHONPATH=f"{spec['src']}{os.pathsep}{env.get('PYTHONPATH', '')}", SAERAY_BENCH_SRC=spec["src"])
     done = subprocess.run([sys.executable, __file__, "--step", step, "--spec", str(spec_file)],
-                          capture_output=True, text=True, env={**os.environ, **ENV})
+                          capture_output=True, text=True, env=env, cwd=spec.get("src") or None)
     if done.returncode:
         raise RuntimeError(f"step {step} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -174,6 +179,9 @@ def run_cpu(a: argparse.Namespace, work: Path) -> dict:
         tag = "activations" if act else "stats"
         runs.append((f"c_worker_{tag}", "worker", {**sae_cfg, "out": str(work / f"worker-{tag}"), "activations": act,
                                                    "profile": not act and not a.skip_profile}))
+        if a.baseline_src:  # the same worker path in an older checkout: the ratio is the change's effect
+            runs.append((f"c_worker_{tag}@baseline", "worker", {**sae_cfg, "out": str(work / f"worker-{tag}-base"),
+                                                                "activations": act, "src": a.baseline_src}))
         if not a.skip_ray:
             runs.append((f"c_ray_{tag}", "ray", {**sae_cfg, "out": str(work / f"ray-{tag}"), "activations": act}))
     for r in range(a.rounds):  # every path once per round: a slow spell on the machine hits them alike
@@ -225,7 +233,9 @@ def memory_growth(a: argparse.Namespace, inp: dict, work: Path) -> dict:
 
 LABELS = {"a_notebook": "(a) notebook loop", "b_saelens_float32": "(b) sae-lens HookedSAETransformer",
           "b_saelens_bfloat16": "(b) sae-lens HookedSAETransformer", "c_worker_stats": "(c) saeray worker, stats only",
-          "c_worker_activations": "(c) saeray worker, + activations", "c_ray_stats": "(c) saeray run (Ray), stats only",
+          "c_worker_activations": "(c) saeray worker, + activations",
+          "c_worker_stats@baseline": "(c) --baseline-src worker, stats only",
+          "c_worker_activations@baseline": "(c) --baseline-src worker, + activations", "c_ray_stats": "(c) saeray run (Ray), stats only",
           "c_ray_activations": "(c) saeray run (Ray), + activations"}
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -256,12 +266,15 @@ def summarize(report: dict) -> None:
     for r in p.values():
         r["vs_notebook"] = r["tokens_per_s"] / ref_a if ref_a else None
         r["vs_saelens"] = r["tokens_per_s"] / ref_b if ref_b else None
+    for key, r in p.items():
+        if key.endswith("@baseline") and key[:-len("@baseline")] in p:
+            p[key[:-len("@baseline")]]["vs_baseline"] = p[key[:-len("@baseline")]]["tokens_per_s"] / r["tokens_per_s"]
     report["targets"] = targets(report)
 
 
 def targets(report: dict) -> list[dict]:
     p = report["paths"]
-    ours = {k: v for k, v in p.items() if k.startswith("c_")}
+    ours = {k: v for k, v in p.items() if k.startswith("c_") and not k.endswith("@baseline")}
     out = []
 
     def add(name: str, want: float, values: dict[str, float | None], unit: str = "x") -> None:
@@ -275,6 +288,9 @@ def targets(report: dict) -> list[dict]:
                     "status": "met" if vals[worst] >= want else ("met by some saeray paths" if vals[best] >= want
                                                                  else "missed"), "unit": unit})
 
+    if any(k.endswith("@baseline") for k in p):
+        add("worker >= the --baseline-src worker (tokens/s, same run)", 1.0,
+            {k: v.get("vs_baseline") for k, v in ours.items() if "vs_baseline" in v})
     add("saeray >= 20x the notebook loop (tokens/s)", 20, {k: v.get("vs_notebook") for k, v in ours.items()})
     add("saeray >= 3x sae-lens (float32, TL's default) (tokens/s)", 3, {k: v.get("vs_saelens") for k, v in ours.items()})
     if "b_saelens_bfloat16" in p:
@@ -443,6 +459,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agg-dir", help="keep the synthetic run here, and reuse it when it exists")
     p.add_argument("--memory-growth", action="store_true", help="also run bench/memory_growth.py (minutes)")
     p.add_argument("--memory-small", type=num, default=10_000, help="tokens of memory_growth's small corpus")
+    p.add_argument("--baseline-src", help="an older saeray checkout: its worker path runs beside this one's")
+    p.add_argument("--simulate", action="store_true",
+                   help="a SIMULATED H100 fed by the real host pipeline: bench/simulate.py (its own options)")
     p.add_argument("--tiny", action="store_true", help="tiny random model and SAE built in-process (for tests)")
     p.add_argument("--gpu-sized", action="store_true", help="Gemma-2-2B-sized model + 16k JumpReLU SAE, random weights")
     p.add_argument("--scale", choices=["full", "toy"], default="full", help="with --gpu-sized: toy = the CPU test size")
@@ -457,6 +476,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if "--simulate" in args:
+        import simulate
+
+        simulate.main([x for x in args if x != "--simulate"])
+        return
     a = parse_args(argv)
     os.environ.update(ENV)
     if a.step:
@@ -480,7 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     report["total_s"] = round(time.time() - t0, 1)
     report["table"] = text
     print(text)
-    Path(a.json).write_text(portable(json.dumps(report, indent=2, default=float)))
+    text = json.dumps(report, indent=2, default=float)
+    if a.baseline_src:
+        text = text.replace(a.baseline_src.rstrip("/"), "$BASELINE")
+    Path(a.json).write_text(portable(text))
     print(f"\nwrote {a.json} ({report['total_s']:.0f}s in all)")
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not os.environ.get("SAERAY_BENCH_SRC"):  # a --baseline-src step imports the saeray it was pointed at
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TL_NAMES = {"gemma-3-270m": "google/gemma-3-270m", "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """Embedded short name -> the TransformerLens official name of the same architecture and weights."""
@@ -268,9 +269,11 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
     sites = list({h.site.name: h.site for h in w.handles}.values())
     tokens = sum(len(d.token_ids) for d in docs)
 
+    forward = getattr(w, "hooks", None) or (lambda ids, mask: run_to_hooks(w.model, sites, ids, mask))
+
     def forward_all() -> None:
-        for b in batches:
-            run_to_hooks(w.model, sites, b.input_ids, b.attention_mask)
+        for b in batches:  # the worker's own hooks where it keeps them (a second set would never fire)
+            forward(b.input_ids, b.attention_mask)
 
     def one_pass() -> dict:
         with Timer() as t, torch.inference_mode():
@@ -503,7 +506,8 @@ def gpu_sized(spec: dict) -> dict:
         docs.append(Document(i, ids, {}, tok.select(ids)))
     site = models.parse_hook(hook, dims["num_hidden_layers"])
     _calibrate_jumprelu(sae, model, site, docs[:4], tok, device, spec["density"])
-    ext_args = dict(batch_tokens=spec["batch_tokens"], device=device)
+    ext_args = dict(batch_tokens=spec["batch_tokens"], device=device,
+                    hooks=models.Hooks(model, [site]))  # as the worker: registered once
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "scale": spec["scale"], "model": dims, "hook": hook, "d_sae": d_sae,
                            "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"], "docs": len(docs),

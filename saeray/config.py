@@ -36,6 +36,10 @@ class ModelConfig:
     kind: Literal["auto", "causal_lm", "image_text"] = "auto"
     """auto: image_text when the model's config has a `vision_config` (PaliGemma, ...), else causal_lm.
     image_text loads AutoModelForImageTextToText + AutoProcessor and hooks the language model's layers."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """The attention kernel. auto: transformers' choice for the model class, which is sdpa where the class
+    supports it and eager where sdpa would drop something the model needs (Gemma 2's attention logit
+    soft-capping). flash_attention_2 needs the flash-attn package and a GPU; sdpa on Gemma 2 is refused."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,10 @@ class SAEConfig:
     """The SAE id inside `release`, e.g. layer_12/width_16k/canonical."""
     hook: str | None = None
     """Hook name to read from; defaults to the SAE's own hook name."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision of the SAE encoder; inputs are cast to it."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Precision of the SAE encoder; inputs are cast to it. float32: the exact reference (no TF32, unless
+    worker.tf32). auto: bfloat16 on a GPU that has it, float32 on CPU (agreement with float32 measured in the
+    README: bench/sae_precision.py)."""
     threshold: float = 0.0
     """A feature is active where |value| > threshold (0: any nonzero value)."""
 
@@ -134,6 +140,24 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker feeds its device; none of these change results (tf32 aside, which is in the fingerprint)."""
+
+    prefetch_blocks: int = 2
+    """Blocks of documents (about 4 forward batches each) read, tokenized and batched ahead of the model by a
+    background thread, so the device never waits for the CPU. 0: all of it in the model's thread, one block
+    after another (the serial path; bench/throughput.py --simulate compares the two)."""
+    cpus: Union[Literal["auto"], float] = "auto"
+    """CPUs each GPU worker reserves in Ray for its reading, tokenizing and batching threads. auto: the node's
+    CPUs divided by its GPUs (the fewest any GPU node has). CPU workers get the cluster's CPUs divided among them."""
+    tokenizer_threads: Union[Literal["auto"], int] = "auto"
+    """Threads of the fast tokenizers' batch encode (Rust). auto: a GPU worker's CPUs minus one (the model's
+    thread); 1 on a CPU worker, whose cores the model needs."""
+    tf32: bool = False
+    """Allow TF32 for float32 matmuls on GPUs (model and SAEs): faster, about 1e-3 relative error."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -144,6 +168,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     workers: Union[Literal["auto"], int] = "auto"
     """auto = one worker per GPU, else one CPU worker; N = N workers."""
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     shard_timeout_s: float | None = None
     """Ray executor: a shard not done this many seconds after it started is treated as hung (its worker
     is killed and replaced, the shard retried). null: 10x the slowest finished shard's time per document
@@ -226,6 +251,13 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ConfigError(f"positions.groups is only used with mode 'markers' (mode is {cfg.positions.mode!r})")
     if isinstance(cfg.workers, int) and cfg.workers < 1:
         raise ConfigError(f"workers must be 'auto' or >= 1, got {cfg.workers}")
+    w = cfg.worker
+    if w.prefetch_blocks < 0:
+        raise ConfigError(f"worker.prefetch_blocks must be >= 0 (0: no prefetch), got {w.prefetch_blocks}")
+    if w.cpus != "auto" and w.cpus <= 0:
+        raise ConfigError(f"worker.cpus must be 'auto' or > 0, got {w.cpus}")
+    if w.tokenizer_threads != "auto" and w.tokenizer_threads < 1:
+        raise ConfigError(f"worker.tokenizer_threads must be 'auto' or >= 1, got {w.tokenizer_threads}")
     if cfg.shard_timeout_s is not None and cfg.shard_timeout_s <= 0:
         raise ConfigError(f"shard_timeout_s must be > 0 or null, got {cfg.shard_timeout_s}")
 

@@ -14,6 +14,7 @@ tokens attend to each other both ways, as PaliGemma does. Text documents stay ca
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -62,6 +63,36 @@ class Batch:
     """[n_images, 3, H, W]: the images of the rows that hold image documents, in row order."""
     token_type_ids: torch.Tensor | None = None
     """[B, T] for vision-language models: 0 on image documents' tokens (one bidirectional prefix), 1 elsewhere."""
+    selected: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    """group -> (row, col, doc_id, pos) as int64 tensors on the batch's device (filled by `to`)."""
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on `device`, selections included. To a GPU the copies do not block the host: the host
+        tensors are pinned (by `Tokenization.batches(pin=True)`, in the thread that built them) and stay
+        referenced by this batch until the model has read them."""
+        non_blocking = device.type == "cuda"
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if non_blocking and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
+
+        host = self.selected or _selection_tensors(self, pin=False)
+        return dataclasses.replace(
+            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+            pixel_values=move(self.pixel_values), token_type_ids=move(self.token_type_ids),
+            selected={g: tuple(move(t) for t in ts) for g, ts in host.items()})
+
+
+def _selection_tensors(b: Batch, pin: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+    def t(a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(a)
+        return x.pin_memory() if pin else x
+
+    return {g: (t(b.sel_row[g]), t(b.sel_col[g]), t(b.sel_doc[g]), t(b.sel_pos[g].astype(np.int64)))
+            for g in b.sel_row}
 
 
 class Tokenization:
@@ -115,6 +146,19 @@ class Tokenization:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         return np.asarray(ids, dtype=np.int32)
 
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of each text, in one call: a fast tokenizer's Rust batch encode (parallel when the
+        process allows it: TOKENIZERS_PARALLELISM, RAYON_NUM_THREADS), without building offsets or
+        Python encodings; other tokenizers one text at a time. Same ids as `encode` (tests/test_contexts.py)."""
+        backend = _batch_backend(self.tokenizer)
+        if backend is None:
+            return [self.encode(t) for t in texts]
+        nonempty = [i for i, t in enumerate(texts) if t]
+        out = [np.empty(0, dtype=np.int32)] * len(texts)
+        for i, enc in zip(nonempty, backend([texts[i] for i in nonempty], add_special_tokens=False)):
+            out[i] = np.asarray(enc.ids, dtype=np.int32)
+        return out
+
     def counted(self, token_ids: np.ndarray) -> np.ndarray:
         """Boolean mask of the tokens that count (special tokens excluded unless configured)."""
         if not self.exclude_special or len(self.special_ids) == 0:
@@ -162,6 +206,19 @@ class Tokenization:
         if max_tokens is not None:
             ids = ids[:max_tokens]
         return Document(doc_id, ids, extras, self.select(ids))
+
+    def text_documents(self, items: list[tuple[int, Any, dict[str, Any]]]) -> list[Document]:
+        """`document` of each (doc_id, text, extras), the texts tokenized in one batch."""
+        for doc_id, text, _ in items:
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"doc {doc_id}: the text column holds {type(text).__name__} {text!r:.60}, expected a string")
+        docs = []
+        for (doc_id, _, extras), ids in zip(items, self.encode_many([t or "" for _, t, _ in items])):
+            if self.image_token_id is not None and (ids == self.image_token_id).any():
+                raise PositionsError(f"doc {doc_id}: its text contains the image token (id {self.image_token_id}), "
+                                     "which only the processor may place: remove it from the text")
+            docs.append(Document(doc_id, ids, extras, self.select(ids)))
+        return docs
 
     def from_ids(self, doc_id: int, ids: Any, extras: dict[str, Any]) -> Document:
         """A pre-tokenized document (data.token_column). A leading BOS is dropped when windows get one
@@ -218,8 +275,10 @@ class Tokenization:
                 out.append((i, start, min(step, len(d.token_ids) - start)))
         return out
 
-    def batches(self, docs: list[Document], batch_tokens: int, device: torch.device) -> list[Batch]:
-        """Windows sorted by length and packed greedily into right-padded batches.
+    def batches(self, docs: list[Document], batch_tokens: int, device: torch.device | None = None,
+                pin: bool = False) -> list[Batch]:
+        """Windows sorted by length and packed greedily into right-padded batches, on `device`
+        (None: on the host, for `Batch.to` later; `pin`: in pinned memory, for copies to a GPU).
 
         Shapes are bucketed (widths and a short batch's rows rounded up in quarter-octave
         steps) so a long run sees few distinct shapes: kernel caches stay small on CPU and
@@ -263,17 +322,29 @@ class Tokenization:
                     sel.setdefault(g, []).append((np.full(len(p), r), p - start + off,
                                                   np.full(len(p), d.doc_id, dtype=np.int64), p))
             cat = {g: [np.concatenate(parts) for parts in zip(*v)] for g, v in sel.items()}
-            batches.append(Batch(
-                input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
+            host = lambda a: torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)  # noqa: E731
+            batch = Batch(
+                input_ids=host(ids), attention_mask=host(mask),
                 sel_row={g: v[0].astype(np.int64) for g, v in cat.items()},
                 sel_col={g: v[1].astype(np.int64) for g, v in cat.items()},
                 sel_doc={g: v[2] for g, v in cat.items()},
                 sel_pos={g: v[3].astype(np.int32) for g, v in cat.items()},
                 n_tokens=int(mask[:len(chunk)].sum()),
-                pixel_values=torch.stack(images).to(device) if images else None,
-                token_type_ids=torch.from_numpy(types).to(device) if vlm else None,
-            ))
+                pixel_values=torch.stack(images) if images else None,
+                token_type_ids=host(types) if vlm else None,
+            )
+            batch.selected = _selection_tensors(batch, pin)
+            batches.append(batch.to(device) if device is not None else batch)
         return batches
+
+
+def _batch_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer's batch encode when calling it directly gives what `tokenizer(text)` gives: a fast
+    tokenizer with no truncation or padding configured on its backend. None otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return getattr(backend, "encode_batch_fast", None) or backend.encode_batch
 
 
 def blocks(docs: Iterable[Document], budget: int) -> Iterator[list[Document]]:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from . import sources
 from .config import RunConfig
+from .pipeline import Prefetch
 from .plan import Prepared, prepare
 from .storage import READ
 from .store import RunDir, RunDirError
@@ -188,26 +189,50 @@ def _run_local(manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, mar
     budget = cfg.data.max_tokens
     worker: ShardWorker | None = None
     total = 0  # tokens of all earlier units (in order, so always known here)
-    for task, payload in all_tasks(plan, set(markers)):
-        if task.uid in markers:
-            total += markers[task.uid].get("tokens", 0)
-        else:
-            worker = worker or ShardWorker(manifest, run_dir)
-            try:
-                prefix = None
-                if budget is not None:
-                    prefix, n = total, worker.count(task.to_dict(), payload)
-                    total += n
-                result.done[task.uid] = worker.process(task.to_dict(), payload, prefix)
-                prog.update(result.done[task.uid])
-            except Exception as e:  # one bad unit must not stop the others
-                if not isinstance(e, sources.DataError):
-                    log.exception("unit %d failed", task.uid)
-                result.errors[task.uid] = f"{type(e).__name__}: {e}"
-                if budget is not None:  # later units' share of the budget depends on this one's tokens
-                    break
-        if budget is not None and total >= budget:  # stop before reading the next unit
-            break
+    tasks: Iterable[tuple[Task, bytes | None]] = all_tasks(plan, set(markers))
+    if budget is None and plan.streamed and cfg.worker.prefetch_blocks:
+        # the next line unit is read and decompressed while this one runs (under a budget it may not be needed)
+        tasks = Prefetch(tasks, 1, name="saeray-reader")
+    # Without a budget the worker is told the next unit, and starts reading it while it finishes this one;
+    # under one, the next unit may not be needed: it is not read before this one is counted.
+    pairs = ((t, None) for t in tasks) if budget is not None else _with_next(tasks)
+    try:
+        for (task, payload), ahead in pairs:
+            then = (ahead[0].to_dict(), ahead[1]) if ahead and ahead[0].uid not in markers else None
+            if task.uid in markers:
+                total += markers[task.uid].get("tokens", 0)
+            else:
+                worker = worker or ShardWorker(manifest, run_dir)
+                try:
+                    prefix = None
+                    if budget is not None:
+                        prefix, n = total, worker.count(task.to_dict(), payload)
+                        total += n
+                    result.done[task.uid] = worker.process(task.to_dict(), payload, prefix, then)
+                    prog.update(result.done[task.uid])
+                except Exception as e:  # one bad unit must not stop the others
+                    if not isinstance(e, sources.DataError):
+                        log.exception("unit %d failed", task.uid)
+                    result.errors[task.uid] = f"{type(e).__name__}: {e}"
+                    if budget is not None:  # later units' share of the budget depends on this one's tokens
+                        break
+            if budget is not None and total >= budget:  # stop before reading the next unit
+                break
+    finally:
+        if worker is not None:
+            worker.close()
+        if isinstance(tasks, Prefetch):
+            tasks.close()
+
+
+def _with_next(items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """(item, the item after it or None) for each item."""
+    it = iter(items)
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, nxt
+        cur = nxt
 
 
 def ledger_for(plan: DataPlan, budget: int) -> Ledger:

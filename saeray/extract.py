@@ -7,7 +7,9 @@ and per-feature accumulators leave the encoder. Partials merge with Chan's formu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,8 +18,8 @@ import torch
 from torch.profiler import record_function
 
 from .contexts import Batch, Document, Tokenization
-from .models import HookSite, run_to_hooks
-from .saes import ReconStats, encode_sparse
+from .models import HookSite, Hooks, run_to_hooks
+from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
 _NO_KEY = torch.iinfo(torch.int64).max
@@ -28,6 +30,18 @@ STATS_SCHEMA = pa.schema([
     ("sum", pa.float64()), ("m2", pa.float64()),
     ("max", pa.float32()), ("max_doc_id", pa.int64()), ("max_pos", pa.int32()),
 ])
+
+
+def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in `idx` (int64 [n]): bincount on CPU; on a GPU a scatter-add, since
+    CUDA's bincount reads the input's range back to the host."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
+DENSE_DOC_MARKS = 1 << 26
+"""Largest documents x latents of a block whose per-feature document count uses a dense mark."""
 
 
 class FeatureStats:
@@ -55,7 +69,7 @@ class FeatureStats:
         if n == 0:
             return
         v = val.double()
-        count = torch.bincount(feat, minlength=self.d_sae)
+        count = counts(feat, self.d_sae)
         s = torch.zeros(self.d_sae, dtype=torch.float64, device=v.device).index_add_(0, feat, v)
         mean_b = s / n
         dev = v - mean_b[feat]
@@ -67,24 +81,39 @@ class FeatureStats:
         self.m2 += m2_b + delta * delta * (na * nb / tot)
         self.n_tokens = tot
         self.n_active += count
+        if feat.numel() and feat.device.type == "cpu":
+            # Only entries >= their feature's running max can change it (ties included): after the first
+            # batches few are, and the passes below touch only those. (On a GPU the mask would cost a sync.)
+            keep = val >= self.max[feat]
+            feat, val, doc, pos = feat[keep], val[keep], doc[keep], pos[keep]
         if feat.numel():
             bmax = torch.full_like(self.max, float("-inf")).scatter_reduce(0, feat, val, "amax")
             # ties go to the smallest (doc_id, pos): the smallest doc among the maxima, then its smallest pos
+            # (entries that are not candidates carry _NO_KEY, which never lowers a minimum: no mask indexing,
+            # which would cost a host sync on a GPU)
             hit = val == bmax[feat]
-            bdoc = torch.full_like(self.max_doc, _NO_KEY).scatter_reduce(0, feat[hit], doc[hit], "amin")
+            bdoc = torch.full_like(self.max_doc, _NO_KEY).scatter_reduce(0, feat, torch.where(hit, doc, _NO_KEY), "amin")
             hit &= doc == bdoc[feat]
-            bpos = torch.full_like(self.max_pos, _NO_KEY).scatter_reduce(0, feat[hit], pos[hit], "amin")
+            bpos = torch.full_like(self.max_pos, _NO_KEY).scatter_reduce(0, feat, torch.where(hit, pos, _NO_KEY), "amin")
             tie = bmax == self.max
             better = (bmax > self.max) | (tie & (bdoc < self.max_doc)) | (tie & (bdoc == self.max_doc) & (bpos < self.max_pos))
             self.max = torch.where(better, bmax, self.max)
             self.max_doc = torch.where(better, bdoc, self.max_doc)
             self.max_pos = torch.where(better, bpos, self.max_pos)
 
-    def add_docs(self, feat: torch.Tensor, doc: torch.Tensor) -> None:
-        """Count documents per feature; call once per set of whole documents."""
-        if feat.numel():
-            pairs = torch.unique(doc * self.d_sae + feat)
-            self.n_docs += torch.bincount(pairs % self.d_sae, minlength=self.d_sae)
+    def add_docs(self, feat: torch.Tensor, rank: torch.Tensor, n_docs: int) -> None:
+        """Count documents per feature; call once per set of whole documents, `rank` being each entry's
+        document's index among the set's `n_docs`. A dense (document, feature) mark when it fits in
+        64 MiB (one pass, no sort), else the distinct pairs."""
+        if not feat.numel():
+            return
+        if n_docs * self.d_sae <= DENSE_DOC_MARKS:
+            seen = torch.zeros(n_docs * self.d_sae, dtype=torch.bool, device=feat.device)
+            seen[rank * self.d_sae + feat] = True
+            self.n_docs += seen.view(n_docs, self.d_sae).sum(0)
+        else:
+            pairs = torch.unique(rank * self.d_sae + feat)  # a host sync on a GPU; only for blocks of many documents
+            self.n_docs += counts(pairs % self.d_sae, self.d_sae)
 
     def to_table(self, sae: str, group: str) -> pa.Table:
         max_doc = self.max_doc.cpu().numpy()
@@ -117,30 +146,78 @@ class Extractor:
     """Runs blocks of whole documents through the model and SAEs."""
 
     def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
-                 device: torch.device, encode_chunk: int = 4096, reconstruction: bool = False):
+                 device: torch.device, encode_chunk: int | None = None, reconstruction: bool = False,
+                 hooks: Hooks | None = None, ahead: int | None = None):
+        """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
+        `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE).
+        `ahead`: batches launched before the host waits on the one before (None: `in_flight`)."""
         self.model = model
         self.saes = saes
         self.tok = tok
         self.batch_tokens = batch_tokens
         self.device = device
-        self.encode_chunk = encode_chunk
         self.sites = list({h.site.name: h.site for h in saes}.values())
+        self.hooks = hooks
+        self.chunks = {h.name: encode_chunk or encode_chunk_tokens(int(h.sae.cfg.d_sae), h.sae.dtype, device)
+                       for h in saes}
         self.groups = tok.group_names
         self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
+        self.ahead = in_flight(batch_tokens, saes, device) if ahead is None else ahead
+        self._flight: deque[_InFlight] = deque()
+        self._blocks: deque[_Block] = deque()
 
-    def process(self, docs: list[Document], keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """Run whole documents; update statistics; return {(sae, group): rows} when `keep_rows`."""
-        found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]] = {k: [] for k in self.stats}
-        for batch in self.tok.batches(docs, self.batch_tokens, self.device):
-            self._run_batch(batch, found)
-        with record_function("saeray.rows"):
-            return self._collect(found, keep_rows)
+    def process(self, docs: list[Document], keep_rows: bool, batches: list[Batch] | None = None
+                ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Run one block of whole documents to the end; update statistics; return {(sae, group): rows}
+        when `keep_rows`. `batches`: the documents' batches built ahead on the host, else built here."""
+        done = self.push(docs, keep_rows, batches) + self.drain()
+        return done[-1][1]
 
-    def _collect(self, found: dict, keep_rows: bool) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """Fold in the block's per-document counts; with `keep_rows`, its rows in (doc_id, pos, feature) order."""
+    def push(self, docs: list[Document], keep_rows: bool, batches: list[Batch] | None = None
+             ) -> list[tuple[list[Document], dict[tuple[str, str], dict[str, np.ndarray]]]]:
+        """Start a block of whole documents; return the blocks finished meanwhile, in order, as (docs, rows).
+
+        Up to `ahead` batches stay in flight: a batch's forward pass and encoder are queued on the device
+        before the host waits for the previous batch's active entries (its one sync), so the device is
+        never idle while the host folds statistics or finishes a block. Blocks finish in order; `drain`
+        finishes the rest."""
+        if batches is None:
+            batches = self.tok.batches(docs, self.batch_tokens)
+        ids = torch.from_numpy(np.unique(np.fromiter((d.doc_id for d in docs), np.int64, len(docs))))
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the batches in flight
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids)
+        self._blocks.append(block)
+        done = []
+        for batch in batches:
+            with record_function("saeray.model"):  # scopes for torch.profiler (bench/throughput.py)
+                self._flight.append(self._launch(batch.to(self.device), block))
+            while len(self._flight) > self.ahead:
+                self._finish(self._flight.popleft())
+                done += self._finished()
+        return done + self._finished()
+
+    def drain(self) -> list[tuple[list[Document], dict[tuple[str, str], dict[str, np.ndarray]]]]:
+        """Finish every batch in flight; the blocks that finishes, in order."""
+        while self._flight:
+            self._finish(self._flight.popleft())
+        return self._finished()
+
+    def _finished(self) -> list[tuple[list[Document], dict[tuple[str, str], dict[str, np.ndarray]]]]:
+        out = []
+        while self._blocks and self._blocks[0].left == 0:
+            b = self._blocks.popleft()
+            with record_function("saeray.rows"):
+                out.append((b.docs, self._collect(b.found, b.keep_rows, b.doc_ids)))
+        return out
+
+    def _collect(self, found: dict, keep_rows: bool, doc_ids: torch.Tensor
+                 ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Fold in the block's per-document counts; with `keep_rows`, its rows in (doc_id, pos, feature) order.
+        `doc_ids`: the block's document ids, sorted."""
         out = {}
         for key, parts in found.items():
             st = self.stats[key]
@@ -149,42 +226,100 @@ class Extractor:
                     out[key] = {"doc_id": np.empty(0, np.int64), "pos": np.empty(0, np.int32),
                                 "feature": np.empty(0, np.int32), "value": np.empty(0, np.float32)}
                 continue
-            doc, pos, feat, val = (torch.cat(p) for p in zip(*parts))
-            st.add_docs(feat, doc)
+            doc, pos, feat, val, rank = (torch.cat(p) for p in zip(*parts))
+            st.add_docs(feat, rank, len(doc_ids))
             if keep_rows:
                 # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by the
                 # token's key (rank of doc_id in the block << 32 | pos; doc ids themselves use 63 bits): a
                 # quarter of the time of numpy's 3-key lexsort on CPU
-                rank = torch.unique(doc, return_inverse=True)[1]
                 order = torch.sort(feat, stable=True).indices
                 order = order[torch.sort((rank[order] << _KEY_SHIFT) | pos[order], stable=True).indices]
                 out[key] = {"doc_id": doc[order].cpu().numpy(), "pos": pos[order].to(torch.int32).cpu().numpy(),
                             "feature": feat[order].to(torch.int32).cpu().numpy(), "value": val[order].cpu().numpy()}
         return out
 
-    def _run_batch(self, batch: Batch, found: dict) -> None:
+    def _launch(self, batch: Batch, block: "_Block") -> "_InFlight":
+        """Queue the batch's forward pass and dense encodes on the device (no host sync)."""
         self.forward_tokens += batch.n_tokens
-        with record_function("saeray.model"):  # scopes for torch.profiler (bench/throughput.py)
-            hidden = run_to_hooks(self.model, self.sites, batch.input_ids, batch.attention_mask,
-                                  pixel_values=batch.pixel_values, token_type_ids=batch.token_type_ids)
+        forward = self.hooks or functools.partial(run_to_hooks, self.model, self.sites)
+        hidden = forward(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values,
+                         token_type_ids=batch.token_type_ids)
+        item = _InFlight(batch, block)
         with record_function("saeray.sae"):
-            self._encode(batch, hidden, found)
+            for h in self.saes:
+                hs = hidden[h.site.name]
+                for g in self.groups:
+                    if g not in batch.selected or len(batch.sel_row[g]) == 0:
+                        continue
+                    rows, cols = batch.selected[g][:2]
+                    args = (h.sae, hs[rows, cols], h.threshold, self.chunks[h.name], self.recon.get((h.name, g)))
+                    # nothing in flight (CPU): encode when read, one chunk's code in memory at a time
+                    item.codes[(h.name, g)] = encode_dense(*args) if self.ahead else functools.partial(encode_sparse, *args)
+        return item
 
-    def _encode(self, batch: Batch, hidden: dict[str, torch.Tensor], found: dict) -> None:
-        for h in self.saes:
-            hs = hidden[h.site.name]
-            for g in self.groups:
-                if g not in batch.sel_row or len(batch.sel_row[g]) == 0:
-                    continue
-                rows = torch.from_numpy(batch.sel_row[g]).to(self.device)
-                cols = torch.from_numpy(batch.sel_col[g]).to(self.device)
-                doc = torch.from_numpy(batch.sel_doc[g]).to(self.device)
-                pos = torch.from_numpy(batch.sel_pos[g].astype(np.int64)).to(self.device)
-                r, f, v = encode_sparse(h.sae, hs[rows, cols], h.threshold, self.encode_chunk,
-                                        self.recon.get((h.name, g)))
-                d, p = doc[r], pos[r]
-                self.stats[(h.name, g)].add(len(rows), f, v, d, p)
-                found[(h.name, g)].append((d, p, f, v))
+    def _entries(self, item: "_InFlight", key: tuple[str, str]) -> tuple[torch.Tensor, ...]:
+        """(row, feature, value) of the active entries of one (SAE, group) of a launched batch."""
+        codes = item.codes.pop(key)
+        return codes() if callable(codes) else active_entries(codes)
+
+    def _finish(self, item: "_InFlight") -> None:
+        """Wait for a launched batch's active entries and fold them into the statistics. Batches in flight: the
+        wait is on the batch's own event (its counts), once per (SAE, group); none in flight: `nonzero` per
+        encode chunk."""
+        with record_function("saeray.sae"):
+            for key in self._keys(item.batch):
+                self._fold(item, key, *self._entries(item, key))
+        item.block.left -= 1
+
+    def _keys(self, batch: Batch) -> list[tuple[str, str]]:
+        """The (SAE, group)s that have positions in the batch."""
+        return [k for k in self.stats if k[1] in batch.selected and len(batch.sel_row[k[1]])]
+
+    def _fold(self, item: "_InFlight", key: tuple[str, str], r: torch.Tensor, f: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold one (SAE, group)'s active entries (row in the group's positions, feature, value) into the
+        statistics and keep them for the block's rows."""
+        rows, _, doc, pos = item.batch.selected[key[1]]
+        d, p = doc[r], pos[r]
+        rank = torch.searchsorted(item.block.doc_ids, doc)[r]  # the document's index in its block
+        self.stats[key].add(len(rows), f, v, d, p)
+        item.block.found[key].append((d, p, f, v, rank))
+
+
+def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25) -> int:
+    """Batches a GPU keeps queued ahead of the one the host reads: 2, or fewer when the queued batches'
+    dense codes and masks (every SAE's, whole batches: (ahead + 1) x tokens x sum of d_sae x (bytes + 1))
+    would pass `share` of the GPU's free memory (0: each batch is encoded and read a chunk at a time, as on
+    CPU, where nothing runs asynchronously and queued codes would only take memory)."""
+    if device.type != "cuda":
+        return 0
+    per_batch = batch_tokens * sum(int(h.sae.cfg.d_sae) * (h.sae.dtype.itemsize + 1) for h in saes)
+    free = torch.cuda.mem_get_info(device)[0]
+    for ahead in (2, 1):
+        if (ahead + 1) * per_batch <= share * free:
+            return ahead
+    return 0
+
+
+@dataclass
+class _Block:
+    """A block of whole documents whose batches are in flight or done."""
+
+    docs: list[Document]
+    keep_rows: bool
+    left: int
+    """Batches not finished yet."""
+    found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]]
+    doc_ids: torch.Tensor
+    """The block's document ids, sorted, on the device."""
+
+
+@dataclass
+class _InFlight:
+    """A launched batch: its block and, per (SAE, group), the dense codes and masks not yet read."""
+
+    batch: Batch
+    block: _Block
+    codes: dict[tuple[str, str], Any] = field(default_factory=dict)
 
 
 RECON_SCHEMA = pa.schema([

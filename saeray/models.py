@@ -168,14 +168,22 @@ def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     # Weights from safetensors only (never a pickle); GGUF files are not pickles either.
     safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
-    if "gguf_file" not in kwargs and model_kind(cfg, load_config(cfg)) == "image_text":
-        processor = AutoProcessor.from_pretrained(source, **common)
-        tokenizer = processor.tokenizer
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **common, **safe)
-    else:
-        processor = None
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **safe)
+    if cfg.attn_implementation != "auto":  # auto: transformers' own choice for the class (see ModelConfig)
+        safe["attn_implementation"] = cfg.attn_implementation
+    try:
+        if "gguf_file" not in kwargs and model_kind(cfg, load_config(cfg)) == "image_text":
+            processor = AutoProcessor.from_pretrained(source, **common)
+            tokenizer = processor.tokenizer
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **common, **safe)
+        else:
+            processor = None
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **safe)
+    except (ValueError, ImportError) as e:
+        if "attn_implementation" not in safe:
+            raise
+        raise ModelError(f"model.attn_implementation {cfg.attn_implementation!r} cannot run {cfg.name!r}: {e}. "
+                         "Use model.attn_implementation: auto (sdpa where the model supports it, else eager)") from None
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer, processor
@@ -238,42 +246,91 @@ def hook_target(block: nn.Module, kind: str) -> tuple[nn.Module, str]:
     raise ModelError(f"unknown hook kind {kind!r}")
 
 
+class Hooks:
+    """Forward hooks at `sites`, registered once (a worker keeps one for its whole life); each call runs
+    the model until every hook has fired and returns {hook name: [batch, seq, d]}. The model's other
+    forward passes are stopped at the hooks too while this object is open: `close` it (or use `with`)."""
+
+    def __init__(self, model: nn.Module, sites: list[HookSite]):
+        self.model = model
+        self.sites = list(sites)
+        self.captured: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        names = {s.name for s in self.sites}
+        layers = decoder_layers(model)
+        captured = self.captured
+
+        def make(name: str, where: str):
+            def record(value: torch.Tensor) -> None:
+                captured[name] = value
+                if names.issubset(captured):
+                    raise _StopForward
+
+            if where == "input":
+                def pre_hook(module, args, kwargs):
+                    record(args[0] if args else kwargs["hidden_states"])
+                return pre_hook, True
+
+            def post_hook(module, args, kwargs, output):
+                record(_first(output))
+            return post_hook, False
+
+        try:
+            for s in self.sites:
+                module, where = hook_target(layers[s.layer], s.kind)
+                fn, is_pre = make(s.name, where)
+                register = module.register_forward_pre_hook if is_pre else module.register_forward_hook
+                self._handles.append(register(fn, with_kwargs=True))
+        except BaseException:
+            self.close()
+            raise
+        self.token_types = _takes_token_types(model)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Forward `input_ids` until every hook has fired; their values.
+
+        Vision-language models also take `pixel_values` (one image per row holding image tokens, in row
+        order) and `token_type_ids` (0: the image + prompt prefix, attended bidirectionally; 1: causal).
+        """
+        extra: dict[str, torch.Tensor] = {}
+        if pixel_values is not None:
+            extra["pixel_values"] = pixel_values.to(input_ids.device, dtype=next(self.model.parameters()).dtype)
+        if self.token_types:
+            # Explicit types keep text causal: PaliGemma's text config asks for bidirectional attention, which
+            # SDPA would apply to unpadded text-only batches if no mask were materialised.
+            extra["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.ones_like(input_ids)
+        self.captured.clear()
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        except _StopForward:
+            pass
+        out = dict(self.captured)
+        self.captured.clear()
+        missing = {s.name for s in self.sites} - set(out)
+        if missing:
+            raise ModelError(f"hooks {sorted(missing)} never fired during the forward pass")
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def capture(model: nn.Module, sites: list[HookSite]) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, a forward pass fills the dict {hook name: [batch, seq, d]} and stops
-    right after the deepest hook. Call the model through `run_to_hooks`."""
-    layers = decoder_layers(model)
-    captured: dict[str, torch.Tensor] = {}
-    names = {s.name for s in sites}
-    handles = []
-
-    def make(name: str, where: str):
-        def record(value: torch.Tensor) -> None:
-            captured[name] = value
-            if names.issubset(captured):
-                raise _StopForward
-
-        if where == "input":
-            def pre_hook(module, args, kwargs):
-                record(args[0] if args else kwargs["hidden_states"])
-            return pre_hook, True
-
-        def post_hook(module, args, kwargs, output):
-            record(_first(output))
-        return post_hook, False
-
-    try:
-        for s in sites:
-            module, where = hook_target(layers[s.layer], s.kind)
-            fn, is_pre = make(s.name, where)
-            if is_pre:
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(fn, with_kwargs=True))
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+    """Within the block, a forward pass fills the dict {hook name: [batch, seq, d]} and stops right
+    after the deepest hook (raising _StopForward, which the caller catches)."""
+    with Hooks(model, sites) as hooks:
+        yield hooks.captured
 
 
 def _takes_token_types(model: nn.Module) -> bool:
@@ -287,28 +344,9 @@ def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
 
 
-@torch.inference_mode()
 def run_to_hooks(model: nn.Module, sites: list[HookSite], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Forward `input_ids` until every hook in `sites` has fired; return their values.
-
-    Vision-language models also take `pixel_values` (one image per row holding image tokens, in row
-    order) and `token_type_ids` (0: the image + prompt prefix, attended bidirectionally; 1: causal).
-    """
-    extra: dict[str, torch.Tensor] = {}
-    if pixel_values is not None:
-        extra["pixel_values"] = pixel_values.to(input_ids.device, dtype=next(model.parameters()).dtype)
-    if _takes_token_types(model):
-        # Explicit types keep text causal: PaliGemma's text config asks for bidirectional attention, which
-        # SDPA would apply to unpadded text-only batches if no mask were materialised.
-        extra["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.ones_like(input_ids)
-    with capture(model, sites) as captured:
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-        except _StopForward:
-            pass
-    missing = {s.name for s in sites} - set(captured)
-    if missing:
-        raise ModelError(f"hooks {sorted(missing)} never fired during the forward pass")
-    return captured
+    """One forward pass to `sites` with hooks registered for it alone (see `Hooks`, which keeps them)."""
+    with Hooks(model, sites) as hooks:
+        return hooks(input_ids, attention_mask, pixel_values=pixel_values, token_type_ids=token_type_ids)

@@ -137,7 +137,7 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
 
     files, fmt = reading.list_dataset(cfg.data)  # what the store says about each file: no data is read
     identity = {
-        "model": _without_defaults(cfg.model.__dict__, {"kind": "auto"}),
+        "model": _without_defaults(cfg.model.__dict__, {"kind": "auto", "attn_implementation": "auto"}),
         "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
         "data": {**_without_defaults(cfg.data.__dict__, {"image_column": None, "token_column": None}),
                  "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
@@ -146,6 +146,7 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
         "positions": cfg.to_dict()["positions"],
         "activations": cfg.output.activations,
         "reconstruction": cfg.output.reconstruction,
+        **({"tf32": True} if cfg.worker.tf32 else {}),  # the other worker settings never change results
     }
     fp = fingerprint(identity)
     if reuse is not None and reuse.get("fingerprint") == fp and "unit_bytes" in reuse.get("plan", {}):

@@ -72,8 +72,16 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _resources(n_workers: int | str | None) -> tuple[int, dict[str, Any]]:
-    """(number of actors, actor resource options). Threads are sized inside each actor."""
+GPU_WORKER_CPUS = 2
+"""CPUs a GPU worker needs to keep an H100 busy on Gemma-2-2B: 0.4 CPU-seconds per GPU-second measured by
+bench/simulate.py (reading, tokenizing, batching, writing), with headroom."""
+
+
+def _resources(n_workers: int | str | None, cpus: float | str = "auto") -> tuple[int, dict[str, Any]]:
+    """(number of actors, actor resource options). Threads are sized inside each actor.
+
+    A GPU actor reserves `cpus` (worker.cpus) for its reading, tokenizing and batching threads; auto: the
+    node's CPUs per GPU on the GPU node that has the fewest, so every GPU's actor can be placed."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -87,7 +95,14 @@ def _resources(n_workers: int | str | None) -> tuple[int, dict[str, Any]]:
     else:
         n = int(n_workers)
     if gpus:
-        return n, {"num_gpus": 1, "num_cpus": 1}
+        if cpus == "auto":
+            per_gpu = [int(r.get("CPU", 0)) // int(r["GPU"]) for r in nodes if r.get("GPU", 0) >= 1]
+            cpus = max(1, min(per_gpu or [1]))
+            if cpus < GPU_WORKER_CPUS:
+                log.warning("GPU nodes have %d CPU(s) per GPU: a worker keeps an H100 fed on Gemma-2-2B with about "
+                            "%d (0.4 CPU-s per GPU-s, bench/simulate.py), more on smaller models; the GPUs may wait "
+                            "for their CPUs", cpus, GPU_WORKER_CPUS)
+        return n, {"num_gpus": 1, "num_cpus": cpus}
     # Whole CPUs per actor, never more than one node has; fractions when actors outnumber CPUs.
     per = min(biggest, total // n) if n <= total else total / n
     return n, {"num_cpus": per}
@@ -132,7 +147,7 @@ class Pool:
         for t in plan.units:
             if t.uid not in markers:
                 self.add(UnitState(t))
-        n, options = _resources(n_workers)
+        n, options = _resources(n_workers, cfg.worker.cpus)
         if not plan.streamed:
             n = min(n, max(1, len(self.units)))
         self.n_workers = n

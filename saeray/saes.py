@@ -96,16 +96,34 @@ def describe(cfg: SAEConfig) -> SAEInfo:
     )
 
 
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The SAE dtype a worker on `device` uses: `auto` is bfloat16 on a GPU that has it, float32 elsewhere."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def encode_chunk_tokens(d_sae: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows of the dense code encoded at once. Each chunk costs one host sync (`nonzero`'s output size is data
+    dependent), so a GPU encodes up to 2 GiB of code at once (16k latents in bf16: 65,536 tokens, a whole
+    batch; 131k latents: 8,192); CPU keeps 4,096 rows, which stay in cache."""
+    if device.type != "cuda":
+        return 4096
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return max(4096, (2 << 30) // (d_sae * itemsize))
+
+
 def load(cfg: SAEConfig, device: torch.device) -> Any:
-    """Load an SAE with sae-lens onto `device`, in eval mode without gradients."""
+    """Load an SAE with sae-lens onto `device` (dtype `auto` resolved for it), in eval mode without gradients."""
     from sae_lens import SAE
 
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.path:
         path = Path(cfg.path).expanduser()
         _check_disk(path, cfg.name)
-        sae = SAE.load_from_disk(path, device=str(device), dtype=cfg.dtype)
+        sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
     else:
-        sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=cfg.dtype)
+        sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=dtype)
     sae.eval()
     sae.requires_grad_(False)
     return sae
@@ -119,33 +137,101 @@ class ReconStats:
 
     def __init__(self, d_in: int, device: torch.device):
         self.n = 0
-        self.sse = 0.0
-        self.sum_sq = 0.0
-        self.l0 = 0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
-        self.hist = torch.zeros(len(self.BINS) - 1, dtype=torch.int64, device=device)
+        z = dict(device=device)
+        self._sse = torch.zeros((), dtype=torch.float64, **z)  # on the device: no host sync per chunk
+        self._sum_sq = torch.zeros((), dtype=torch.float64, **z)
+        self._l0 = torch.zeros((), dtype=torch.int64, **z)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, **z)
+        self.hist = torch.zeros(len(self.BINS) - 1, dtype=torch.int64, **z)
         self._edges = self.BINS.to(device)
+
+    @property
+    def sse(self) -> float:
+        return float(self._sse)
+
+    @property
+    def sum_sq(self) -> float:
+        return float(self._sum_sq)
+
+    @property
+    def l0(self) -> int:
+        return int(self._l0)
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> None:
         xd = x.double()
         err = ((x_hat.double() - xd) ** 2).sum(-1)
         self.n += len(x)
-        self.sse += float(err.sum())
-        self.sum_sq += float((xd * xd).sum())
+        self._sse += err.sum()
+        self._sum_sq += (xd * xd).sum()
         self.sum_x += xd.sum(0)
-        self.l0 += int((acts != 0).sum())
+        self._l0 += (acts != 0).sum()
         idx = (torch.bucketize(err, self._edges) - 1).clamp(0, len(self.hist) - 1)
-        self.hist += torch.bincount(idx, minlength=len(self.hist))
+        if idx.device.type == "cpu":
+            self.hist += torch.bincount(idx, minlength=len(self.hist))
+        else:  # CUDA's bincount reads the input's range back to the host
+            self.hist.scatter_add_(0, idx, torch.ones_like(idx))
+
+
+@dataclass
+class DenseCodes:
+    """A queued encode of `n` rows: per chunk (first row, code, active mask), and the chunks' active counts,
+    copied to the host without blocking; `ready` (CUDA) is recorded right after that copy, so waiting on it
+    waits for this encode alone, not for the batches queued after it."""
+
+    chunks: list[tuple[int, torch.Tensor, torch.Tensor]]
+    counts: torch.Tensor
+    ready: Any = None
 
 
 @torch.inference_mode()
-def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode `x` [n, d_in] and keep the active entries (and fold reconstruction stats into `recon`).
+def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
+                 ) -> DenseCodes:
+    """Queue the encoding of `x` [n, d_in], `chunk_tokens` rows at a time, with no host sync (and
+    reconstruction stats folded into `recon`). `active_entries` reads it."""
+    chunks, sizes = [], []
+    for start in range(0, x.shape[0], chunk_tokens):
+        xc = x[start:start + chunk_tokens].to(sae.dtype)
+        acts = sae.encode(xc)
+        if recon is not None:
+            recon.add(xc, sae.decode(acts), acts)
+        mask = acts.abs() > threshold if threshold > 0 else acts != 0
+        chunks.append((start, acts, mask))
+        sizes.append(mask.sum())
+    stacked = torch.stack(sizes) if sizes else torch.zeros(0, dtype=torch.int64, device=x.device)
+    if x.device.type != "cuda":
+        return DenseCodes(chunks, stacked)
+    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return DenseCodes(chunks, host, ready)
 
-    Returns (row [nnz] int64, feature [nnz] int64, value [nnz] float32), all on x's
-    device, sorted by (row, feature). The dense code exists only `chunk_tokens` rows at a time.
-    """
+
+def active_entries(codes: DenseCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row [nnz] int64, feature [nnz] int64, value [nnz] float32) of queued codes' active entries, sorted by
+    (row, feature), on their device. Waits for that encode only (its count), then gathers with sizes known
+    on the host (`nonzero_static`): no further sync."""
+    if codes.ready is not None:
+        codes.ready.synchronize()
+    sizes = codes.counts.tolist()
+    rows, feats, vals = [], [], []
+    device = codes.chunks[0][1].device if codes.chunks else torch.device("cpu")
+    while codes.chunks:
+        start, acts, mask = codes.chunks.pop(0)  # each chunk's code is freed once read
+        idx = torch.nonzero_static(mask, size=int(sizes.pop(0)))
+        rows.append(idx[:, 0] + start)
+        feats.append(idx[:, 1])
+        vals.append(acts[idx[:, 0], idx[:, 1]].float())
+        del acts, mask
+    if not rows:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.empty(0, dtype=torch.float32, device=device)
+    return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+
+
+def _sparse_chunks(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode and read one chunk at a time (one chunk's code in memory; a sync per chunk)."""
     rows, feats, vals = [], [], []
     for start in range(0, x.shape[0], chunk_tokens):
         xc = x[start:start + chunk_tokens].to(sae.dtype)
@@ -162,3 +248,13 @@ def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int
         empty = torch.empty(0, dtype=torch.int64, device=x.device)
         return empty, empty, torch.empty(0, dtype=torch.float32, device=x.device)
     return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+
+
+@torch.inference_mode()
+def encode_sparse(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode `x` [n, d_in] and keep the active entries, one chunk's dense code in memory at a time.
+
+    Returns (row [nnz] int64, feature [nnz] int64, value [nnz] float32), all on x's device, sorted by
+    (row, feature). (`encode_dense` + `active_entries` queue every chunk first, for batches in flight.)"""
+    return _sparse_chunks(sae, x, threshold, chunk_tokens, recon)

@@ -52,8 +52,8 @@ def make_tokenizer(path: Path) -> Any:
 
 
 def make_model(path: Path, arch: str, n_layers: int = 4, d_model: int = 64, seed: int = 0) -> Path:
-    """A randomly initialised Llama- or Gemma3-style causal LM with its tokenizer, saved to `path`."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+    """A randomly initialised Llama-, Gemma2- or Gemma3-style causal LM with its tokenizer, saved to `path`."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig
 
     tok = make_tokenizer(path)
     common = dict(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
@@ -63,6 +63,8 @@ def make_model(path: Path, arch: str, n_layers: int = 4, d_model: int = 64, seed
         cfg = LlamaConfig(**common)
     elif arch == "gemma3":
         cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+    elif arch == "gemma2":  # attention logits soft-capped at 50, as Gemma 2 ships
+        cfg = Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=50.0)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

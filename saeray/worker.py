@@ -6,6 +6,7 @@ Ray-free; the Ray executor wraps it in an actor and the local executor calls it 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import resource
@@ -27,6 +28,7 @@ from .contexts import Document, Tokenization, blocks
 from .reading import check_token_ids, unit_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
 from .images import load_image
+from .pipeline import Prefetch
 from .storage import READ
 from .store import ACTIVATIONS_SCHEMA, RunDir
 from .units import DataPlan, Task
@@ -71,30 +73,54 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _default_threads() -> int:
-    """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
-    cpus = os.cpu_count() or 1
+def _assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this actor, None outside a Ray actor."""
     try:
         import ray
 
         if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            assigned = ray.get_runtime_context().get_assigned_resources()
-            if assigned.get("GPU"):
-                return max(1, cpus // max(1, torch.cuda.device_count()))
-            return max(1, int(assigned.get("CPU", 1)))
+            return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     except ImportError:
         pass
+    return None
+
+
+def _default_threads() -> int:
+    """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
+    cpus = os.cpu_count() or 1
+    assigned = _assigned_cpus()
+    if assigned is not None:
+        if torch.cuda.is_available():
+            return max(1, cpus // max(1, torch.cuda.device_count()))
+        return max(1, int(assigned))
     return cpus
+
+
+def tokenizer_threads(setting: int | str, device: torch.device) -> int:
+    """worker.tokenizer_threads resolved: auto is a GPU worker's CPUs but one (the model's thread keeps
+    one), and 1 on CPU, where the model needs every core and tokenizing is <1% of its time."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 1
+    assigned = _assigned_cpus()
+    cpus = assigned if assigned is not None else (os.cpu_count() or 1) / max(1, torch.cuda.device_count())
+    return max(1, int(cpus) - 1)
+
+
+TOKENIZE_CHARS = 1 << 18
+"""Texts are tokenized in batches of about this many characters (one call into the Rust tokenizer)."""
 
 
 class ShardWorker:
     """Turns work units into committed outputs: `count` (tokens of a unit, for the budget) and `process`."""
 
     CACHE_UNITS = 3
+    extractor_class = Extractor
+    """What runs the model and SAEs on a block (bench/throughput.py --simulate swaps in a timed stand-in)."""
     """Units tokenized by `count` whose documents are kept for the `process` call that follows."""
 
     def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         bound_malloc()
         torch.set_num_threads(threads or _default_threads())
         self.manifest = manifest
@@ -102,6 +128,14 @@ class ShardWorker:
         self.plan = DataPlan.from_dict(manifest["plan"])
         self.run = RunDir(run_dir)
         self.device = pick_device()
+        # The Rust tokenizer reads these at its first batch encode (and forks disable its threads anyway).
+        self.tokenizer_threads = tokenizer_threads(self.cfg.worker.tokenizer_threads, self.device)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.tokenizer_threads > 1 else "false"
+        if self.tokenizer_threads > 1:
+            os.environ["RAYON_NUM_THREADS"] = str(self.tokenizer_threads)
+        if self.cfg.worker.tf32 and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.batch_tokens = self.cfg.tokens.batch_tokens_on(self.device.type)
         self.block_tokens = BLOCK_BATCHES * self.batch_tokens
         resolved = manifest["resolved"]
@@ -112,6 +146,15 @@ class ShardWorker:
         for s, info in zip(self.cfg.saes, resolved["saes"]):
             sae = saes.load(s, self.device)
             self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
+        # registered once for the worker's life (the model runs nowhere else in this process)
+        self.hooks = models.Hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()))
+        # The model, tokenizer and libraries are ~400k long-lived Python objects: a full collection scans them
+        # all (0.2 s, every thread stopped, the device idle). Frozen, later collections skip them.
+        gc.collect()
+        gc.freeze()
+        log.info("worker on %s: model %s attention %s, SAEs %s, %d tokenizer threads", self.device,
+                 self.cfg.model.name, getattr(self.model.config, "_attn_implementation", "?"),
+                 ", ".join(f"{h.name} {h.sae.dtype}" for h in self.handles), self.tokenizer_threads)
         self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
                                 context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special,
                                 processor=processor, images=self.cfg.data.image_column is not None,
@@ -121,6 +164,8 @@ class ShardWorker:
                                       ("token_ids", pa.list_(pa.int32())), ("positions", POSITIONS_TYPE),
                                       *self.keep_schema])
         self._cache: dict[int, list[Document]] = {}
+        self._ahead: dict[int, UnitInput] = {}
+        """Units whose reading started before their `process` call (`then`)."""
         self._bytes_seen = READ.bytes
 
     # ---- documents of a unit -------------------------------------------------------------
@@ -129,14 +174,25 @@ class ShardWorker:
         image_column = data.image_column
         columns = [data.token_column or data.text_column, *data.keep_columns, *([image_column] if image_column else [])]
         url = self.plan.files[task.file].url
+        texts: list[tuple[int, Any, dict[str, Any]]] = []  # text documents waiting for one batch encode
+        chars = 0
         for doc_id, rec in unit_rows(self.plan, data, task, payload, columns):
             extras = {c: rec.get(c) for c in data.keep_columns}
             if data.token_column:
                 ids = check_token_ids(f"{url} row {doc_id & 0xFFFFFFFF}", rec.get(data.token_column), self.vocab_size)
                 yield self.tok.from_ids(doc_id, ids, extras)
-                continue
-            image = load_image(rec.get(image_column), url, doc_id) if image_column else None
-            yield self.tok.document(doc_id, rec.get(data.text_column), extras, image=image)
+            elif image_column:
+                image = load_image(rec.get(image_column), url, doc_id)
+                yield self.tok.document(doc_id, rec.get(data.text_column), extras, image=image)
+            else:
+                text = rec.get(data.text_column)
+                texts.append((doc_id, text, extras))
+                chars += len(text) if isinstance(text, str) else 1
+                if chars >= TOKENIZE_CHARS:
+                    yield from self.tok.text_documents(texts)
+                    texts, chars = [], 0
+        if texts:
+            yield from self.tok.text_documents(texts)
 
     def count(self, task: dict[str, Any], payload: bytes | None = None) -> int:
         """Tokens of every document of the unit (the budget's ledger); the documents are kept for `process`."""
@@ -163,15 +219,28 @@ class ShardWorker:
             yield d
 
     # ---- one unit ------------------------------------------------------------------------
-    def process(self, task: dict[str, Any], payload: bytes | None = None, prefix: int | None = None) -> dict[str, Any]:
-        """Process one unit (under a budget: `prefix` = tokens of all earlier units) and commit it."""
+    def process(self, task: dict[str, Any], payload: bytes | None = None, prefix: int | None = None,
+                then: tuple[dict[str, Any], bytes | None] | None = None) -> dict[str, Any]:
+        """Process one unit (under a budget: `prefix` = tokens of all earlier units) and commit it.
+
+        `then`: the (task, payload) this worker processes next, without a budget: its reading and
+        tokenizing start as soon as this unit's last block is prepared, so the device does not wait at
+        the unit boundary (the local executor passes it)."""
         t = Task(**task)
         t0 = time.time()
         tmp = self.run.new_attempt(t.uid)
-        cached = self._cache.pop(t.uid, None)
-        docs = self._budgeted(cached if cached is not None else self._documents(t, payload), prefix)
+        source = self._ahead.pop(t.uid, None)
+        self.close()  # reading started for a unit that did not come next: stopped before this one starts
+        start_next = None
+        if then is not None:
+            nxt = Task(**then[0])
+            start_next = lambda: self._ahead.__setitem__(nxt.uid, self._input(nxt, then[1], None))  # noqa: E731
+        if source is None:
+            source = self._input(t, payload, prefix, start_next)
+        else:
+            source.then = start_next  # (if it is prepared already, the next unit starts when it comes)
         try:
-            summary = self._process(t, docs, tmp)
+            summary = self._process(t, source, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -183,26 +252,45 @@ class ShardWorker:
         self.run.commit(t.uid, tmp, summary)
         return summary
 
-    def _process(self, task: Task, documents: Iterable[Document], tmp: Path) -> dict[str, Any]:
+    def close(self) -> None:
+        """Stop the reading started ahead for units not processed (their threads and blocks)."""
+        for unit in self._ahead.values():
+            if isinstance(unit.blocks, Prefetch):
+                unit.blocks.close()
+        self._ahead.clear()
+
+    def _input(self, task: Task, payload: bytes | None, prefix: int | None, then: Any = None) -> "UnitInput":
+        """The unit's blocks of documents with their host batches: read, tokenized and batched in a
+        background thread, `worker.prefetch_blocks` ahead of the model (0: in the caller's thread, lazily).
+        `then` is called in that thread once the last block is prepared."""
+        cached = self._cache.pop(task.uid, None)
+        docs = self._budgeted(cached if cached is not None else self._documents(task, payload), prefix)
+        unit = UnitInput()
+        unit.then = then
+        pin = self.device.type == "cuda"
+
+        def prepared() -> Iterator[tuple[list[Document], list]]:
+            for block in blocks(unit.counted(docs), self.block_tokens):
+                yield block, self.tok.batches(block, self.batch_tokens, pin=pin)
+            if unit.then is not None:  # this unit is prepared: the next one starts reading
+                unit.then()
+
+        depth = self.cfg.worker.prefetch_blocks
+        unit.blocks = Prefetch(prepared(), depth, name=f"saeray-prefetch-{task.uid}") if depth else prepared()
+        return unit
+
+    def _process(self, task: Task, source: "UnitInput", tmp: Path) -> dict[str, Any]:
         keep_rows = self.cfg.output.activations
-        ext = Extractor(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
-                        device=self.device, reconstruction=self.cfg.output.reconstruction)
+        ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
+                                   device=self.device, reconstruction=self.cfg.output.reconstruction, hooks=self.hooks)
         act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
         docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
         pending: list[Future] = []
-        n_rows = n_docs = n_tokens = 0
+        n_rows = 0
 
-        def counted(docs: Iterable[Document]) -> Iterator[Document]:
-            nonlocal n_docs, n_tokens
-            for doc in docs:
-                n_docs += 1
-                n_tokens += len(doc.token_ids)
-                yield doc
-
-        def flush(block: list[Document]) -> None:
+        def write(block: list[Document], rows: dict) -> None:
             nonlocal n_rows
-            rows = ext.process(block, keep_rows)
             docs_table = self._docs_table(block)
             act_table = _rows_table(rows) if keep_rows else None
             n_rows += act_table.num_rows if act_table is not None else 0
@@ -211,12 +299,27 @@ class ShardWorker:
             pending.clear()
             pending.append(io.submit(_write, docs_writer, act_writer, docs_table, act_table))
 
+        def flush(block: list[Document], batches: list) -> None:
+            for done in ext.push(block, keep_rows, batches):
+                write(*done)
+
+        wait = 0.0  # seconds the model's thread spent getting its next block (prefetch: waiting for it)
         try:
-            for block in blocks(counted(documents), self.block_tokens):
-                flush(block)
+            items = iter(source.blocks)
+            while True:
+                t0 = time.perf_counter()
+                item = next(items, None)
+                wait += time.perf_counter() - t0
+                if item is None:
+                    break
+                flush(*item)
+            for done in ext.drain():
+                write(*done)
             for f in pending:
                 f.result()
         finally:
+            if isinstance(source.blocks, Prefetch):
+                source.blocks.close()
             io.shutdown(wait=True)
             docs_writer.close()
             if act_writer is not None:
@@ -229,8 +332,8 @@ class ShardWorker:
         if self.tok.truncated:
             log.warning("unit %d: %d image documents were cut to tokens.context_size", task.uid, self.tok.truncated)
             self.tok.truncated = 0
-        return {"rows": n_rows, "docs": n_docs, "tokens": n_tokens, "forward_tokens": ext.forward_tokens,
-                "counted_tokens": counted_tokens}
+        return {"rows": n_rows, "docs": source.n_docs, "tokens": source.n_tokens, "forward_tokens": ext.forward_tokens,
+                "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
 
     def _docs_table(self, block: list[Document]) -> pa.Table:
         cols: dict[str, Any] = {
@@ -243,6 +346,24 @@ class ShardWorker:
         for field in self.keep_schema:
             cols[field.name] = pa.array([d.extras.get(field.name) for d in block], field.type)
         return pa.table(cols, schema=self.docs_schema)
+
+
+class UnitInput:
+    """A unit's prepared blocks (an iterator of (documents, host batches)) and the documents and tokens
+    they held so far."""
+
+    def __init__(self) -> None:
+        self.blocks: Iterator[tuple[list[Document], list]] = iter(())
+        self.n_docs = 0
+        self.n_tokens = 0
+        self.then: Any = None
+        """Called (in the preparing thread) once the last block is prepared."""
+
+    def counted(self, docs: Iterable[Document]) -> Iterator[Document]:
+        for doc in docs:
+            self.n_docs += 1
+            self.n_tokens += len(doc.token_ids)
+            yield doc
 
 
 def _rows_table(rows: dict[tuple[str, str], dict[str, np.ndarray]]) -> pa.Table:

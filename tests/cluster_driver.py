@@ -81,7 +81,7 @@ def track_markers(run_dir: Path, events: dict, raylets: dict[str, int]) -> None:
             ancestors = {p.pid for p in psutil.Process(pid).parents()}
         except (OSError, ValueError, KeyError, psutil.Error):
             continue
-        events["shard_node"][m.stem] = next((name for name, rp in raylets.items() if rp in ancestors), "unknown")
+        events["shard_node"][m.stem] = next((name for name, rp in list(raylets.items()) if rp in ancestors), "unknown")
 
 
 def main(spec_path: str, result_path: str) -> int:
@@ -116,11 +116,19 @@ def main(spec_path: str, result_path: str) -> int:
 
         driver = threading.Thread(target=drive)
         driver.start()
+
+        def tracker() -> None:  # its own thread: replacing a node blocks the main thread for seconds
+            while driver.is_alive():
+                track_markers(run_dir, events, raylets)
+                time.sleep(0.005)
+
+        tracking = threading.Thread(target=tracker)
+        tracking.start()
         while driver.is_alive():
             if not events["removed"]:
                 remove_victim(cluster, spec["pid_glob"], events, raylets)
-            track_markers(run_dir, events, raylets)
             time.sleep(0.005)
+        tracking.join()
         events["raylets"] = raylets
         events["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
         events["victims_running"] = [r["pid"] for r in events["removed"] if _running(r["pid"])]

@@ -94,3 +94,37 @@ def test_cpu_benchmark_with_a_tiny_model(tmp_path: Path) -> None:
     assert report["aggregate"]["features"]["out_rows"] > 0
     assert {t["target"].split(" (")[0] for t in report["targets"]} >= {"saeray >= 20x the notebook loop"}
     assert "(a) notebook loop" in stdout and "targets:" in stdout
+
+
+def test_simulated_gpu_mode_at_toy_scale(tmp_path: Path) -> None:
+    """bench/throughput.py --simulate on a tiny model and corpus: labelled a simulation, every token of the
+    corpus counted (against the tokenizer itself), and busy/idle/cores consistent."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from helpers import corpus, make_model
+
+    model = make_model(tmp_path / "model", "llama", n_layers=2)
+    texts = corpus(120, seed=3, max_words=300)
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"text": texts, "kind": ["prose"] * len(texts)}), tmp_path / "data" / "part-0.parquet")
+    out = tmp_path / "sim.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--simulate", "--model", str(model), "--data",
+                           str(tmp_path / "data"), "--files", "2", "--unit-mb", "0.02", "--rounds", "1",
+                           "--batch-tokens", "1024", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert all("[simulated H100]" in line for line in lines[:2]) and "SIMULATED GPU" in lines[2]
+    report = json.loads(out.read_text())
+    assert "simulated" in report["SIMULATION"]
+    tok = AutoTokenizer.from_pretrained(model)
+    want = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    paths_run = report["paths"]
+    assert set(paths_run) == {"stats: serial (prefetch_blocks 0)", "stats: prefetch (prefetch_blocks 2, default)"}
+    for r in paths_run.values():
+        assert r["tokens"] == want and r["units"] > 2
+        assert 0 < r["busy_fraction"] <= 1.0 and 0 <= r["idle_fraction"] < 1
+        assert r["busy_fraction"] + r["idle_fraction"] <= 1.0 + 1e-6
+        assert r["modeled_busy_s"] <= r["span_s"] and _positive(r["cores_host"]) and _positive(r["host_cpu_s_per_device_s"])

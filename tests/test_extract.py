@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import torch
 
-from helpers import base_config
+from helpers import base_config, make_model
 from reference import assert_same_rows, read_rows, reference_rows
 from saeray import config, models
 from saeray.executor import run
@@ -255,3 +255,38 @@ def test_docs_record_counted_positions_per_group(tiny, tmp_path):
         assert got.get(d) == ((len(counted), counted[-1]) if counted else None)
     rows = read_rows(out).group_by("doc_id").agg(pl.col("pos").max())
     assert all(p <= got[d][1] for d, p in rows.iter_rows())
+
+
+def test_attention_auto_keeps_gemma2_soft_capping(tmp_path):
+    """model.attn_implementation auto on Gemma 2 runs eager attention (sdpa would drop the logit soft-capping):
+    activations equal eager's exactly, differ from the same model without capping, and sdpa is refused."""
+    import json
+
+    from saeray.config import ModelConfig
+
+    path = make_model(tmp_path / "g2", "gemma2", n_layers=2)
+    model, _ = models.load_model(ModelConfig(name=str(path), dtype="float32"), torch.device("cpu"))
+    with torch.no_grad():  # large query/key weights: logits of hundreds, where a cap of 50 changes attention
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(60)
+            layer.self_attn.k_proj.weight.mul_(60)
+    model.save_pretrained(path)
+    capped = json.loads((path / "config.json").read_text())
+    (tmp_path / "nocap").mkdir()
+    for f in path.iterdir():
+        (tmp_path / "nocap" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "nocap" / "config.json").write_text(json.dumps({**capped, "attn_logit_softcapping": None}))
+
+    ids = torch.randint(3, 300, (2, 12))
+    site = [models.parse_hook("blocks.1.hook_resid_post", 2)]
+
+    def hidden(where: str, attn: str) -> torch.Tensor:
+        m, _ = models.load_model(ModelConfig(name=where, dtype="float32", attn_implementation=attn), torch.device("cpu"))
+        return models.run_to_hooks(m, site, ids, torch.ones_like(ids))[site[0].name]
+
+    auto, eager = hidden(str(path), "auto"), hidden(str(path), "eager")
+    assert torch.equal(auto, eager)
+    uncapped = hidden(str(tmp_path / "nocap"), "eager")
+    assert (auto - uncapped).abs().max() > 1e-2  # the cap matters for these activations
+    with pytest.raises(models.ModelError, match="attn_implementation 'sdpa'"):
+        hidden(str(path), "sdpa")

@@ -248,7 +248,10 @@ class ShardWorker:
         summary.update(shard=t.uid, unit=t.to_dict(), prefix=prefix, seconds=round(time.time() - t0, 3),
                        bytes_read=bytes_read,
                        host=socket.gethostname(), pid=os.getpid(), fingerprint=self.manifest["fingerprint"],
-                       peak_rss_mb=peak_rss_mb())
+                       peak_rss_mb=peak_rss_mb(), device=self.device.type,
+                       # what `auto` settings resolved to on this worker (a run resumed elsewhere may differ)
+                       sae_dtypes={h.name: str(h.sae.dtype).removeprefix("torch.") for h in self.handles},
+                       attn_implementation=getattr(self.model.config, "_attn_implementation", None))
         self.run.commit(t.uid, tmp, summary)
         return summary
 

@@ -132,6 +132,10 @@ def test_prefetch_on_and_off_give_identical_runs(tiny, tmp_path):
         runs[depth] = _tables(out)
     assert runs[0]["activations"] and any(len(t) for t in runs[0]["activations"])
     assert runs[0] == runs[2]
+    import json
+
+    marker = json.loads(next((tmp_path / "run2" / "completions").glob("*.json")).read_text())
+    assert marker["sae_dtypes"] == {"s": "float32"} and marker["device"] == "cpu" and marker["attn_implementation"]
 
 
 @pytest.mark.parametrize("sae_key", ["sae_standard", "sae_topk", "sae_jumprelu"])

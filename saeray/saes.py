@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -183,20 +183,39 @@ class DenseCodes:
     ready: Any = None
 
 
-@torch.inference_mode()
-def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
-                 ) -> DenseCodes:
-    """Queue the encoding of `x` [n, d_in], `chunk_tokens` rows at a time, with no host sync (and
-    reconstruction stats folded into `recon`). `active_entries` reads it."""
-    chunks, sizes = [], []
+def _encoded_chunks(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None
+                    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first row, code, active mask) of `x`'s chunks of `chunk_tokens` rows, encoded one at a time as they are
+    asked for (reconstruction stats folded into `recon`)."""
     for start in range(0, x.shape[0], chunk_tokens):
         xc = x[start:start + chunk_tokens].to(sae.dtype)
         acts = sae.encode(xc)
         if recon is not None:
             recon.add(xc, sae.decode(acts), acts)
-        mask = acts.abs() > threshold if threshold > 0 else acts != 0
-        chunks.append((start, acts, mask))
-        sizes.append(mask.sum())
+        yield start, acts, (acts.abs() > threshold if threshold > 0 else acts != 0)
+        del acts  # before the next chunk is encoded
+
+
+def _entries(start: int, acts: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, feature, value) of one chunk's active entries at `idx` ([nnz, 2] positions in the chunk)."""
+    return idx[:, 0] + start, idx[:, 1], acts[idx[:, 0], idx[:, 1]].float()
+
+
+def _concat(parts: list[tuple[torch.Tensor, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not parts:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.empty(0, dtype=torch.float32, device=device)
+    rows, feats, vals = (torch.cat(p) for p in zip(*parts))
+    return rows, feats, vals
+
+
+@torch.inference_mode()
+def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None = None
+                 ) -> DenseCodes:
+    """Queue the encoding of `x` [n, d_in], `chunk_tokens` rows at a time, with no host sync (and
+    reconstruction stats folded into `recon`). `active_entries` reads it."""
+    chunks = list(_encoded_chunks(sae, x, threshold, chunk_tokens, recon))
+    sizes = [mask.sum() for _, _, mask in chunks]
     stacked = torch.stack(sizes) if sizes else torch.zeros(0, dtype=torch.int64, device=x.device)
     if x.device.type != "cuda":
         return DenseCodes(chunks, stacked)
@@ -214,40 +233,23 @@ def active_entries(codes: DenseCodes) -> tuple[torch.Tensor, torch.Tensor, torch
     if codes.ready is not None:
         codes.ready.synchronize()
     sizes = codes.counts.tolist()
-    rows, feats, vals = [], [], []
     device = codes.chunks[0][1].device if codes.chunks else torch.device("cpu")
+    parts = []
     while codes.chunks:
         start, acts, mask = codes.chunks.pop(0)  # each chunk's code is freed once read
-        idx = torch.nonzero_static(mask, size=int(sizes.pop(0)))
-        rows.append(idx[:, 0] + start)
-        feats.append(idx[:, 1])
-        vals.append(acts[idx[:, 0], idx[:, 1]].float())
+        parts.append(_entries(start, acts, torch.nonzero_static(mask, size=int(sizes.pop(0)))))
         del acts, mask
-    if not rows:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return empty, empty, torch.empty(0, dtype=torch.float32, device=device)
-    return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+    return _concat(parts, device)
 
 
 def _sparse_chunks(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int, recon: ReconStats | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode and read one chunk at a time (one chunk's code in memory; a sync per chunk)."""
-    rows, feats, vals = [], [], []
-    for start in range(0, x.shape[0], chunk_tokens):
-        xc = x[start:start + chunk_tokens].to(sae.dtype)
-        acts = sae.encode(xc)
-        if recon is not None:
-            recon.add(xc, sae.decode(acts), acts)
-        mask = acts.abs() > threshold if threshold > 0 else acts != 0
-        idx = mask.nonzero()
-        rows.append(idx[:, 0] + start)
-        feats.append(idx[:, 1])
-        vals.append(acts[idx[:, 0], idx[:, 1]].float())
+    parts = []
+    for start, acts, mask in _encoded_chunks(sae, x, threshold, chunk_tokens, recon):
+        parts.append(_entries(start, acts, mask.nonzero()))
         del acts, mask
-    if not rows:
-        empty = torch.empty(0, dtype=torch.int64, device=x.device)
-        return empty, empty, torch.empty(0, dtype=torch.float32, device=x.device)
-    return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+    return _concat(parts, x.device)
 
 
 @torch.inference_mode()

@@ -194,7 +194,8 @@ def simulated_extractor(base: type, device: Device, d_sae: int, l0: int, seed: i
                 holder: dict = {}
 
                 def work(b: Any = b, holder: dict = holder) -> None:
-                    holder["rows"] = self._collect(b.found, b.keep_rows, b.doc_ids)
+                    holder["rows"] = (self._collect(b) if hasattr(b, "counted")  # (the code before issue 16: 3 args)
+                                      else self._collect(b.found, b.keep_rows, b.doc_ids))
 
                 done = device.launch(0.0, work)
                 if b.keep_rows:

@@ -137,6 +137,18 @@ class OutputConfig:
     """false = statistics only (per-shard partials, no activation rows)."""
     reconstruction: bool = False
     """Also decode and keep mergeable reconstruction partials (MSE, explained variance, L0) per SAE."""
+    top_k: int = 20
+    """Example documents kept per feature and unit: the top_k with the largest maximum (saeray/partials.py).
+    `top` and feature cards read them (up to this k) when the run has no activation rows. 0: none."""
+    samples_per_bin: int = 5
+    """Example documents sampled per feature, unit and log-spaced bin of the document's maximum (interval
+    examples read them). 0: none."""
+    docs: Literal["all", "examples", "none"] = "all"
+    """Token ids kept in docs: all = every document's; examples = only windows of context_radius tokens
+    around each kept example (a statistics-only run then stores megabytes, not the corpus); none = no token
+    ids (docs keeps doc_id, n_tokens, positions and the kept columns)."""
+    context_radius: int = 32
+    """output.docs: examples keeps positions pos - radius .. pos + radius of each example."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +253,7 @@ def _check_semantics(cfg: RunConfig) -> None:
                               "limit the rows instead (fewer files, or a dataset slice)")
         if cfg.model.kind == "causal_lm":
             raise ConfigError("data.image_column needs a vision-language model: set model.kind to auto or image_text")
-    reserved = {"doc_id", "n_tokens", "token_ids", "positions"}
+    reserved = {"doc_id", "n_tokens", "token_ids", "positions", "windows"}
     if reserved & set(cfg.data.keep_columns):
         raise ConfigError(f"data.keep_columns: {sorted(reserved & set(cfg.data.keep_columns))} are reserved names in docs")
     if cfg.positions.mode == "markers" and not cfg.positions.groups:
@@ -249,6 +261,13 @@ def _check_semantics(cfg: RunConfig) -> None:
                           "groups: {assistant: {marker: '<|im_start|>assistant', offset: 0}}")
     if cfg.positions.mode != "markers" and cfg.positions.groups:
         raise ConfigError(f"positions.groups is only used with mode 'markers' (mode is {cfg.positions.mode!r})")
+    o = cfg.output
+    if o.top_k < 0 or o.samples_per_bin < 0 or o.context_radius < 0:
+        raise ConfigError(f"output.top_k, output.samples_per_bin and output.context_radius must be >= 0, got "
+                          f"{o.top_k}, {o.samples_per_bin}, {o.context_radius}")
+    if o.docs == "examples" and not (o.top_k or o.samples_per_bin):
+        raise ConfigError("output.docs is 'examples' but output.top_k and output.samples_per_bin are 0: no example "
+                          "is kept, so no context either. Set output.top_k (e.g. 20), or output.docs: none")
     if isinstance(cfg.workers, int) and cfg.workers < 1:
         raise ConfigError(f"workers must be 'auto' or >= 1, got {cfg.workers}")
     w = cfg.worker

@@ -111,8 +111,31 @@ def doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     return moments, n_docs
 
 
-def _significance(run_a: str | Path, run_b: str | Path, frame: pl.DataFrame) -> pl.DataFrame:
-    (ma, n_a), (mb, n_b) = doc_moments(run_a), doc_moments(run_b)
+def partial_doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`doc_moments` from the units' per-document moments (stats.doc_moments): no pass over rows; raises
+    LookupError for runs whose units predate them."""
+    from .stats import doc_moments as merged
+
+    m = merged(run)
+    n_docs = m.group_by("group").agg(pl.col("n_docs").max())
+    return m.select(*KEYS, "doc_mean", "doc_var"), n_docs
+
+
+def run_doc_moments(run: str | Path, source: str = "auto") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per-document moments from the partials (auto, when every unit has them) or the rows (the reference)."""
+    if source not in ("auto", "rows", "partials"):
+        raise ValueError(f"source must be auto, rows or partials, got {source!r}")
+    if source != "rows":
+        try:
+            return partial_doc_moments(run)
+        except LookupError:
+            if source == "partials":
+                raise
+    return doc_moments(run)
+
+
+def _significance(run_a: str | Path, run_b: str | Path, frame: pl.DataFrame, source: str = "auto") -> pl.DataFrame:
+    (ma, n_a), (mb, n_b) = run_doc_moments(run_a, source), run_doc_moments(run_b, source)
     out = (frame.join(n_a.rename({"n_docs": "n_docs_a"}), on="group", how="left")
            .join(n_b.rename({"n_docs": "n_docs_b"}), on="group", how="left")
            .join(ma.rename({"doc_mean": "doc_mean_a", "doc_var": "doc_var_a"}), on=KEYS, how="left")
@@ -132,11 +155,12 @@ def _significance(run_a: str | Path, run_b: str | Path, frame: pl.DataFrame) -> 
 def diff_runs(run_a: str | Path, run_b: str | Path, *, preset: str = "default", pseudo: float = 1.0,
               active_value: float | None = None, active_fraction: float | None = None,
               new_ratio: float | None = None, stable_rho: float | None = None, shifted_rho: float | None = None,
-              significance: bool = True) -> pl.DataFrame:
+              significance: bool = True, source: str = "auto") -> pl.DataFrame:
     """Per (sae, group, feature) comparison of run B against run A (see DEFINITIONS).
 
     Thresholds default to those of `preset` (PRESETS); explicit arguments override them.
-    `significance=False` skips the per-document test (no activation rows or tokenizer needed).
+    `significance=False` skips the per-document test. `source`: where its per-document moments come from:
+    the units' partials (auto, when every unit has them; no pass over rows) or the rows (the reference).
     Raises ValueError if the runs' SAEs differ or they share no (sae, group).
     """
     if preset not in PRESETS:
@@ -162,7 +186,7 @@ def diff_runs(run_a: str | Path, run_b: str | Path, *, preset: str = "default", 
             "active_a", "active_b", "class", "n_tokens_a", "n_tokens_b", "n_active_a", "n_active_b"]
     frame = frame.select(cols)
     if significance:
-        frame = _significance(run_a, run_b, frame)
+        frame = _significance(run_a, run_b, frame, source)
     return with_neuronpedia(frame, run_a).sort(KEYS)
 
 

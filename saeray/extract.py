@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from .contexts import Batch, Document, Tokenization
 from .models import HookSite, Hooks, run_to_hooks
+from .partials import EDGES, N_BINS, UnitExamples, hist_table, value_bins
 from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
@@ -29,7 +30,9 @@ STATS_SCHEMA = pa.schema([
     ("n_tokens", pa.int64()), ("n_active", pa.int64()), ("n_docs_active", pa.int64()),
     ("sum", pa.float64()), ("m2", pa.float64()),
     ("max", pa.float32()), ("max_doc_id", pa.int64()), ("max_pos", pa.int32()),
+    ("n_docs", pa.int64()), ("doc_sum", pa.float64()), ("doc_m2", pa.float64()),
 ])
+"""Per-unit statistics; n_docs/doc_sum/doc_m2 (per-document moments, partials.DEFINITIONS) since issue 16."""
 
 
 def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -38,10 +41,6 @@ def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
     if idx.device.type == "cpu":
         return torch.bincount(idx, minlength=n)
     return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
-
-
-DENSE_DOC_MARKS = 1 << 26
-"""Largest documents x latents of a block whose per-feature document count uses a dense mark."""
 
 
 class FeatureStats:
@@ -63,6 +62,11 @@ class FeatureStats:
         self.max = torch.full((d_sae,), float("-inf"), dtype=torch.float32, **z)
         self.max_doc = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
         self.max_pos = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
+        self.hist = torch.zeros(d_sae * N_BINS, dtype=torch.int64, **z)
+        self.edges = torch.from_numpy(EDGES).to(device)
+        self.doc_n = 0
+        self.doc_mean = torch.zeros(d_sae, dtype=torch.float64, **z)
+        self.doc_m2 = torch.zeros(d_sae, dtype=torch.float64, **z)
 
     def add(self, n: int, feat: torch.Tensor, val: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor) -> None:
         """Fold in a batch of `n` counted tokens whose active entries are (feat, val) at (doc, pos)."""
@@ -81,6 +85,9 @@ class FeatureStats:
         self.m2 += m2_b + delta * delta * (na * nb / tot)
         self.n_tokens = tot
         self.n_active += count
+        pos_val = val > 0  # the histogram of positive values (no mask indexing: others go to a spare cell)
+        cell = torch.where(pos_val, feat * N_BINS + value_bins(val, self.edges), len(self.hist))
+        self.hist += counts(cell, len(self.hist) + 1)[:-1]
         if feat.numel() and feat.device.type == "cpu":
             # Only entries >= their feature's running max can change it (ties included): after the first
             # batches few are, and the passes below touch only those. (On a GPU the mask would cost a sync.)
@@ -101,19 +108,38 @@ class FeatureStats:
             self.max_doc = torch.where(better, bdoc, self.max_doc)
             self.max_pos = torch.where(better, bpos, self.max_pos)
 
-    def add_docs(self, feat: torch.Tensor, rank: torch.Tensor, n_docs: int) -> None:
-        """Count documents per feature; call once per set of whole documents, `rank` being each entry's
-        document's index among the set's `n_docs`. A dense (document, feature) mark when it fits in
-        64 MiB (one pass, no sort), else the distinct pairs."""
-        if not feat.numel():
-            return
-        if n_docs * self.d_sae <= DENSE_DOC_MARKS:
-            seen = torch.zeros(n_docs * self.d_sae, dtype=torch.bool, device=feat.device)
-            seen[rank * self.d_sae + feat] = True
-            self.n_docs += seen.view(n_docs, self.d_sae).sum(0)
+    def add_docs(self, feat: torch.Tensor, rank: torch.Tensor, pos: torch.Tensor, val: torch.Tensor,
+                 counted: torch.Tensor, n_counted_docs: int) -> tuple[torch.Tensor, ...]:
+        """Fold in a set of whole documents: the active entries (feature, document's `rank` in the set, pos,
+        value) and `counted` = each document's counted positions. Counts the documents per feature, folds in
+        the per-document moments (doc_value, see partials.DEFINITIONS) and returns the (feature, document)
+        pairs: (feature, rank, position of the document's maximum, that maximum, each entry's pair)."""
+        d = self.d_sae
+        if feat.numel():
+            uniq, inv = torch.unique(rank * d + feat, return_inverse=True)  # a host sync on a GPU
+            n = len(uniq)
+            psum = torch.zeros(n, dtype=torch.float64, device=feat.device).index_add_(0, inv, val.double())
+            pmax = torch.full((n,), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce(0, inv, val, "amax")
+            at_max = torch.where(val == pmax[inv], pos, _NO_KEY)
+            ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos.device).scatter_reduce(0, inv, at_max, "amin")
+            pf, pr = uniq % d, uniq // d
         else:
-            pairs = torch.unique(rank * self.d_sae + feat)  # a host sync on a GPU; only for blocks of many documents
-            self.n_docs += counts(pairs % self.d_sae, self.d_sae)
+            psum = torch.zeros(0, dtype=torch.float64, device=feat.device)
+            pmax, pf, pr, ppos, inv = val, feat, rank, pos, rank
+        self.n_docs += counts(pf, d)
+        if n_counted_docs:
+            x = psum / counted[pr]
+            s = torch.zeros(d, dtype=torch.float64, device=x.device).index_add_(0, pf, x)
+            mean_b = s / n_counted_docs
+            dev = x - mean_b[pf]
+            m2_b = (torch.zeros_like(s).index_add_(0, pf, dev * dev)
+                    + (n_counted_docs - counts(pf, d)) * mean_b * mean_b)
+            na, nb = self.doc_n, n_counted_docs
+            delta = mean_b - self.doc_mean
+            self.doc_mean += delta * (nb / (na + nb))
+            self.doc_m2 += m2_b + delta * delta * (na * nb / (na + nb))
+            self.doc_n = na + nb
+        return pf, pr, ppos, pmax, inv
 
     def to_table(self, sae: str, group: str) -> pa.Table:
         max_doc = self.max_doc.cpu().numpy()
@@ -131,7 +157,13 @@ class FeatureStats:
             "max": pa.array(mx, mask=~seen),
             "max_doc_id": pa.array(max_doc, mask=~seen),
             "max_pos": pa.array(np.where(seen, self.max_pos.cpu().numpy(), 0).astype(np.int32), mask=~seen),
+            "n_docs": pa.array(np.full(self.d_sae, self.doc_n, dtype=np.int64)),
+            "doc_sum": pa.array(self.doc_mean.cpu().numpy() * self.doc_n),
+            "doc_m2": pa.array(self.doc_m2.cpu().numpy()),
         }, schema=STATS_SCHEMA)
+
+    def hist_table(self, sae: str, group: str) -> pa.Table:
+        return hist_table(self.hist.view(self.d_sae, N_BINS), sae, group)
 
 
 @dataclass
@@ -147,10 +179,13 @@ class Extractor:
 
     def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
                  device: torch.device, encode_chunk: int | None = None, reconstruction: bool = False,
-                 hooks: Hooks | None = None, ahead: int | None = None):
+                 hooks: Hooks | None = None, ahead: int | None = None, top_k: int = 0, per_bin: int = 0,
+                 radius: int = 0):
         """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
         `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE).
-        `ahead`: batches launched before the host waits on the one before (None: `in_flight`)."""
+        `ahead`: batches launched before the host waits on the one before (None: `in_flight`).
+        `top_k`, `per_bin`, `radius`: example documents kept per feature and their context (partials.UnitExamples;
+        top_k and per_bin 0: none)."""
         self.model = model
         self.saes = saes
         self.tok = tok
@@ -162,6 +197,8 @@ class Extractor:
                        for h in saes}
         self.groups = tok.group_names
         self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
+        self.examples = ({k: UnitExamples(st.d_sae, top_k, per_bin, device, radius) for k, st in self.stats.items()}
+                         if top_k or per_bin else {})
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
@@ -186,10 +223,16 @@ class Extractor:
         finishes the rest."""
         if batches is None:
             batches = self.tok.batches(docs, self.batch_tokens)
-        ids = torch.from_numpy(np.unique(np.fromiter((d.doc_id for d in docs), np.int64, len(docs))))
+        all_ids = np.fromiter((d.doc_id for d in docs), np.int64, len(docs))
+        order = np.argsort(all_ids, kind="stable")
+        counted = {g: np.fromiter((len(docs[i].groups.get(g, ())) for i in order), np.int64, len(docs))
+                   for g in self.groups}
+        n_counted = {g: int((c > 0).sum()) for g, c in counted.items()}
+        ids, counted_t = torch.from_numpy(all_ids[order]), {g: torch.from_numpy(c) for g, c in counted.items()}
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the batches in flight
             ids = ids.pin_memory().to(self.device, non_blocking=True)
-        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids)
+            counted_t = {g: c.pin_memory().to(self.device, non_blocking=True) for g, c in counted_t.items()}
+        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids, counted_t, n_counted)
         self._blocks.append(block)
         done = []
         for batch in batches:
@@ -211,24 +254,25 @@ class Extractor:
         while self._blocks and self._blocks[0].left == 0:
             b = self._blocks.popleft()
             with record_function("saeray.rows"):
-                out.append((b.docs, self._collect(b.found, b.keep_rows, b.doc_ids)))
+                out.append((b.docs, self._collect(b)))
         return out
 
-    def _collect(self, found: dict, keep_rows: bool, doc_ids: torch.Tensor
-                 ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """Fold in the block's per-document counts; with `keep_rows`, its rows in (doc_id, pos, feature) order.
-        `doc_ids`: the block's document ids, sorted."""
+    def _collect(self, block: "_Block") -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Fold in a finished block's per-document partials (document counts and moments, example documents);
+        when it keeps rows, its rows in (doc_id, pos, feature) order."""
         out = {}
-        for key, parts in found.items():
+        for key, parts in block.found.items():
             st = self.stats[key]
-            if not parts:
-                if keep_rows:
-                    out[key] = {"doc_id": np.empty(0, np.int64), "pos": np.empty(0, np.int32),
-                                "feature": np.empty(0, np.int32), "value": np.empty(0, np.float32)}
-                continue
-            doc, pos, feat, val, rank = (torch.cat(p) for p in zip(*parts))
-            st.add_docs(feat, rank, len(doc_ids))
-            if keep_rows:
+            g = key[1]
+            if parts:
+                doc, pos, feat, val, rank = (torch.cat(p) for p in zip(*parts))
+            else:
+                z = torch.zeros(0, dtype=torch.int64, device=self.device)
+                doc, pos, feat, val, rank = z, z, z, torch.zeros(0, dtype=torch.float32, device=self.device), z
+            pf, pr, ppos, pmax, pair = st.add_docs(feat, rank, pos, val, block.counted[g], block.n_counted[g])
+            if key in self.examples:
+                self.examples[key].add(pf, block.doc_ids[pr], ppos, pmax, (pair, pos, val))
+            if block.keep_rows:
                 # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by the
                 # token's key (rank of doc_id in the block << 32 | pos; doc ids themselves use 63 bits): a
                 # quarter of the time of numpy's 3-key lexsort on CPU
@@ -311,6 +355,10 @@ class _Block:
     found: dict[tuple[str, str], list[tuple[torch.Tensor, ...]]]
     doc_ids: torch.Tensor
     """The block's document ids, sorted, on the device."""
+    counted: dict[str, torch.Tensor]
+    """Per group: each document's counted positions (in `doc_ids` order), on the device."""
+    n_counted: dict[str, int]
+    """Per group: the block's documents with at least one counted position."""
 
 
 @dataclass

@@ -29,6 +29,13 @@ def _committed_files(run: str | Path, kind: str) -> list[str]:
     return [f for i, m in markers.items() for f in rd.shard_files(i, kind, m)]
 
 
+def has_kind(run: str | Path, kind: str) -> bool:
+    """Whether every committed unit of the run lists a `kind` file (the partials saeray added later, such as
+    examples and hist, are absent from units made before them)."""
+    markers = RunDir(run).completions()
+    return bool(markers) and all(kind in (m.get("files") or {}) for m in markers.values())
+
+
 def _scan(files: list[str]) -> pl.LazyFrame:
     """Scan parquet files; object-store URIs use the standard AWS_* / cloud variables for credentials."""
     return pl.scan_parquet(files, storage_options=storage_options(files[0]) if files else None)
@@ -90,6 +97,33 @@ def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
             .select(*keys, "n_tokens", "n_active", "density", "mean", "mean_active", "std",
                     "max", "max_doc_id", "max_pos", "n_docs_active")
             .sort(keys))
+
+
+def doc_moments(run: str | Path) -> pl.DataFrame:
+    """Per (sae, group, feature) from the units' per-document moments (stats n_docs, doc_sum, doc_m2; see
+    partials.DEFINITIONS): n_docs, doc_mean and doc_var (sample variance, ddof=1) of doc_value, merged with
+    Chan's formula. Raises LookupError for runs whose units predate these columns."""
+    if not has_kind(run, "hist"):
+        raise LookupError(f"{run}: its units predate the per-document moments (saeray before issue 16)")
+    keys = ["sae", "group", "feature"]
+    p = scan_partials(run).select(*keys, "n_docs", "doc_sum", "doc_m2").filter(pl.col("n_docs") > 0)
+    p = p.with_columns((pl.col("doc_sum") / pl.col("n_docs")).alias("_m"))
+    tot = p.group_by(keys).agg(pl.col("n_docs").sum(), pl.col("doc_sum").sum()).with_columns(
+        (pl.col("doc_sum") / pl.col("n_docs")).alias("doc_mean"))
+    m2 = (p.join(tot.select(*keys, pl.col("doc_mean")), on=keys).group_by(keys)
+          .agg((pl.col("doc_m2") + pl.col("n_docs") * (pl.col("_m") - pl.col("doc_mean")) ** 2).sum().alias("_m2")))
+    return (tot.join(m2, on=keys).with_columns((pl.col("_m2") / (pl.col("n_docs") - 1)).alias("doc_var"))
+            .select(*keys, "n_docs", "doc_mean", "doc_var").sort(keys).collect())
+
+
+def histograms(run: str | Path, features: list[int], *, sae: str, group: str) -> pl.DataFrame:
+    """Per (feature, value bin) the counted positions whose value falls in the bin (partials.EDGES), merged over
+    the units' hist partials: feature, bin, count (bins with none are absent)."""
+    if not has_kind(run, "hist"):
+        raise LookupError(f"{run}: its units predate the histogram partials (saeray before issue 16)")
+    pred = (pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
+    return (_scan(_committed_files(run, "hist")).filter(pred).group_by("feature", "bin").agg(pl.col("count").sum())
+            .sort("feature", "bin").collect())
 
 
 def features(run: str | Path) -> pl.LazyFrame:

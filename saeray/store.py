@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP = "_tmp"
-KINDS = ("activations", "docs", "stats", "recon")
-"""Shard outputs: activations and docs are folders of parquet parts, stats and recon one file each."""
+SINGLE_KINDS = ("stats", "recon", "examples", "hist")
+"""Shard outputs of one file each: statistics, reconstruction partials, example documents, histograms."""
+KINDS = ("activations", "docs", *SINGLE_KINDS)
+"""Shard outputs: activations and docs are folders of parquet parts, the SINGLE_KINDS one file each."""
 
 ACTIVATIONS_SCHEMA = pa.schema([
     ("sae", pa.string()), ("group", pa.string()), ("doc_id", pa.int64()), ("pos", pa.int32()),
@@ -53,7 +55,7 @@ ACTIVATIONS_SCHEMA = pa.schema([
 
 _MARKER_RE = re.compile(r"^completions/(\d+)\.json$")
 _PART_RE = re.compile(r"^(activations|docs)/shard=(\d+)/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\.parquet$")
-_SINGLE_RE = re.compile(r"^(stats|recon)/(\d+)((?:\.[0-9a-f]+)?)\.parquet$")
+_SINGLE_RE = re.compile(r"^(stats|recon|examples|hist)/(\d+)((?:\.[0-9a-f]+)?)\.parquet$")
 
 
 class RunDirError(ValueError):
@@ -163,8 +165,7 @@ class RunDir:
         s = shard_name(shard)
         return {"activations": self.root / "activations" / f"shard={s}",
                 "docs": self.root / "docs" / f"shard={s}",
-                "stats": self.root / "stats" / f"{s}.parquet",
-                "recon": self.root / "recon" / f"{s}.parquet"}
+                **{kind: self.root / kind / f"{s}.parquet" for kind in SINGLE_KINDS}}
 
     # ---- manifest ------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
@@ -232,7 +233,7 @@ class RunDir:
             return dict(zip(shards, pool.map(self.completion, shards)))
 
     def shard_files(self, shard: int, kind: str, marker: dict[str, Any] | None = None) -> list[str]:
-        """Paths/URIs of the `kind` files (activations | docs | stats | recon) of a committed shard.
+        """Paths/URIs of the `kind` files (store.KINDS) of a committed shard.
 
         Only the files its marker lists; a marker written before markers listed files falls
         back to the local layout. A listed name outside the shard's own files is refused, so
@@ -304,7 +305,7 @@ class RunDir:
                     raise
                 names = sorted(p.name for p in final[kind].glob("*.parquet"))
             files[kind] = [f"{kind}/shard={s}/{n}" for n in names]
-        for kind in ("stats", "recon"):
+        for kind in SINGLE_KINDS:
             if (tmp / f"{kind}.parquet").is_file():
                 os.replace(tmp / f"{kind}.parquet", final[kind])
                 files[kind] = [f"{kind}/{s}.parquet"]
@@ -318,7 +319,7 @@ class RunDir:
                 rel = f"{kind}/shard={s}/{f.stem}.{attempt}.parquet"
                 self._upload(f, rel)
                 files.setdefault(kind, []).append(rel)
-        for kind in ("stats", "recon"):
+        for kind in SINGLE_KINDS:
             if (tmp / f"{kind}.parquet").is_file():
                 rel = f"{kind}/{s}.{attempt}.parquet"
                 self._upload(tmp / f"{kind}.parquet", rel)

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 POSITIONS_TYPE = pa.list_(pa.struct([("group", pa.string()), ("n", pa.int32()), ("last", pa.int32())]))
 """docs.positions: per position group, how many positions of the document count and the last one."""
+WINDOWS_TYPE = pa.list_(pa.struct([("start", pa.int32()), ("token_ids", pa.list_(pa.int32()))]))
+"""docs.windows (output.docs: examples): the document's token ids around its kept examples, as disjoint spans
+(start, ids) in position order; token_ids is then null."""
 
 BLOCK_BATCHES = 4
 """Documents are processed in blocks of about this many forward batches of tokens."""
@@ -162,7 +165,7 @@ class ShardWorker:
         self.keep_schema = self.plan.keep_arrow_schema()
         self.docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()),
                                       ("token_ids", pa.list_(pa.int32())), ("positions", POSITIONS_TYPE),
-                                      *self.keep_schema])
+                                      ("windows", WINDOWS_TYPE), *self.keep_schema])
         self._cache: dict[int, list[Document]] = {}
         self._ahead: dict[int, UnitInput] = {}
         """Units whose reading started before their `process` call (`then`)."""
@@ -284,8 +287,12 @@ class ShardWorker:
 
     def _process(self, task: Task, source: "UnitInput", tmp: Path) -> dict[str, Any]:
         keep_rows = self.cfg.output.activations
+        out = self.cfg.output
         ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
-                                   device=self.device, reconstruction=self.cfg.output.reconstruction, hooks=self.hooks)
+                                   device=self.device, reconstruction=out.reconstruction, hooks=self.hooks,
+                                   top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius)
+        held: list[pa.Table] = []  # output.docs other than all: the unit's docs, written once the examples are known
+        token_ids: dict[int, np.ndarray] = {}
         act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
         docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
@@ -294,7 +301,12 @@ class ShardWorker:
 
         def write(block: list[Document], rows: dict) -> None:
             nonlocal n_rows
-            docs_table = self._docs_table(block)
+            docs_table = self._docs_table(block, with_tokens=out.docs == "all")
+            if out.docs != "all":
+                held.append(docs_table)
+                docs_table = None
+                if out.docs == "examples":
+                    token_ids.update((d.doc_id, d.token_ids) for d in block)
             act_table = _rows_table(rows) if keep_rows else None
             n_rows += act_table.num_rows if act_table is not None else 0
             for f in pending:
@@ -320,6 +332,11 @@ class ShardWorker:
                 write(*done)
             for f in pending:
                 f.result()
+            if held:
+                docs = pa.concat_tables(held)
+                if out.docs == "examples":
+                    docs = _with_windows(docs, token_ids, ext.examples.values(), out.context_radius)
+                docs_writer.write_table(docs)
         finally:
             if isinstance(source.blocks, Prefetch):
                 source.blocks.close()
@@ -329,6 +346,11 @@ class ShardWorker:
                 act_writer.close()
         stats = pa.concat_tables([st.to_table(sae, g) for (sae, g), st in ext.stats.items()])
         pq.write_table(stats.cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
+        hist = pa.concat_tables([st.hist_table(sae, g) for (sae, g), st in ext.stats.items()])
+        pq.write_table(hist, tmp / "hist.parquet", compression="zstd")
+        if ext.examples:
+            examples = pa.concat_tables([e.to_table(sae, g) for (sae, g), e in ext.examples.items()])
+            pq.write_table(examples, tmp / "examples.parquet", compression="zstd", row_group_size=1 << 18)
         if ext.recon:
             pq.write_table(recon_table(ext.recon), tmp / "recon.parquet", compression="zstd")
         counted_tokens = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
@@ -338,13 +360,15 @@ class ShardWorker:
         return {"rows": n_rows, "docs": source.n_docs, "tokens": source.n_tokens, "forward_tokens": ext.forward_tokens,
                 "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
 
-    def _docs_table(self, block: list[Document]) -> pa.Table:
+    def _docs_table(self, block: list[Document], with_tokens: bool = True) -> pa.Table:
         cols: dict[str, Any] = {
             "doc_id": pa.array([d.doc_id for d in block], pa.int64()),
             "n_tokens": pa.array([len(d.token_ids) for d in block], pa.int32()),
-            "token_ids": pa.array([d.token_ids for d in block], pa.list_(pa.int32())),
+            "token_ids": (pa.array([d.token_ids for d in block], pa.list_(pa.int32())) if with_tokens
+                          else pa.nulls(len(block), pa.list_(pa.int32()))),
             "positions": pa.array([[{"group": g, "n": len(p), "last": int(p[-1])} for g, p in d.groups.items() if len(p)]
                                    for d in block], POSITIONS_TYPE),
+            "windows": pa.nulls(len(block), WINDOWS_TYPE),
         }
         for field in self.keep_schema:
             cols[field.name] = pa.array([d.extras.get(field.name) for d in block], field.type)
@@ -383,8 +407,33 @@ def _rows_table(rows: dict[tuple[str, str], dict[str, np.ndarray]]) -> pa.Table:
     return pa.concat_tables(parts) if parts else ACTIVATIONS_SCHEMA.empty_table()
 
 
+def _with_windows(docs: pa.Table, token_ids: dict[int, np.ndarray], examples: Iterable[Any], radius: int) -> pa.Table:
+    """`docs` with column windows: per document, the merged spans pos - radius .. pos + radius of its kept
+    examples (every SAE's and group's), clipped to the document; documents without examples get none."""
+    kept = [e.kept_positions() for e in examples]
+    doc = np.concatenate([d for d, _ in kept]) if kept else np.empty(0, np.int64)
+    pos = np.concatenate([p for _, p in kept]) if kept else np.empty(0, np.int64)
+    order = np.lexsort((pos, doc))
+    spans: dict[int, list[list[int]]] = {}
+    for d, p in zip(doc[order].tolist(), pos[order].tolist()):
+        ids = token_ids.get(d)
+        if ids is None:
+            continue
+        lo, hi = max(0, p - radius), min(len(ids), p + radius + 1)
+        mine = spans.setdefault(d, [])
+        if mine and lo <= mine[-1][1]:  # overlapping or touching the previous span: one span
+            mine[-1][1] = max(mine[-1][1], hi)
+        else:
+            mine.append([lo, hi])
+    windows = [[{"start": lo, "token_ids": token_ids[d][lo:hi]} for lo, hi in spans.get(d, [])] or None
+               for d in docs.column("doc_id").to_pylist()]
+    i = docs.schema.get_field_index("windows")
+    return docs.set_column(i, docs.schema.field(i), pa.array(windows, WINDOWS_TYPE))
+
+
 def _write(docs_writer: pq.ParquetWriter, act_writer: pq.ParquetWriter | None,
-           docs_table: pa.Table, act_table: pa.Table | None) -> None:
-    docs_writer.write_table(docs_table)
+           docs_table: pa.Table | None, act_table: pa.Table | None) -> None:
+    if docs_table is not None:
+        docs_writer.write_table(docs_table)
     if act_writer is not None and act_table is not None and act_table.num_rows:
         act_writer.write_table(act_table, row_group_size=1 << 20)

@@ -117,6 +117,21 @@ def test_equals_numpy_and_scipy(runs):
     np.testing.assert_allclose(got["q"], st.false_discovery_control(np.nan_to_num(res.pvalue, nan=1.0)), rtol=1e-9)
 
 
+def test_significance_from_partials_equals_rows(runs):
+    """diff's per-document test merges the units' per-document moments (the default): no pass over rows. The
+    row-based moments (recomputed from every activation row) are the reference."""
+    for a, b in [("a1", "b1"), ("a7", "b7"), ("a1", "b7")]:
+        rows = diff_runs(runs[a], runs[b], source="rows")
+        partials = diff_runs(runs[a], runs[b], source="partials")
+        assert rows.columns == partials.columns
+        for c in ("t", "p", "q", "n_docs_a", "n_docs_b"):
+            x, y = rows[c].fill_null(np.nan).to_numpy(), partials[c].fill_null(np.nan).to_numpy()
+            # (t of untouched features is a difference of near-equal means: float64 noise at t's scale)
+            scale = np.nanmax(np.abs(x[np.isfinite(x)]), initial=0.0)
+            np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-12 * scale, err_msg=c)
+        assert (partials["q"] < 0.05).sum() > 0
+
+
 def test_benjamini_hochberg_equals_scipy():
     rng = np.random.default_rng(0)
     p = np.concatenate([rng.uniform(size=200), rng.uniform(0, 1e-3, size=20), [0.5, 0.5, 1.0, 0.0]])

@@ -19,7 +19,7 @@ from ..diff import CLASSES, METRICS, top_changes, write_diff
 from ..stats import features as run_features
 from . import interactive as iv
 from . import png
-from .data import (Card, Overview, SeparationData, cards, choose_pair, has_activations, heatmap_matrix, overview,
+from .data import (Card, Overview, SeparationData, cards, choose_pair, has_activations, has_examples, heatmap_matrix, overview,
                    read_separation)
 from .page import Page, context, link, table
 
@@ -71,8 +71,9 @@ def _card_html(page: Page, card: Card, png_name: str) -> str:
     ctx = "".join(f'<div class="ctx"><span class="meta">#{i + 1} doc {e["doc_id"]} pos {e["pos"]} max {e["value"]:.3g}'
                   f'</span>{context(e["tokens"], e["acts"], e["mark"], vmax)}</div>'
                   for i, e in enumerate(card.examples)) or (
-        '<p class="note">no active tokens in this run</p>' if has_activations(card.run) else
-        '<p class="note">statistics-only run (output.activations: false): no contexts or histogram</p>')
+        '<p class="note">no active tokens in this run</p>' if has_examples(card.run) else
+        '<p class="note">no contexts: the run keeps neither activation rows nor example documents with token ids '
+        '(output.activations, output.top_k, output.docs)</p>')
     note = next((e["note"] for e in card.examples if e.get("note")), None)
     if card.logits is not None and card.logits.height:
         cols = [card.logits.filter(pl.col("direction") == d).select(

@@ -109,33 +109,56 @@ def neuronpedia_prefix(run: str | Path, sae: str) -> str | None:
 
 
 def activation_histograms(run: str | Path, features: list[int], *, sae: str, group: str,
-                          bins: int = HIST_BINS) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per feature: (edges [bins+1], counts [bins]) of its nonzero activations over all tokens.
+                          source: str = "auto") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per feature: (edges [n+1], counts [n]) of its positive activations over all counted tokens, on the
+    fixed log-spaced value bins (partials.EDGES) from the lowest to the highest bin it reaches.
 
-    Bins split [min, max] of the feature's values evenly; the last bin includes max.
+    `source`: the units' hist partials (auto, when every unit has them) or the rows (the reference).
+    Display edges: the first bin (0, 1e-4] starts at 10^(-33/8), the last (1e4, inf) ends at 10^(33/8).
     """
-    rows = scan_feature_rows(run, features, sae=sae, group=group).filter(pl.col("value") != 0)
-    rng = rows.group_by("feature").agg(pl.col("value").min().alias("lo"),
-                                      pl.col("value").max().alias("hi")).collect(engine="streaming")
-    if rng.height == 0:
-        return {}
-    width = (pl.col("hi") - pl.col("lo")).cast(pl.Float64)
-    b = pl.when(width > 0).then(((pl.col("value") - pl.col("lo")) / width * bins).floor()).otherwise(0.0)
-    counts = (rows.join(rng.lazy(), on="feature").with_columns(b.clip(0, bins - 1).cast(pl.Int32).alias("bin"))
-              .group_by("feature", "bin").agg(pl.len().alias("n")).collect(engine="streaming"))
+    from ..partials import EDGES, N_BINS, value_bins_np
+    from ..stats import has_kind, histograms
+
+    if source not in ("auto", "rows", "partials"):
+        raise ValueError(f"source must be auto, rows or partials, got {source!r}")
+    if source == "partials" or (source == "auto" and has_kind(run, "hist")):
+        counts = histograms(run, features, sae=sae, group=group).filter(pl.col("bin") > 0)
+    else:
+        rows = scan_feature_rows(run, features, sae=sae, group=group).filter(pl.col("value") > 0).select("feature", "value")
+        vals = rows.collect(engine="streaming")
+        counts = (vals.with_columns(pl.Series("bin", value_bins_np(vals["value"].to_numpy()), dtype=pl.Int16))
+                  .group_by("feature", "bin").agg(pl.len().cast(pl.Int64).alias("count")))
+    step = 10 ** (1 / 8)
+    display = np.concatenate([[EDGES[1] / step], EDGES[1:], [EDGES[-1] * step]]).astype(np.float64)
     out = {}
-    for f, lo, hi in rng.rows():
-        c = np.zeros(bins, dtype=np.int64)
-        sub = counts.filter(pl.col("feature") == f)
-        c[sub["bin"].to_numpy()] = sub["n"].to_numpy()
-        hi = hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-3
-        out[int(f)] = (np.linspace(lo, hi, bins + 1), c)
+    for (f,), g in counts.group_by("feature"):
+        b, n = g["bin"].to_numpy().astype(np.int64), g["count"].to_numpy()
+        lo, hi = int(b.min()), int(b.max())
+        c = np.zeros(hi - lo + 1, dtype=np.int64)
+        c[b - lo] = n
+        out[int(f)] = (display[lo - 1:hi + 1], c)
+    assert len(display) == N_BINS
     return out
 
 
 def has_activations(run: str | Path) -> bool:
-    """False for a statistics-only run (output.activations: false): no contexts, histograms or heatmaps."""
+    """False for a statistics-only run (output.activations: false): no heatmaps (they read every document)."""
     return bool(RunDir(run).read_manifest()["config"]["output"].get("activations", True))
+
+
+def has_examples(run: str | Path) -> bool:
+    """Whether top contexts can be shown: activation rows, or example partials with token ids (output.docs)."""
+    from ..stats import has_kind
+
+    out = RunDir(run).read_manifest()["config"]["output"]
+    return has_activations(run) or (has_kind(run, "examples") and out.get("docs", "all") != "none"
+                                    and out.get("top_k", 0) > 0)
+
+
+def has_histograms(run: str | Path) -> bool:
+    from ..stats import has_kind
+
+    return has_activations(run) or has_kind(run, "hist")
 
 
 def _tokenizer(run: str | Path) -> tuple[Any, str | None]:
@@ -162,12 +185,12 @@ def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *,
         bad = [f for f in feats if not 0 <= f < width]
         if bad:
             raise ValueError(f"feature {bad[0]} is out of range: SAE {sae!r} has {width} features (0-{width - 1})")
-        if has_activations(run):
+        if has_examples(run):
             tok, note = _tokenizer(run)
             ex = top_examples(run, feats, sae=sae, group=group, k=k, window=window, tokenizer=tok)
-            hists = activation_histograms(run, feats, sae=sae, group=group)
         else:
-            ex, hists = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int32}), {}
+            ex = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int32})
+        hists = activation_histograms(run, feats, sae=sae, group=group) if has_histograms(run) else {}
         effects, effects_note = _logits(run, feats, sae) if logits else (None, "logit effects not computed (--no-logits)")
         prefix = neuronpedia_prefix(run, sae)
         for f, why in chosen:

@@ -117,11 +117,11 @@ def activation_histogram(card: Card) -> go.Figure:
     fig = go.Figure()
     if card.hist_edges is not None:
         e, c = card.hist_edges, card.hist_counts
-        fig.add_bar(x=(e[:-1] + e[1:]) / 2, y=c, width=np.diff(e), marker={"color": color(0), "line": {"width": 0}},
+        fig.add_bar(x=np.sqrt(e[:-1] * e[1:]), y=c, marker={"color": color(0), "line": {"width": 0}},
                     name="active tokens", hovertemplate="activation %{x:.3g}<br>%{y} tokens<extra></extra>")
     _style(fig, f"Feature {card.feature}: activation histogram", height=300,
            margin={"l": 60, "r": 20, "t": 50, "b": 50}, showlegend=False)
-    fig.update_xaxes(title="activation (SAE units)")
+    fig.update_xaxes(title="activation (SAE units, log-spaced bins)", type="log")
     fig.update_yaxes(title="active tokens (log scale)", type="log", dtick=1)
     return fig
 

@@ -103,12 +103,13 @@ def feature_card(card: Card, path: Path) -> Path:
     ax = axes[0]
     if card.hist_edges is not None:
         e = card.hist_edges
-        ax.bar((e[:-1] + e[1:]) / 2, card.hist_counts, width=np.diff(e), color=color(0))
+        ax.bar(e[:-1], card.hist_counts, width=np.diff(e), align="edge", color=color(0))
+        ax.set_xscale("log")
         ax.set_yscale("log")
     else:
-        ax.text(0.5, 0.5, "no activation rows", ha="center", va="center", transform=ax.transAxes, color="#555")
+        ax.text(0.5, 0.5, "no histogram in this run", ha="center", va="center", transform=ax.transAxes, color="#555")
     ax.set(title=f"Feature {card.feature} ({_text(card.sae)}/{_text(card.group)}): activations",
-           xlabel="activation (SAE units)", ylabel="active tokens (log scale)")
+           xlabel="activation (SAE units, log-spaced bins)", ylabel="active tokens (log scale)")
     if has_logits:
         ax = axes[1]
         lg = card.logits.sort("logit")

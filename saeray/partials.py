@@ -1,0 +1,273 @@
+"""Row-free partials of a work unit: example documents per feature and activation histograms.
+
+Written beside each unit's statistics and merged exactly, whatever the unit split or order, so
+`top`, interval examples, histograms and feature cards work on statistics-only runs:
+
+* top: per (sae, group, feature) the `output.top_k` documents with the highest maximum of the
+  feature (ties: smaller doc_id), each with the position of that maximum (ties: smaller pos).
+  Documents never span units, so the run's top k are the top k of the units' top k.
+* samples: per (sae, group, feature, bin of the document's maximum) the `output.samples_per_bin`
+  documents with the smallest draw (a hash of (doc_id, feature): the same documents whichever
+  units hold them). A smallest-draws sample of a union of bins is the smallest draws of the bins'
+  samples, so an interval made of whole bins is sampled exactly from the partials.
+* hist: per (sae, group, feature, bin) the number of counted positions whose value falls in the bin.
+
+Bins are fixed and log-spaced (`EDGES`: 8 per decade from 1e-4 to 1e4), the same for every run,
+so bins of different units and runs add. Bin 0 holds values <= 0, bin b (1..65) the interval
+(EDGES[b-1], EDGES[b]], bin 66 values above 1e4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+BINS_PER_DECADE = 8
+EDGES = np.concatenate([[0.0], 10.0 ** (np.arange(-4 * BINS_PER_DECADE, 4 * BINS_PER_DECADE + 1) / BINS_PER_DECADE)]
+                       ).astype(np.float32)
+"""Upper edges of the value bins (float32, compared with float32 values): 0, 1e-4, 10^(-31/8), ..., 1e4."""
+N_BINS = len(EDGES) + 1
+
+EXAMPLES_SCHEMA = pa.schema([
+    ("sae", pa.string()), ("group", pa.string()), ("feature", pa.int32()), ("kind", pa.string()),
+    ("bin", pa.int16()), ("draw", pa.int64()), ("doc_id", pa.int64()), ("pos", pa.int32()), ("value", pa.float32()),
+    ("ctx_offset", pa.list_(pa.int32())), ("ctx_value", pa.list_(pa.float32())),
+])
+HIST_SCHEMA = pa.schema([
+    ("sae", pa.string()), ("group", pa.string()), ("feature", pa.int32()), ("bin", pa.int16()), ("count", pa.int64()),
+])
+
+DEFINITIONS = {
+    "value_bins": "fixed log-spaced bins, 8 per decade: bin 0 holds values <= 0, bin b in 1..65 the values in "
+                  "(EDGES[b-1], EDGES[b]] with EDGES = [0, 1e-4, 10^(-31/8), ..., 1e4], bin 66 values above 1e4",
+    "hist": "per (sae, group, feature, bin): counted positions whose active value falls in the bin (values > 0 only)",
+    "doc_max": "per (feature, document): the largest active value of the feature in the document, at the "
+               "smallest position that reaches it",
+    "top": "per (sae, group, feature): the output.top_k documents with the largest doc_max (ties: smaller doc_id)",
+    "draw": "splitmix64 of (doc_id, feature), shifted right by one bit (a non-negative int64): a seeded "
+            "pseudo-random draw per document and feature, the same in any unit split",
+    "samples": "per (sae, group, feature, bin of doc_max): the output.samples_per_bin documents with the smallest "
+               "(draw, doc_id)",
+    "doc_value": "per (feature, document with counted positions): the sum of the feature's values over the "
+                 "document's counted positions of the group / the number of those positions (0 if it never fires)",
+    "ctx_offset, ctx_value": "the feature's active values in the example's document at positions pos - "
+                             "output.context_radius .. pos + output.context_radius, as (position - pos, value); "
+                             "positions absent are inactive or not counted (0)",
+    "n_docs, doc_sum, doc_m2": "per (sae, group, feature) over the unit's documents with counted positions: their "
+                               "number, the sum of doc_value and the sum of squared deviations of doc_value from "
+                               "the unit's mean; merged across units with Chan's formula",
+}
+
+_C1, _C2 = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
+_M1, _M2, _C3 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x165667B19E3779F9
+_BIG = torch.iinfo(torch.int64).max
+
+
+def value_bins_np(values: np.ndarray) -> np.ndarray:
+    """Bin (int16) of each value (compared as float32, the engine's value type)."""
+    return np.searchsorted(EDGES, np.asarray(values, dtype=np.float32), side="left").astype(np.int16)
+
+
+def value_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Bin (int64) of each value; `edges` = `EDGES` on the values' device."""
+    return torch.searchsorted(edges, values.float().contiguous(), right=False)
+
+
+def bin_edges(b: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high] value range of bins (bin 0: (-inf, 0]; the last bin: (1e4, inf))."""
+    lo = np.concatenate([[-np.inf], EDGES]).astype(np.float64)
+    hi = np.concatenate([EDGES, [np.inf]]).astype(np.float64)
+    return lo[b], hi[b]
+
+
+def draws_np(doc_id: np.ndarray, feature: np.ndarray, seed: int = 0) -> np.ndarray:
+    """`draw` of (doc_id, feature) pairs: splitmix64 >> 1 (int64, non-negative). The partials use seed 0."""
+    d = np.asarray(doc_id).astype(np.int64).view(np.uint64)
+    f = np.asarray(feature).astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (d * np.uint64(_C1)) ^ (f * np.uint64(_C2)) ^ (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(_C3))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(_M1)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(_M2)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(1)).astype(np.int64)
+
+
+def intervals(lo_bin: np.ndarray, hi_bin: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Interval (0..n-1) of bin `b` for a feature whose documents' maxima occupy bins lo_bin..hi_bin: the span
+    of bins (span = hi - lo + 1) is cut into n runs of whole bins, i = floor((b - lo) n / span); interval i
+    holds bins lo + ceil(i span / n) .. lo + ceil((i + 1) span / n) - 1 (with fewer bins than n, some none)."""
+    span = hi_bin.astype(np.int64) - lo_bin + 1
+    return ((b.astype(np.int64) - lo_bin) * n // span).astype(np.int32)
+
+
+def interval_bins(lo_bin: np.ndarray, hi_bin: np.ndarray, i: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) bin of interval i (see `intervals`)."""
+    span = hi_bin.astype(np.int64) - lo_bin + 1
+    i = i.astype(np.int64)
+    return lo_bin + -(-i * span // n), lo_bin + -(-(i + 1) * span // n) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def draws(doc_id: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """`draws_np` on int64 tensors (multiplication wraps modulo 2^64 in torch, as in uint64)."""
+    x = (doc_id * _signed(_C1)) ^ (feature.long() * _signed(_C2))
+    x = x ^ _shr(x, 30)
+    x = x * _signed(_M1)
+    x = x ^ _shr(x, 27)
+    x = x * _signed(_M2)
+    x = x ^ _shr(x, 31)
+    return _shr(x, 1)
+
+
+def _first_per_group(group: torch.Tensor, keys: list[tuple[torch.Tensor, bool]], k: int) -> torch.Tensor:
+    """Indices of the first `k` entries of each group under the ordering `keys` (most significant first;
+    True = descending), ties kept in input order; the group ids of the result ascend."""
+    order = torch.arange(len(group), device=group.device)
+    for key, desc in reversed(keys):
+        order = order[torch.sort(key[order], stable=True, descending=desc).indices]
+    order = order[torch.sort(group[order], stable=True).indices]
+    g = group[order]
+    rank = torch.arange(len(g), device=g.device) - torch.searchsorted(g, g, right=False)
+    return order[rank < k]
+
+
+class UnitExamples:
+    """Top documents and binned samples of one (SAE, position group) over a unit, kept on the device.
+
+    `add` takes a block's (feature, document) pairs: the document's maximum of the feature and its position.
+    Entries that cannot enter (below a full top list's k-th value, or a draw above a full bin's largest)
+    are dropped first, so after the first blocks each block sorts few entries."""
+
+    def __init__(self, d_sae: int, top_k: int, per_bin: int, device: torch.device, radius: int = 0):
+        self.d_sae, self.k, self.m, self.radius = d_sae, top_k, per_bin, radius
+        self.contexts: list[np.ndarray] = []
+        """Per block: (feature, doc_id, offset, value) of the entries near the candidates' maxima (int64 x 4
+        columns, value as float64 bits), kept until the unit's examples are known."""
+        self.edges = torch.from_numpy(EDGES).to(device)
+        empty = lambda dt: torch.empty(0, dtype=dt, device=device)  # noqa: E731
+        self.top = [empty(torch.int64), empty(torch.int64), empty(torch.int64), empty(torch.float32)]
+        """feature, doc_id, pos, value"""
+        self.kth = torch.full((d_sae,), float("-inf"), dtype=torch.float32, device=device)
+        self.samples = [empty(torch.int64), empty(torch.int64), empty(torch.int64), empty(torch.int64),
+                        empty(torch.float32)]
+        """feature * N_BINS + bin, draw, doc_id, pos, value"""
+        self.mth = torch.full((d_sae * N_BINS,) if per_bin else (0,), _BIG, dtype=torch.int64, device=device)
+
+    def add(self, feat: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, value: torch.Tensor,
+            entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fold in a block's (feature, document) pairs; `entries` = (pair index, pos, value) of the block's
+        active entries, for the contexts of the pairs that enter."""
+        if not feat.numel():
+            return
+        entered = torch.zeros(len(feat), dtype=torch.bool, device=feat.device)
+        if self.k:
+            keep = value >= self.kth[feat]
+            entered |= keep
+            self.top = self._merge(self.top, [feat[keep], doc[keep], pos[keep], value[keep]])
+        if self.m:
+            gid = feat * N_BINS + value_bins(value, self.edges)
+            dr = draws(doc, feat)
+            keep = dr <= self.mth[gid]
+            entered |= keep
+            self.samples = self._merge_samples([gid[keep], dr[keep], doc[keep], pos[keep], value[keep]])
+        if entries is not None:
+            pair, epos, evalue = entries
+            near = entered[pair] & ((epos - pos[pair]).abs() <= self.radius)
+            pair, epos, evalue = pair[near], epos[near], evalue[near]
+            self.contexts.append(np.stack([feat[pair].cpu().numpy(), doc[pair].cpu().numpy(),
+                                           (epos - pos[pair]).cpu().numpy(),
+                                           evalue.double().cpu().numpy().view(np.int64)], axis=1))
+
+    def _merge(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not new[0].numel():
+            return old
+        touched = torch.zeros(self.d_sae, dtype=torch.bool, device=new[0].device)
+        touched[new[0]] = True
+        hit = touched[old[0]]
+        both = [torch.cat([o[hit], n]) for o, n in zip(old, new)]
+        f, d, _, v = both
+        sel = _first_per_group(f, [(v, True), (d, False)], self.k)
+        kept = [t[sel] for t in both]
+        full = torch.bincount(kept[0], minlength=self.d_sae) >= self.k
+        low = torch.full_like(self.kth, float("inf")).scatter_reduce(0, kept[0], kept[3], "amin")
+        self.kth = torch.where(full, low, self.kth)
+        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)]
+
+    def _merge_samples(self, new: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not new[0].numel():
+            return self.samples
+        old = self.samples
+        touched = torch.zeros(len(self.mth), dtype=torch.bool, device=new[0].device)
+        touched[new[0]] = True
+        hit = touched[old[0]]
+        both = [torch.cat([o[hit], n]) for o, n in zip(old, new)]
+        g, dr, d = both[:3]
+        sel = _first_per_group(g, [(dr, False), (d, False)], self.m)
+        kept = [t[sel] for t in both]
+        full = torch.bincount(kept[0], minlength=len(self.mth)) >= self.m
+        high = torch.full_like(self.mth, -1).scatter_reduce(0, kept[0], kept[1], "amax")
+        self.mth = torch.where(full, high, self.mth)
+        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)]
+
+    def to_table(self, sae: str, group: str) -> pa.Table:
+        f, d, p, v = (t.cpu().numpy() for t in self.top)
+        g, dr, sd, sp, sv = (t.cpu().numpy() for t in self.samples)
+        n_top, n_s = len(f), len(g)
+        feature = np.concatenate([f, g // N_BINS]).astype(np.int32)
+        ctx_offset, ctx_value = self._contexts(feature, np.concatenate([d, sd]))
+        table = pa.table({
+            "sae": pa.array([sae] * (n_top + n_s), pa.string()),
+            "group": pa.array([group] * (n_top + n_s), pa.string()),
+            "feature": feature,
+            "kind": pa.array(["top"] * n_top + ["sample"] * n_s, pa.string()),
+            "bin": np.concatenate([value_bins_np(v), g % N_BINS]).astype(np.int16),
+            "draw": np.concatenate([draws_np(d, f), dr]).astype(np.int64),
+            "doc_id": np.concatenate([d, sd]).astype(np.int64),
+            "pos": np.concatenate([p, sp]).astype(np.int32),
+            "value": np.concatenate([v, sv]).astype(np.float32),
+            "ctx_offset": ctx_offset, "ctx_value": ctx_value,
+        }, schema=EXAMPLES_SCHEMA)
+        return table.sort_by([("feature", "ascending"), ("kind", "descending"), ("bin", "ascending"),
+                              ("value", "descending"), ("doc_id", "ascending")])
+
+    def _contexts(self, feature: np.ndarray, doc: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """(ctx_offset, ctx_value) list arrays for the kept examples (feature, doc), in offset order."""
+        import polars as pl
+
+        kept = pl.DataFrame({"feature": feature.astype(np.int64), "doc_id": doc.astype(np.int64)})
+        c = np.concatenate(self.contexts) if self.contexts else np.empty((0, 4), np.int64)
+        ctx = (pl.DataFrame({"feature": c[:, 0], "doc_id": c[:, 1], "off": c[:, 2].astype(np.int32),
+                             "val": np.ascontiguousarray(c[:, 3]).view(np.float64).astype(np.float32)})
+               .unique(["feature", "doc_id", "off"]).sort("feature", "doc_id", "off")
+               .group_by("feature", "doc_id", maintain_order=True).agg("off", "val"))
+        got = kept.join(ctx, on=["feature", "doc_id"], how="left", maintain_order="left")
+        off = got["off"].fill_null(pl.Series([[]], dtype=pl.List(pl.Int32)).first())
+        val = got["val"].fill_null(pl.Series([[]], dtype=pl.List(pl.Float32)).first())
+        return off.to_arrow().cast(pa.list_(pa.int32())), val.to_arrow().cast(pa.list_(pa.float32()))
+
+    def kept_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(doc_id, pos) of every kept example (for output.docs: examples)."""
+        d = torch.cat([self.top[1], self.samples[2]]).cpu().numpy()
+        p = torch.cat([self.top[2], self.samples[3]]).cpu().numpy()
+        return d, p
+
+
+def hist_table(counts: torch.Tensor, sae: str, group: str) -> pa.Table:
+    """The nonzero cells of a (d_sae x N_BINS) count matrix as HIST_SCHEMA rows."""
+    c = counts.cpu().numpy()
+    f, b = np.nonzero(c)
+    n = len(f)
+    return pa.table({"sae": pa.array([sae] * n, pa.string()), "group": pa.array([group] * n, pa.string()),
+                     "feature": f.astype(np.int32), "bin": b.astype(np.int16), "count": c[f, b].astype(np.int64)},
+                    schema=HIST_SCHEMA)

@@ -12,9 +12,12 @@ sorted by (doc_id, pos, feature) as a worker writes them. Generation goes shard 
 chunks of whole documents, so it needs bounded memory too. Then each measurement runs in
 its own subprocess (peak RSS from resource.getrusage is per process):
 
-    features   stats.features(run).collect()           (merge per-shard partials)
-    top        top.top_examples(run, 100 features, k=10)
-    interval   top.interval_examples(run, 100 features)
+    features           stats.features(run).collect()     (merge per-shard partials)
+    top_partials       top.top_examples(run, 100 features, k=10, source="partials")
+    interval_partials  top.interval_examples(run, 100 features, source="partials")
+    diff_partials      diff.diff_runs(run, run, source="partials")   (Welch + BH from per-document moments)
+    top, interval      the same from the activation rows (the reference path)
+    diff               diff from the rows (pass --steps ...,diff: ~40 minutes at 100M rows)
 """
 
 from __future__ import annotations
@@ -55,26 +58,27 @@ def _manifest(root: Path, n_shards: int) -> dict:
             "resolved": {"prepend_bos": True, "context_size": 1024, "saes": [sae]}, "n_shards": n_shards, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int, rng: np.random.Generator) -> int:
-    """Write one committed shard of about `n_rows` rows; return the next doc_id."""
-    from saeray.extract import STATS_SCHEMA
+def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int, rng: np.random.Generator,
+                top_k: int = 20, per_bin: int = 5, radius: int = 32) -> int:
+    """Write one committed shard of about `n_rows` rows with the partials a worker writes (statistics,
+    per-document moments, example documents with contexts, histograms: the engine's own accumulators, fed
+    the synthetic rows chunk by chunk of whole documents); return the next doc_id."""
+    import torch
+
+    from saeray.extract import STATS_SCHEMA, FeatureStats
+    from saeray.partials import UnitExamples
+    from saeray.worker import POSITIONS_TYPE, WINDOWS_TYPE
 
     final = rd.final_paths(shard)
     for kind in ("activations", "docs"):
         final[kind].mkdir(parents=True, exist_ok=True)
-    from saeray.worker import POSITIONS_TYPE
-
     docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()), ("token_ids", pa.list_(pa.int32())),
-                             ("positions", POSITIONS_TYPE)])
+                             ("positions", POSITIONS_TYPE), ("windows", WINDOWS_TYPE)])
     aw = pq.ParquetWriter(final["activations"] / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd")
     dw = pq.ParquetWriter(final["docs"] / "part-0.parquet", docs_schema, compression="zstd")
-    n_act = np.zeros(d_sae, np.int64)
-    n_docs = np.zeros(d_sae, np.int64)
-    s1 = np.zeros(d_sae)
-    s2 = np.zeros(d_sae)
-    mx = np.full(d_sae, -np.inf, np.float32)
-    mx_doc = np.zeros(d_sae, np.int64)
-    mx_pos = np.zeros(d_sae, np.int32)
+    cpu = torch.device("cpu")
+    st = FeatureStats(d_sae, cpu)
+    ex = UnitExamples(d_sae, top_k, per_bin, cpu, radius)
     written = n_tokens = 0
     doc = first_doc
     while written < n_rows:
@@ -96,35 +100,28 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
                                  "n_tokens": lengths.astype(np.int32),
                                  "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
                                  "positions": pa.array([[{"group": "all", "n": int(n), "last": int(n) - 1}]
-                                                        for n in lengths], POSITIONS_TYPE)},
+                                                        for n in lengths], POSITIONS_TYPE),
+                                 "windows": pa.nulls(len(lengths), WINDOWS_TYPE)},
                                 schema=docs_schema))
-        # partial statistics, as a worker computes them
-        n_act += np.bincount(f, minlength=d_sae)
-        s1 += np.bincount(f, weights=v, minlength=d_sae)
-        s2 += np.bincount(f, weights=v.astype(np.float64) ** 2, minlength=d_sae)
-        n_docs += np.bincount((np.unique(d * d_sae + f) % d_sae), minlength=d_sae)
-        cmax = np.full(d_sae, -np.inf, np.float32)
-        np.maximum.at(cmax, f, v)
-        at = np.flatnonzero(v == cmax[f])
-        ff, first = np.unique(f[at], return_index=True)  # rows are in (doc, pos) order: first = smallest
-        better = cmax[ff] > mx[ff]
-        ff, rows = ff[better], at[first[better]]
-        mx[ff], mx_doc[ff], mx_pos[ff] = v[rows], d[rows], p[rows]
+        # the partials, as a worker computes them (every position counts: no special tokens here)
+        tf, tv, td, tp = (torch.from_numpy(x) for x in (f.astype(np.int64), v, d, p.astype(np.int64)))
+        st.add(tok, tf, tv, td, tp)
+        rank = td - doc
+        pf, pr, ppos, pmax, pair = st.add_docs(tf, rank, tp, tv, torch.from_numpy(lengths.astype(np.int64)), len(lengths))
+        ex.add(pf, pr + doc, ppos, pmax, (pair, tp, tv))
         written += len(key)
         n_tokens += tok
         doc += len(lengths)
     aw.close()
     dw.close()
-    seen = n_act > 0
-    mean = s1 / n_tokens
-    pq.write_table(pa.table({
-        "sae": pa.array(["res"] * d_sae), "group": pa.array(["all"] * d_sae),
-        "feature": np.arange(d_sae, dtype=np.int32), "n_tokens": np.full(d_sae, n_tokens, np.int64),
-        "n_active": n_act, "n_docs_active": n_docs, "sum": s1, "m2": s2 - n_tokens * mean * mean,
-        "max": pa.array(mx, mask=~seen), "max_doc_id": pa.array(mx_doc, mask=~seen),
-        "max_pos": pa.array(mx_pos, mask=~seen)}, schema=STATS_SCHEMA), final["stats"], compression="zstd")
+    pq.write_table(st.to_table("res", "all").cast(STATS_SCHEMA), final["stats"], compression="zstd")
+    pq.write_table(st.hist_table("res", "all"), final["hist"], compression="zstd")
+    pq.write_table(ex.to_table("res", "all"), final["examples"], compression="zstd", row_group_size=1 << 18)
+    s = shard_name(shard)
+    files = {"activations": [f"activations/shard={s}/part-0.parquet"], "docs": [f"docs/shard={s}/part-0.parquet"],
+             **{k: [f"{k}/{s}.parquet"] for k in ("stats", "hist", "examples")}}
     write_json_atomic(rd.marker(shard), {"shard": shard, "rows": written, "docs": doc - first_doc,
-                                         "tokens": n_tokens, "fingerprint": "synthetic0000000"})
+                                         "tokens": n_tokens, "fingerprint": "synthetic0000000", "files": files})
     return doc
 
 
@@ -168,14 +165,17 @@ def step(what: str, root: Path, a: argparse.Namespace) -> dict:
         result = {"out_rows": 0}  # imports only: what every step pays before reading anything
     elif what == "features":
         result = {"out_rows": stats.features(root).collect().height}
-    elif what == "top":
-        result = {"out_rows": top.top_examples(root, features, k=a.k).height}
-    elif what == "interval":
-        result = {"out_rows": top.interval_examples(root, features).height}
-    elif what == "diff":  # the run against itself: two full inputs, per-document Welch tests and BH included
+    elif what in ("top", "top_partials"):
+        source = "rows" if what == "top" else "partials"
+        result = {"out_rows": top.top_examples(root, features, k=a.k, source=source).height}
+    elif what in ("interval", "interval_partials"):
+        source = "rows" if what == "interval" else "partials"
+        result = {"out_rows": top.interval_examples(root, features, source=source).height}
+    elif what in ("diff", "diff_partials"):  # the run against itself: two full inputs, Welch tests and BH included
         from saeray import diff
 
-        result = {"out_rows": diff.diff_runs(root, root).height}
+        source = "rows" if what == "diff" else "partials"
+        result = {"out_rows": diff.diff_runs(root, root, source=source).height}
     else:
         raise ValueError(what)
     return {"step": what, "wall_s": round(time.perf_counter() - t0, 2), **result, **peak_rss_mb()}
@@ -202,6 +202,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the fake run")
     p.add_argument("--reuse", action="store_true", help="measure an existing fake run in --dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", default="baseline,features,top_partials,interval_partials,diff_partials,top,interval",
+                   help="steps to measure (diff: the row-based per-document test, ~40 min at 100M rows)")
     p.add_argument("--step", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.step:
@@ -213,7 +215,7 @@ def main() -> None:
     report: dict = {"config": {k: getattr(a, k) for k in ("rows", "shards", "d_sae", "features", "k", "seed")},
                     "dir": str(root)}
     try:
-        steps = ["baseline", "features", "top", "interval", "diff"]
+        steps = a.steps.split(",")
         for what in steps if a.reuse else ["generate", *steps]:
             report[what] = _child(["--dir", str(root), "--step", what, *passthrough])
             print(json.dumps(report[what]), flush=True)

@@ -142,7 +142,8 @@ def _cmd_top(args: argparse.Namespace) -> int:
     feats = parse_features(args.feature)
     tok = None if args.no_decode else load_tokenizer(args.run)
     window = (args.before, args.after)
-    top = top_examples(args.run, feats, sae=args.sae, group=args.group, k=args.k, window=window, tokenizer=tok)
+    top = top_examples(args.run, feats, sae=args.sae, group=args.group, k=args.k, window=window, tokenizer=tok,
+                       source=args.source)
     for row in top.iter_rows(named=True):
         mark = row["pos"] - row["window_start"]
         if tok is not None:
@@ -155,7 +156,8 @@ def _cmd_top(args: argparse.Namespace) -> int:
         frames = [top]
         if args.intervals:
             frames.append(interval_examples(args.run, feats, sae=args.sae, group=args.group, bins=args.intervals,
-                                            per_bin=args.per_bin, seed=args.seed, window=window, tokenizer=tok))
+                                            per_bin=args.per_bin, seed=args.seed, window=window, tokenizer=tok,
+                                            source=args.source))
         pl.concat(frames, how="diagonal_relaxed").write_parquet(args.out)
         print(f"wrote {args.out}")
     return 0
@@ -279,7 +281,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     out = write_diff(args.run_a, args.run_b, args.out, k=args.top_k, preset=args.preset, pseudo=args.pseudo,
                      active_value=args.active_value, active_fraction=args.active_fraction, new_ratio=args.new_ratio,
-                     stable_rho=args.stable_rho, shifted_rho=args.shifted_rho, significance=not args.no_significance)
+                     stable_rho=args.stable_rho, shifted_rho=args.shifted_rho, significance=not args.no_significance,
+                     source=args.source)
     frame = pl.read_parquet(out)
     print(f"wrote {out} ({frame.height:,} rows) and top-change CSVs in {args.out}")
     with pl.Config(tbl_rows=30):
@@ -400,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--after", type=int, default=10, help="tokens of context after the max")
     tp.add_argument("--intervals", type=int, metavar="BINS", help="with --out: also sample BINS activation intervals")
     tp.add_argument("--per-bin", type=int, default=3)
-    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--seed", type=int, default=0, help="interval sample seed (0: the one the partials hold)")
+    tp.add_argument("--source", choices=["auto", "rows", "partials"], default="auto",
+                    help="activation rows or the units' example partials (auto: partials when they can answer)")
     tp.add_argument("--no-decode", action="store_true", help="print token ids (skip loading the tokenizer)")
     tp.add_argument("--out", help="write the examples (with per-token activations) to this .parquet")
     tp.set_defaults(fn=_cmd_top)
@@ -474,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         df.add_argument(f"--{opt}", type=float, default=None, help="override the preset's threshold")
     df.add_argument("--top-k", type=int, default=100, help="rows per top-increase table")
     df.add_argument("--no-significance", action="store_true", help="skip the per-document Welch tests")
+    df.add_argument("--source", choices=["auto", "rows", "partials"], default="auto",
+                    help="per-document moments from the units' partials (auto, when every unit has them) or the rows")
     df.set_defaults(fn=_cmd_diff)
 
     tr = sub.add_parser("transfer", help="feature transfer text model -> VLM (workflow 1): stable / shifted / "

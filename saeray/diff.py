@@ -49,6 +49,8 @@ DEFINITIONS = {
     "t, p": "Welch's unequal-variance t-test of doc_value, B's documents vs A's (two-sided); both variances 0: "
             "null if the means are equal, else t = +-inf and p = 0",
     "q": "Benjamini-Hochberg adjusted p over the features of each (sae, group); null p (no variance) counts as 1",
+    "doc_moments_from": "partials: each unit's count, sum and centred sum of squares of doc_value (stats n_docs, "
+                        "doc_sum, doc_m2), merged with Chan's formula; rows: recomputed from the activation rows",
 }
 
 
@@ -247,7 +249,16 @@ def diff_metadata(run_a: str | Path, run_b: str | Path, **options: Any) -> dict[
             "fingerprint_a": RunDir(run_a).read_manifest()["fingerprint"],
             "fingerprint_b": RunDir(run_b).read_manifest()["fingerprint"],
             "preset": preset, "thresholds": th, "pseudo": options.get("pseudo", 1.0),
-            "significance": options.get("significance", True), "definitions": DEFINITIONS}
+            "significance": options.get("significance", True), "definitions": DEFINITIONS,
+            "doc_moments_from": {r: _moments_source(run, options.get("source", "auto"))
+                                 for r, run in (("a", run_a), ("b", run_b))}}
+
+
+def _moments_source(run: str | Path, source: str) -> str:
+    """Where the per-document moments of `run` come from under `source` (rows or partials)."""
+    from .stats import has_kind
+
+    return source if source != "auto" else ("partials" if has_kind(run, "hist") else "rows")
 
 
 def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, k: int = 100,

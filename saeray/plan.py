@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, models, reading, saes
+from . import __version__, models, partials, reading, saes
 from .config import RunConfig
 from .store import fingerprint
 from .units import DataPlan
@@ -54,7 +54,7 @@ class Prepared:
                          "image_token_id": self.image_token_id},
             "plan": self.plan.to_dict(),
             "n_units": len(self.plan.units) if not self.plan.streamed else None,
-            "definitions": DEFINITIONS,
+            "definitions": {**DEFINITIONS, **partials.DEFINITIONS},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "pyarrow": pyarrow.__version__},
         }

@@ -109,7 +109,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ModuleNotFoundError(f"No module named {missing[0]!r}", name=missing[0])
     from .demo import main as demo_main
 
-    return demo_main(args.out, args.workers, use_tiny=args.tiny)
+    return demo_main(args.out, args.workers, use_tiny=args.tiny, stats_only=args.stats_only)
 
 
 def _cmd_train_sae(args: argparse.Namespace) -> int:
@@ -541,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="where assets and the run go (default runs/demo)")
     d.add_argument("--workers", type=int, help="number of Ray workers (default: one per GPU, else one)")
     d.add_argument("--tiny", action="store_true", help="a tiny random in-process model instead (seconds; meaningless)")
+    d.add_argument("--stats-only", action="store_true",
+                   help="as a Pile-scale run: no activation rows, token ids only around kept examples (outputs *-stats)")
     d.set_defaults(fn=_cmd_demo)
     return p
 

@@ -38,8 +38,17 @@ TOKENS_PER_CONDITION = 60_000
 
 CONDITIONS = {"prose": pl.col("kind").is_in(list(corpus.PROSE_KINDS)), "code": pl.col("kind") == "code"}
 """The demo's two conditions, as filters on the corpus' `kind` column."""
-DERIVED = ("corpus", "corpus-prose", "corpus-code", "prose.yaml", "code.yaml", "run-prose", "run-code",
-           "diff-prose-vs-code", "report")
+DERIVED = tuple(n for sfx in ("", "-stats") for n in (f"prose{sfx}.yaml", f"code{sfx}.yaml", f"run-prose{sfx}",
+                                                      f"run-code{sfx}", f"diff-prose-vs-code{sfx}", f"report{sfx}")
+                ) + ("corpus", "corpus-prose", "corpus-code")
+STATS_ONLY = {"activations": False, "docs": "examples"}
+"""`saeray demo --stats-only`: the output settings of a Pile-scale run (no activation rows, token ids only
+around the kept examples); outputs go to the same names with the suffix -stats."""
+
+
+def disk_bytes(run_dir: str | Path) -> int:
+    """Bytes of a run directory's files."""
+    return sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file())
 
 
 def split_corpus(root: Path, docs_per_file: int = 400) -> dict[str, Path]:
@@ -68,9 +77,10 @@ def _tiny_assets(root: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     return {"model": {"name": str(model), "dtype": "float32"}, "saes": [{"name": "res2", "path": str(sae)}]}, data
 
 
-def build_configs(root: Path, use_tiny: bool) -> dict[str, Path]:
+def build_configs(root: Path, use_tiny: bool, stats_only: bool = False) -> dict[str, Path]:
     """One config per condition (reused if present)."""
-    paths = {k: root / f"{k}.yaml" for k in ("prose", "code")}
+    sfx = "-stats" if stats_only else ""
+    paths = {k: root / f"{k}{sfx}.yaml" for k in ("prose", "code")}
     if all(p.is_file() for p in paths.values()):
         return paths
     if use_tiny:
@@ -87,7 +97,8 @@ def build_configs(root: Path, use_tiny: bool) -> dict[str, Path]:
         raw = {**base,
                "data": {"dataset": str(data[kind]), "keep_columns": [] if use_tiny else ["module", "name"],
                         "max_tokens": budget},
-               "output": {"dir": str(root / f"run-{kind}")}, "workers": "auto"}
+               "output": {"dir": str(root / f"run-{kind}{sfx}"), **(STATS_ONLY if stats_only else {})},
+               "workers": "auto"}
         cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return paths
 
@@ -110,7 +121,8 @@ def _clear_stale(root: Path, use_tiny: bool) -> None:
     path.write_text(json.dumps(stamp))
 
 
-def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bool = False) -> int:
+def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bool = False,
+         stats_only: bool = False) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo needs is local
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -118,9 +130,11 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
     what = "a TINY RANDOM model and SAE built in-process (meaningless features)" if use_tiny else \
         ("Gemma 3 270M + saeray's SAE at blocks.6.hook_resid_post, on natural-language text (docstrings, "
          "Python's documentation, manual pages, quotations) vs Python source")
-    print(f"saeray demo: {what}")
+    print(f"saeray demo: {what}" + ("; statistics only (no activation rows, token ids around examples only)"
+                                    if stats_only else ""))
+    sfx = "-stats" if stats_only else ""
     runs = {}
-    for kind, cfg_path in build_configs(root, use_tiny).items():
+    for kind, cfg_path in build_configs(root, use_tiny, stats_only).items():
         print(f"\n== extracting condition {kind!r} ({cfg_path})")
         result = run(config.load(cfg_path), workers=workers, executor="ray", progress_sink=print)
         write_features(result.run_dir)
@@ -130,7 +144,7 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
     with pl.Config(tbl_rows=20, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
         print("\n== statistics (prose)")
         print(summary(feats))
-        diff_dir = root / "diff-prose-vs-code"
+        diff_dir = root / f"diff-prose-vs-code{sfx}"
         write_diff(prose, code, diff_dir, k=20)
         diff = pl.read_parquet(diff_dir / "diff.parquet")
         print("\n== diff: prose (A) vs code (B), features by class")
@@ -148,8 +162,16 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
     print("\n== report (HTML + PNG figures)")
     from .report import write_report
 
-    page = write_report(prose, root / "report", vs=code)
+    page = write_report(prose, root / f"report{sfx}", vs=code)
     n_docs = {k: pq.ParquetDataset(str(Path(r.run_dir) / "docs")).read(columns=["doc_id"]).num_rows for k, r in runs.items()}
+    sizes = {k: disk_bytes(r.run_dir) for k, r in runs.items()}
+    other = {k: root / (f"run-{k}" if stats_only else f"run-{k}-stats") for k in runs}
+    print(f"\n== on disk: run-prose{sfx} {sizes['prose'] / 1e6:.1f} MB, run-code{sfx} {sizes['code'] / 1e6:.1f} MB"
+          + ("".join(f"; {p.name} {disk_bytes(p) / 1e6:.1f} MB" for p in other.values() if (p / 'manifest.json').is_file())))
+    if stats_only:
+        print(f"\noutputs (under {root}): run-prose-stats/, run-code-stats/ (statistics, example partials, docs with "
+              f"token windows), diff-prose-vs-code-stats/, report-stats/index.html -> {page}")
+        return 0
     print(f"""
 outputs (under {root}):
   run-prose/, run-code/    run directories: activations/ (one row per token x active feature), docs/ (token ids,

@@ -90,6 +90,31 @@ def test_tiny_demo_outputs_are_real(tmp_path, capsys):
     assert list((tmp_path / "d" / "report" / "figures").glob("*.png"))
 
 
+def test_tiny_stats_only_demo_gives_top_diff_and_cards(tmp_path, capsys):
+    """The demo's two conditions without activation rows (output.docs: examples): top, diff with significance and
+    a report with feature cards come from the partials, and equal the row runs' beside them."""
+    root = tmp_path / "d"
+    assert demo.main(root, use_tiny=True) == 0
+    capsys.readouterr()
+    assert demo.main(root, use_tiny=True, stats_only=True) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"on disk: run-prose-stats [\d.]+ MB, run-code-stats [\d.]+ MB; run-prose [\d.]+ MB", out)
+    for kind in ("prose", "code"):
+        assert not list((root / f"run-{kind}-stats" / "activations").rglob("*.parquet"))
+        assert demo.disk_bytes(root / f"run-{kind}-stats") < demo.disk_bytes(root / f"run-{kind}")
+    rows = pl.read_parquet(root / "diff-prose-vs-code" / "diff.parquet")
+    stats_only = pl.read_parquet(root / "diff-prose-vs-code-stats" / "diff.parquet")
+    assert stats_only["q"].null_count() == 0 and stats_only["p"].n_unique() > 50  # (the tiny model: no q < 0.05)
+    for c in ("t", "p", "q", "class", "d_density"):
+        a, b = rows[c].fill_null(np.nan), stats_only[c].fill_null(np.nan)
+        assert a.equals(b) if c == "class" else np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-9, atol=1e-12, equal_nan=True)
+    feats = list(range(40))
+    assert top_examples(root / "run-code-stats", feats, k=5).equals(top_examples(root / "run-code", feats, k=5))
+    page = (root / "report-stats" / "index.html").read_text()
+    assert page.count('class="card"') >= 4 and page.count('class="ctx"') >= 4
+    assert "no contexts" not in page
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (demo.DEFAULT_SAE / "cfg.json").is_file(), reason="no shipped SAE in this checkout")
 def test_embedded_demo_outputs_are_real_and_it_prints_no_warnings(tmp_path):

@@ -123,11 +123,22 @@ class MarkerGroup:
 
 @dataclass(frozen=True)
 class PositionsConfig:
-    mode: Literal["all", "last", "markers", "modality"] = "all"
+    mode: Literal["all", "last", "markers", "modality", "sample"] = "all"
     """all: every counted token; last: the last counted token of each document;
     markers: the named groups below; modality: groups `image` (positions holding the model's image token,
-    only in runs with data.image_column) and `text` (counted tokens that are not image tokens)."""
+    only in runs with data.image_column) and `text` (counted tokens that are not image tokens);
+    sample: group `sample`, `per_doc` seeded random counted positions of each document (below)."""
     groups: dict[str, MarkerGroup] = field(default_factory=dict)
+    per_doc: int = 1
+    """mode sample: positions drawn per document (all of its candidates when it has fewer)."""
+    word_final: bool = False
+    """mode sample: candidates are only tokens that end a whitespace-separated word (the character after the
+    token is whitespace or the end of the text), as the 2% Pile filter of Ferrando et al. draws them."""
+    within: Union[int, None] = None
+    """mode sample: candidates are only positions < within (the published filter: 128, its context cut)."""
+    seed: int = 0
+    """mode sample: the draw is splitmix64 of (doc_id, pos, seed) (saeray.partials.draws_np): the same
+    positions for any unit split, worker count or batch size."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +270,16 @@ def _check_semantics(cfg: RunConfig) -> None:
     if cfg.positions.mode == "markers" and not cfg.positions.groups:
         raise ConfigError("positions.mode is 'markers' but positions.groups is empty: add e.g. "
                           "groups: {assistant: {marker: '<|im_start|>assistant', offset: 0}}")
+    pc = cfg.positions
+    sample_set = (pc.per_doc, pc.word_final, pc.within, pc.seed) != (1, False, None, 0)
+    if pc.mode != "sample" and sample_set:
+        raise ConfigError(f"positions.per_doc, word_final, within and seed are settings of mode 'sample' (mode is "
+                          f"{pc.mode!r}): set positions.mode: sample, or remove them")
+    if pc.per_doc < 1 or (pc.within is not None and pc.within < 1):
+        raise ConfigError(f"positions.per_doc and positions.within must be >= 1, got {pc.per_doc}, {pc.within}")
+    if pc.word_final and cfg.data.token_column is not None:
+        raise ConfigError("positions.word_final needs the documents' text (where words end): it cannot be used with "
+                          "data.token_column (pre-tokenized data); use data.text_column")
     if cfg.positions.mode != "markers" and cfg.positions.groups:
         raise ConfigError(f"positions.groups is only used with mode 'markers' (mode is {cfg.positions.mode!r})")
     o = cfg.output

@@ -41,6 +41,8 @@ class Document:
     """group name -> sorted int32 positions whose activations are kept."""
     pixel_values: torch.Tensor | None = None
     """[3, H, W] for an image document (then `token_ids` is the processor's whole sequence), else None."""
+    word_final: np.ndarray | None = None
+    """positions.word_final: bool [n_tokens], the tokens that end a whitespace-separated word."""
 
 
 @dataclass
@@ -159,14 +161,55 @@ class Tokenization:
             out[i] = np.asarray(enc.ids, dtype=np.int32)
         return out
 
+    @property
+    def wants_word_ends(self) -> bool:
+        return self.positions.mode == "sample" and self.positions.word_final
+
+    def _encode_with_word_ends(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, word_final) per text: token j ends a word when the character after its span is whitespace or
+        the text's end, no later token starts inside its span (byte-fallback pieces of one character: the last
+        one ends it), and its span holds a non-space character."""
+        out = []
+        for text in texts:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if text else None
+            ids = np.asarray(enc["input_ids"] if enc else [], dtype=np.int32)
+            spans = enc["offset_mapping"] if enc else []
+            final = np.zeros(len(ids), dtype=bool)
+            for j, (a, b) in enumerate(spans):
+                nxt = spans[j + 1][0] if j + 1 < len(spans) else len(text)
+                final[j] = (b >= len(text) or text[b].isspace()) and nxt >= b and bool(text[a:b].strip())
+            out.append((ids, final))
+        return out
+
+    def _sample(self, token_ids: np.ndarray, doc_id: int, word_final: np.ndarray | None) -> np.ndarray:
+        """mode sample: `per_doc` candidates with the smallest draw (partials.draws_np of (doc_id, pos, seed))."""
+        from .partials import draws_np
+
+        pc = self.positions
+        ok = self.counted(token_ids)
+        if pc.word_final:
+            if word_final is None:
+                raise PositionsError("positions.word_final needs where the document's words end: only text documents "
+                                     "have them (not pre-tokenized or image documents)")
+            ok &= word_final[:len(token_ids)]
+        if pc.within is not None:
+            ok[pc.within:] = False
+        cand = np.flatnonzero(ok)
+        draw = draws_np(np.full(len(cand), doc_id, np.int64), cand, pc.seed)
+        return np.sort(cand[np.lexsort((cand, draw))[:pc.per_doc]]).astype(np.int32)
+
     def counted(self, token_ids: np.ndarray) -> np.ndarray:
         """Boolean mask of the tokens that count (special tokens excluded unless configured)."""
         if not self.exclude_special or len(self.special_ids) == 0:
             return np.ones(len(token_ids), dtype=bool)
         return ~np.isin(token_ids, self.special_ids)
 
-    def select(self, token_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def select(self, token_ids: np.ndarray, doc_id: int = 0, word_final: np.ndarray | None = None
+               ) -> dict[str, np.ndarray]:
+        """Positions per group of a document (`doc_id` and `word_final` matter only to mode sample)."""
         mode = self.positions.mode
+        if mode == "sample":
+            return {"sample": self._sample(token_ids, doc_id, word_final)}
         if mode == "all":
             return {"all": np.flatnonzero(self.counted(token_ids)).astype(np.int32)}
         if mode == "last":
@@ -199,13 +242,14 @@ class Tokenization:
             raise TypeError(f"doc {doc_id}: the text column holds {type(text).__name__} {text!r:.60}, expected a string")
         if image is not None:
             return self._image_document(doc_id, text, extras, image)
-        ids = self.encode(text)
+        ids, final = self._encode_with_word_ends([text])[0] if self.wants_word_ends else (self.encode(text), None)
         if self.image_token_id is not None and (ids == self.image_token_id).any():
             raise PositionsError(f"doc {doc_id}: its text contains the image token (id {self.image_token_id}), which "
                                  "only the processor may place: remove it from the text")
         if max_tokens is not None:
             ids = ids[:max_tokens]
-        return Document(doc_id, ids, extras, self.select(ids))
+            final = final[:max_tokens] if final is not None else None
+        return Document(doc_id, ids, extras, self.select(ids, doc_id, final), word_final=final)
 
     def text_documents(self, items: list[tuple[int, Any, dict[str, Any]]]) -> list[Document]:
         """`document` of each (doc_id, text, extras), the texts tokenized in one batch."""
@@ -213,11 +257,14 @@ class Tokenization:
             if text is not None and not isinstance(text, str):
                 raise TypeError(f"doc {doc_id}: the text column holds {type(text).__name__} {text!r:.60}, expected a string")
         docs = []
-        for (doc_id, _, extras), ids in zip(items, self.encode_many([t or "" for _, t, _ in items])):
+        texts = [t or "" for _, t, _ in items]
+        encoded = (self._encode_with_word_ends(texts) if self.wants_word_ends
+                   else [(ids, None) for ids in self.encode_many(texts)])
+        for (doc_id, _, extras), (ids, final) in zip(items, encoded):
             if self.image_token_id is not None and (ids == self.image_token_id).any():
                 raise PositionsError(f"doc {doc_id}: its text contains the image token (id {self.image_token_id}), "
                                      "which only the processor may place: remove it from the text")
-            docs.append(Document(doc_id, ids, extras, self.select(ids)))
+            docs.append(Document(doc_id, ids, extras, self.select(ids, doc_id, final), word_final=final))
         return docs
 
     def from_ids(self, doc_id: int, ids: Any, extras: dict[str, Any]) -> Document:
@@ -226,12 +273,14 @@ class Tokenization:
         arr = np.asarray(ids, dtype=np.int32)
         if self.prepend_bos and len(arr) and self.bos_id is not None and arr[0] == self.bos_id:
             arr = arr[1:]
-        return Document(doc_id, arr, extras, self.select(arr))
+        return Document(doc_id, arr, extras, self.select(arr, doc_id))
 
     def cut(self, doc: Document, n_tokens: int) -> Document:
         """The document's first `n_tokens` tokens (the last document of a token budget)."""
         ids = doc.token_ids[:n_tokens]
-        return Document(doc.doc_id, ids, doc.extras, self.select(ids), pixel_values=doc.pixel_values)
+        final = doc.word_final[:n_tokens] if doc.word_final is not None else None
+        return Document(doc.doc_id, ids, doc.extras, self.select(ids, doc.doc_id, final), pixel_values=doc.pixel_values,
+                        word_final=final)
 
     def _image_document(self, doc_id: int, text: str, extras: dict[str, Any], image: Any) -> Document:
         """The processor's sequence for (image, text), cut to context_size in its text part."""
@@ -254,7 +303,7 @@ class Tokenization:
                 self._warned_cut = True
             self.truncated += 1
             ids = ids[:self.context_size]
-        return Document(doc_id, ids, extras, self.select(ids), pixel_values=inputs["pixel_values"][0])
+        return Document(doc_id, ids, extras, self.select(ids, doc_id), pixel_values=inputs["pixel_values"][0])
 
     # ---- windows and batches ----------------------------------------------------------
 

@@ -345,7 +345,7 @@ def doc_positions(run: str | Path) -> pl.LazyFrame:
                               pl.col("last_pos").cast(pl.Int32))
     out: list[tuple[str, int, int, int]] = []
     for doc_id, ids in docs.collect().iter_rows():
-        for g, pos in tok.select(np.asarray(ids or [], dtype=np.int64)).items():
+        for g, pos in tok.select(np.asarray(ids or [], dtype=np.int64), doc_id).items():
             if len(pos):
                 out.append((g, doc_id, len(pos), int(pos[-1])))
     return pl.LazyFrame(out, schema={"group": pl.String, "doc_id": pl.Int64, "n_counted": pl.UInt32,

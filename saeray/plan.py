@@ -77,6 +77,11 @@ DEFINITIONS = {
                        "text documents of a vision-language model run causally, as a text model",
     "counted_tokens": "positions selected by the position mode; in modes all/last/modality special tokens "
                       "(BOS/EOS/PAD/template tokens) are excluded unless tokens.exclude_special is false",
+    "sample_positions": "positions.mode sample: per document, the positions.per_doc candidates with the smallest "
+                        "splitmix64 draw of (doc_id, pos, positions.seed); candidates are counted positions, < "
+                        "positions.within when set, and with positions.word_final only tokens after which the text "
+                        "has whitespace or ends (a whitespace-separated word's last token); the group's density is "
+                        "then a rate over documents' sampled positions, not over all tokens",
     "active": "|value| > the SAE's threshold (default: value != 0)",
     "mean": "sum of values / counted tokens (inactive tokens count as 0)",
     "mean_active": "sum of values / active tokens",
@@ -143,7 +148,8 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
                  "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
         "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,
                    "exclude_special": cfg.tokens.exclude_special},
-        "positions": cfg.to_dict()["positions"],
+        "positions": _without_defaults(cfg.to_dict()["positions"], {"per_doc": 1, "word_final": False, "within": None,
+                                                                    "seed": 0}),
         "activations": cfg.output.activations,
         "reconstruction": cfg.output.reconstruction,
         # what each unit keeps beside its statistics (issue 16): out of the fingerprint at their defaults

@@ -37,6 +37,8 @@ DEFINITIONS = {
     "q": "Benjamini-Hochberg adjusted p over the kept features of each (sae, group)",
     "auroc": "P(value_pos > value_neg) + P(equal) / 2 = U / (n_pos n_neg), U from average ranks (ties share ranks)",
     "ref_density": "the feature's density in the reference run's features(); features above max_density are dropped",
+    "reference_positions": "the reference run's positions settings: mode sample gives the published reference rate "
+                           "(e.g. one random word-final token per document within 128 tokens), mode all a token density",
     "split": "stratified by label: each class's doc_ids, sorted, are permuted with numpy default_rng(seed); the first "
              "round(train_fraction * n) go to training",
     "classifier": "on the training split pick the top_k kept features by |auroc - 0.5| (or |f_diff|, |cohens_d|); "
@@ -273,6 +275,8 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
             "positive": positive, "positions_mode": mode, "documents": {g: {"positive": a, "negative": b}
                                                                         for g, a, b in n.iter_rows()},
             "reference": str(reference) if reference is not None else None, "max_density": max_density,
+            "reference_positions": (RunDir(reference).read_manifest()["config"]["positions"]
+                                    if reference is not None else None),
             "dropped": dropped, "train_fraction": train_fraction, "seed": seed, "select_by": select_by,
             "top_k": top_k, "heldout": heldout.to_dicts(), "definitions": DEFINITIONS}
     return Separation(scores, heldout, meta)

@@ -129,6 +129,24 @@ def test_run_into_s3_equals_local_run(tiny, ref, s3_env):
     assert again.skipped == [0, 1_000_000, 2_000_000] and not again.done
     assert not any(m in ("PUT", "POST", "DELETE") for m, _, _ in s3.requests[before:])
 
+    # diff (with its per-document test) and top examples read the markers' file lists: the same on S3
+    from saeray.diff import diff_runs
+    from saeray.report.data import activation_histograms
+    from saeray.top import interval_examples, top_examples
+
+    here, there = diff_runs(ref, ref), diff_runs(uri, uri)
+    assert here.columns == there.columns and here["class"].equals(there["class"])
+    for c in ("t", "p", "q", "d_density", "n_docs_a"):
+        np.testing.assert_allclose(there[c].fill_null(np.nan).to_numpy(), here[c].fill_null(np.nan).to_numpy(),
+                                   rtol=1e-9, atol=1e-12, err_msg=c)
+    feats = list(range(64))
+    assert top_examples(uri, feats, k=5).equals(top_examples(ref, feats, k=5))
+    assert top_examples(uri, feats, k=5, source="rows").equals(top_examples(ref, feats, k=5))
+    assert interval_examples(uri, feats).equals(interval_examples(ref, feats))
+    h_ref = activation_histograms(ref, feats, sae="a", group="all")
+    h_s3 = activation_histograms(uri, feats, sae="a", group="all")
+    assert h_ref.keys() == h_s3.keys() and all(np.array_equal(h_ref[f][1], h_s3[f][1]) for f in h_ref)
+
 
 def test_foreign_and_other_runs_refused_in_s3(tiny, tmp_path, s3_env):
     s3 = s3_env

@@ -218,6 +218,17 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import delphi, neuronpedia
+
+    if args.format == "neuronpedia":
+        files = neuronpedia(args.run, args.out, sae=args.sae, group=args.group, features_per_batch=args.features_per_batch)
+    else:
+        files = delphi(args.run, args.out, sae=args.sae, group=args.group, n_splits=args.splits)
+    print(f"wrote {len(files)} files to {args.out} ({files[0].name} ... {files[-1].name})" if files else "nothing written")
+    return 0
+
+
 def _cmd_explore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -429,6 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--k", type=int, default=20)
     co.add_argument("--csv")
     co.set_defaults(fn=_cmd_concept)
+
+    xp = sub.add_parser("export", help="a run for other tools: Neuronpedia dashboards (SAEDashboard's batch files) "
+                                       "or delphi's latent cache")
+    xp.add_argument("format", choices=["neuronpedia", "delphi"])
+    xp.add_argument("run")
+    xp.add_argument("--out", required=True)
+    xp.add_argument("--sae")
+    xp.add_argument("--group")
+    xp.add_argument("--features-per-batch", type=int, default=128, help="neuronpedia: features per batch-N.json")
+    xp.add_argument("--splits", type=int, default=5, help="delphi: latent ranges (safetensors files)")
+    xp.set_defaults(fn=_cmd_export)
 
     lg = sub.add_parser("logits", help="tokens a feature's decoder direction promotes and suppresses")
     lg.add_argument("run")

@@ -28,7 +28,7 @@ from helpers import base_config, corpus, write_dataset
 from saeray import config
 from saeray.executor import RunFailed, run
 from saeray.stats import features, scan_activations, scan_docs
-from saeray.store import RunDir
+from saeray.store import KINDS, RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def assert_committed_once(run_dir: Path, n_shards: int) -> dict[int, dict]:
     markers = rd.completions()
     assert sorted(markers) == list(range(n_shards))
     listed = {f for m in markers.values() for files in m["files"].values() for f in files}
-    present = {str(p.relative_to(run_dir)) for kind in ("activations", "docs", "stats", "recon")
+    present = {str(p.relative_to(run_dir)) for kind in KINDS
                for p in (run_dir / kind).rglob("*") if p.is_file()}
     assert present == listed, (sorted(present - listed), sorted(listed - present))
     assert not (run_dir / "_tmp").exists()
@@ -150,10 +150,10 @@ def test_driver_killed_during_commits_rerun_completes_only_missing(tiny, tmp_pat
     run(config.from_dict({**raw, "output": {"dir": str(ref)}}), executor="local")
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    # Renames of a local run: the manifest (first run only), then per shard activations, docs, stats, marker.
-    # Run 1 dies at rename 5: shard 0's files are all in place and its marker is written to a temporary
-    # name, but the marker's rename (the commit point) never happens.
-    _killed_at_rename(cfg_path, out, 5, tmp_path / "run1.log")
+    # Renames of a local run: the manifest (first run only), then per shard activations, docs, stats, examples,
+    # hist, marker. Run 1 dies at rename 7: shard 0's files are all in place and its marker is written to a
+    # temporary name, but the marker's rename (the commit point) never happens.
+    _killed_at_rename(cfg_path, out, 7, tmp_path / "run1.log")
     assert RunDir(out).committed() == set()
     assert (out / "activations" / "shard=00000" / "part-0.parquet").is_file()  # visible to ls, not to readers
     assert list((out / "completions").glob(".00000.json.*.tmp"))
@@ -161,10 +161,10 @@ def test_driver_killed_during_commits_rerun_completes_only_missing(tiny, tmp_pat
         features(out)
     # Run 2 dies at a random rename among the commits of shards 1-3 (seeded; SAERAY_FAULT_SEED to vary it).
     seed = int(os.environ.get("SAERAY_FAULT_SEED", "6"))
-    nth = random.Random(seed).randint(5, 16)
+    nth = random.Random(seed).randint(7, 24)
     print(f"run 2 killed at rename {nth} (seed {seed})")
     _killed_at_rename(cfg_path, out, nth, tmp_path / "run2.log")
-    want = {0} | {s for s in (1, 2, 3) if nth > 4 * (s + 1)}  # run 2 redoes shard 0 (renames 1-4)
+    want = {0} | {s for s in (1, 2, 3) if nth > 6 * (s + 1)}  # run 2 redoes shard 0 (renames 1-6)
     rd = RunDir(out)
     assert rd.committed() == want
     before = {i: (rd.uri(rd.marker_key(i)), Path(rd.marker(i)).read_bytes()) for i in want}

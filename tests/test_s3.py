@@ -211,10 +211,10 @@ def test_driver_killed_mid_commit_rerun_completes_only_missing(tiny, ref, tmp_pa
     cfg_path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, **s3.env()}
     procs: list[subprocess.Popen] = []
-    # Object writes of a run: the manifest, then per shard 4 files (activations, docs, stats, recon) and
-    # its marker. The driver dies at write 1 + 5 + 5 = 11, shard 1's marker: shard 0 is committed, shard
-    # 1's files are all up, but its commit point never lands.
-    _kill_at(s3, f"/{bucket}/run/", 11, procs)
+    # Object writes of a run: the manifest, then per shard 6 files (activations, docs, stats, recon, examples,
+    # hist) and its marker. The driver dies at write 1 + 7 + 7 = 15, shard 1's marker: shard 0 is committed,
+    # shard 1's files are all up, but its commit point never lands.
+    _kill_at(s3, f"/{bucket}/run/", 15, procs)
     log = tmp_path / "driver.log"
     procs.append(_driver(cfg_path, env, log))
     procs[-1].wait(timeout=180)
@@ -225,8 +225,9 @@ def test_driver_killed_mid_commit_rerun_completes_only_missing(tiny, ref, tmp_pa
     objects = s3.keys(bucket, "run/")
     listed = {f"run/{f}" for fs in rd.completion(0)["files"].values() for f in fs}
     leftovers = sorted(k for k in objects if k.startswith(("run/activations/shard=1000000/", "run/docs/shard=1000000/",
-                                                           "run/stats/1000000.", "run/recon/1000000.")))
-    assert len(leftovers) == 4 and not set(leftovers) & listed  # shard 1's complete but uncommitted files
+                                                           "run/stats/1000000.", "run/recon/1000000.",
+                                                           "run/examples/1000000.", "run/hist/1000000.")))
+    assert len(leftovers) == 6 and not set(leftovers) & listed  # shard 1's complete but uncommitted files
     # Readers see shard 0 only, never the leftovers.
     rows = _rows(uri)
     assert rows.height == rd.completion(0)["rows"] and rows["doc_id"].max() < 20  # shard 0: documents 0-19

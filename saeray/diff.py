@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from .stats import features, scan_activations, scan_docs
-from .store import RunDir
+from .store import open_run
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,20 @@ def doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     passes in float64; documents where the feature never fires contribute x = 0) and merged
     across shards with Chan's formula: memory is bounded by one shard, not by the run.
     """
-    rd = RunDir(run)
+    from .stats import _scan
+
+    rd = open_run(run)
     parts = []
-    for shard in sorted(rd.committed()):
-        paths = rd.final_paths(shard)
-        acts = sorted(paths["activations"].glob("*.parquet"))
-        docs = sorted(paths["docs"].glob("*.parquet"))
+    for shard, marker in sorted(rd.completions().items()):  # the files each marker lists (local and s3:// alike)
+        acts = rd.shard_files(shard, "activations", marker)
+        docs = rd.shard_files(shard, "docs", marker)
         if not docs:
             continue
-        pos = _positions(pl.scan_parquet(docs)).collect()
+        pos = _positions(_scan(docs)).collect()
         n = pos.group_by("group").agg(pl.len().alias("n"))
         if not acts:
             continue
-        x = (pl.scan_parquet(acts).group_by([*KEYS, "doc_id"]).agg(pl.col("value").cast(pl.Float64).sum())
+        x = (_scan(acts).group_by([*KEYS, "doc_id"]).agg(pl.col("value").cast(pl.Float64).sum())
              .join(pos.lazy().select("group", "doc_id", "n_counted"), on=["group", "doc_id"])
              .select(*KEYS, (pl.col("value") / pl.col("n_counted")).alias("x"))
              .collect(engine="streaming"))
@@ -165,6 +166,7 @@ def diff_runs(run_a: str | Path, run_b: str | Path, *, preset: str = "default", 
     the units' partials (auto, when every unit has them; no pass over rows) or the rows (the reference).
     Raises ValueError if the runs' SAEs differ or they share no (sae, group).
     """
+    run_a, run_b = open_run(run_a), open_run(run_b)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     given = dict(active_value=active_value, active_fraction=active_fraction, new_ratio=new_ratio,
@@ -246,8 +248,8 @@ def diff_metadata(run_a: str | Path, run_b: str | Path, **options: Any) -> dict[
     preset = options.get("preset", "default")
     th = {k: (options[k] if options.get(k) is not None else v) for k, v in PRESETS[preset].items()}
     return {"run_a": str(run_a), "run_b": str(run_b),
-            "fingerprint_a": RunDir(run_a).read_manifest()["fingerprint"],
-            "fingerprint_b": RunDir(run_b).read_manifest()["fingerprint"],
+            "fingerprint_a": open_run(run_a).read_manifest()["fingerprint"],
+            "fingerprint_b": open_run(run_b).read_manifest()["fingerprint"],
             "preset": preset, "thresholds": th, "pseudo": options.get("pseudo", 1.0),
             "significance": options.get("significance", True), "definitions": DEFINITIONS,
             "doc_moments_from": {r: _moments_source(run, options.get("source", "auto"))
@@ -284,7 +286,7 @@ def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, k: 
 def check_same_saes(run_a: str | Path, run_b: str | Path) -> None:
     """Refuse to compare runs whose SAEs (names and weight/config digests) differ."""
     def saes(run: str | Path) -> dict[str, str]:
-        return {s["name"]: s["digest"] for s in RunDir(run).read_manifest()["resolved"]["saes"]}
+        return {s["name"]: s["digest"] for s in open_run(run).read_manifest()["resolved"]["saes"]}
 
     sa, sb = saes(run_a), saes(run_b)
     if sa != sb:
@@ -295,19 +297,16 @@ def check_same_saes(run_a: str | Path, run_b: str | Path) -> None:
                          "`saes:` entries")
 
 
-def _tokenization(manifest: dict[str, Any]) -> Any:
-    """The run's own Tokenization (tokenizer + position rules), rebuilt from its manifest."""
-    from transformers import AutoTokenizer
-
+def _tokenization(run: Any) -> Any:
+    """The run's own Tokenization (its tokenizer + position rules, from its manifest)."""
     from . import config as config_mod
     from .contexts import Tokenization
-    from .models import resolve_source
 
+    run = open_run(run)
+    manifest = run.read_manifest()
     cfg = config_mod.from_dict(manifest["config"])
-    source, kwargs = resolve_source(cfg.model.name)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+        tok = run.tokenizer
     except OSError as e:
         raise FileNotFoundError(f"cannot load the tokenizer of model {cfg.model.name!r} (needed to count each "
                                 f"document's positions): {e}") from None
@@ -330,8 +329,7 @@ def doc_positions(run: str | Path) -> pl.LazyFrame:
     """
     if "positions" in scan_docs(run).collect_schema():
         return _positions(scan_docs(run))
-    manifest = RunDir(run).read_manifest()
-    tok = _tokenization(manifest)
+    tok = _tokenization(run)
     docs = scan_docs(run).select("doc_id", "token_ids")
     mode = tok.positions.mode
     if mode in ("all", "last"):
@@ -388,7 +386,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 def with_neuronpedia(frame: pl.DataFrame, run: str | Path) -> pl.DataFrame:
     """Add column `neuronpedia` (feature page URL) where the SAE config names a neuronpedia_id."""
-    ids = {s["name"]: s.get("neuronpedia_id") for s in RunDir(run).read_manifest()["resolved"]["saes"]}
+    ids = {s["name"]: s.get("neuronpedia_id") for s in open_run(run).read_manifest()["resolved"]["saes"]}
     prefix = pl.DataFrame({"sae": list(ids), "_np": [f"https://www.neuronpedia.org/{v}/" if v else None
                                                     for v in ids.values()]}, schema={"sae": pl.String, "_np": pl.String})
     return (frame.join(prefix, on="sae", how="left")

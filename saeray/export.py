@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from .store import RunDir
+from .store import open_run
 
 DIFFERENCES = {
     "frac_nonzero": "exact n_active / n_tokens over the run's counted tokens (special tokens excluded from both)",
@@ -89,7 +89,7 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
     from .stats import features as run_features
     from .top import interval_examples, top_examples
 
-    rd = RunDir(run)
+    rd = run = open_run(run)
     manifest = rd.read_manifest()
     cfg = config_mod.from_dict(manifest["config"])
     sae_cfg = pick_sae(cfg, sae)
@@ -217,7 +217,7 @@ def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: s
     from .stats import features as run_features
     from .top import interval_examples, top_examples
 
-    rd = RunDir(run)
+    rd = run = open_run(run)
     manifest = rd.read_manifest()
     cfg = config_mod.from_dict(manifest["config"])
     sae_cfg = pick_sae(cfg, sae)

@@ -146,9 +146,9 @@ def logit_effects_for_run(run: str | Path, features: list[int], *, sae: str | No
     from .models import load_model
     from .probe import pick_sae
     from .saes import load
-    from .store import RunDir
+    from .store import open_run
 
-    cfg = config_mod.from_dict(RunDir(run).read_manifest()["config"])
+    cfg = config_mod.from_dict(open_run(run).read_manifest()["config"])
     sae_cfg = pick_sae(cfg, sae)
     device = torch.device("cpu")
     model, tokenizer = load_model(cfg.model, device)

@@ -24,7 +24,7 @@ from .contexts import Tokenization
 from .models import load_model, n_layers_of, parse_hook, run_to_hooks
 from .plan import token_settings
 from .saes import describe, load
-from .store import RunDir
+from .store import open_run
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def resolve(run_or_config: str | Path | RunConfig | dict[str, Any], sae: str | N
     else what the SAEs were trained with (smallest context_size among them), else BOS and 1024.
     """
     if isinstance(run_or_config, (str, Path)) and (Path(run_or_config) / "manifest.json").is_file():
-        manifest = RunDir(run_or_config).read_manifest()
+        manifest = open_run(run_or_config).read_manifest()
         cfg = config_mod.from_dict(manifest["config"])
         chosen = pick_sae(cfg, sae)
         r = manifest["resolved"]
@@ -192,7 +192,7 @@ def _reference_means(run: str | Path, setup: Setup, d_sae: int) -> tuple[np.ndar
     """Per-feature corpus mean and density of the same SAE (matched by digest) in a reference run."""
     from .stats import features
 
-    saes = RunDir(run).read_manifest()["resolved"]["saes"]
+    saes = open_run(run).read_manifest()["resolved"]["saes"]
     same = [s["name"] for s in saes if s["digest"] == setup.digest]
     if not same:
         raise ValueError(f"reference run {run} has no SAE with the weights of {setup.sae.name!r} "

@@ -20,7 +20,7 @@ import polars as pl
 
 from .diff import KEYS, benjamini_hochberg, doc_positions, t_pvalues, with_neuronpedia, write_parquet_with_meta
 from .stats import features, scan_activations, scan_docs
-from .store import RunDir
+from .store import open_run
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def last_values(run: str | Path, labels: pl.DataFrame) -> tuple[pl.DataFrame, pl
 
 def _reference_density(run: str | Path, reference: str | Path, group: str | None) -> pl.DataFrame:
     """(sae, feature, ref_density) from the reference run, after checking it used the same SAEs."""
-    mine = {s["name"]: s["digest"] for s in RunDir(run).read_manifest()["resolved"]["saes"]}
-    ref = {s["name"]: s["digest"] for s in RunDir(reference).read_manifest()["resolved"]["saes"]}
+    mine = {s["name"]: s["digest"] for s in open_run(run).read_manifest()["resolved"]["saes"]}
+    ref = {s["name"]: s["digest"] for s in open_run(reference).read_manifest()["resolved"]["saes"]}
     bad = [n for n in mine if ref.get(n) != mine[n]]
     if bad:
         raise ValueError(f"reference run {reference} lacks or used different SAEs for {bad} (digests of config and "
@@ -237,13 +237,14 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
     With `reference`, features whose density there exceeds `max_density` are dropped (counted in
     metadata['dropped']). `positive` defaults to True for a boolean label and 1 for a 0/1 label.
     """
+    run, reference = open_run(run), (open_run(reference) if reference is not None else None)
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    mode = RunDir(run).read_manifest()["config"]["positions"]["mode"]
+    mode = open_run(run).read_manifest()["config"]["positions"]["mode"]
     if mode != "last":
         log.warning("%s was extracted with positions.mode %r: reading each document's last selected position "
                     "(positions.mode: last extracts only what separation needs)", run, mode)
@@ -271,11 +272,11 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
     heldout = _heldout(x, docs, keys.select(KEYS), select_by=select_by, top_k=top_k,
                        train_fraction=train_fraction, seed=seed)
     n = docs.group_by("group").agg(pl.col("y").sum().alias("pos"), (~pl.col("y")).sum().alias("neg")).sort("group")
-    meta = {"run": str(run), "fingerprint": RunDir(run).read_manifest()["fingerprint"], "label": label,
+    meta = {"run": str(run), "fingerprint": open_run(run).read_manifest()["fingerprint"], "label": label,
             "positive": positive, "positions_mode": mode, "documents": {g: {"positive": a, "negative": b}
                                                                         for g, a, b in n.iter_rows()},
             "reference": str(reference) if reference is not None else None, "max_density": max_density,
-            "reference_positions": (RunDir(reference).read_manifest()["config"]["positions"]
+            "reference_positions": (open_run(reference).read_manifest()["config"]["positions"]
                                     if reference is not None else None),
             "dropped": dropped, "train_fraction": train_fraction, "seed": seed, "select_by": select_by,
             "top_k": top_k, "heldout": heldout.to_dicts(), "definitions": DEFINITIONS}

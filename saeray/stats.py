@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .store import RunDir
+from .store import open_run
 
 
 def _committed_files(run: str | Path, kind: str) -> list[str]:
@@ -21,7 +21,7 @@ def _committed_files(run: str | Path, kind: str) -> list[str]:
     Only the files each shard's completion marker lists: files of unfinished or concurrent
     attempts are never read.
     """
-    rd = RunDir(run)
+    rd = open_run(run)
     rd.read_manifest()
     markers = rd.completions()
     if not markers:
@@ -32,7 +32,7 @@ def _committed_files(run: str | Path, kind: str) -> list[str]:
 def has_kind(run: str | Path, kind: str) -> bool:
     """Whether every committed unit of the run lists a `kind` file (the partials saeray added later, such as
     examples and hist, are absent from units made before them)."""
-    markers = RunDir(run).completions()
+    markers = open_run(run).completions()
     return bool(markers) and all(kind in (m.get("files") or {}) for m in markers.values())
 
 
@@ -62,7 +62,7 @@ def scan_activations(run: str | Path) -> pl.LazyFrame:
     """Activation rows (sae, group, doc_id, pos, feature, value) of committed shards."""
     files = _committed_files(run, "activations")
     if not files:
-        manifest = RunDir(run).read_manifest()
+        manifest = open_run(run).read_manifest()
         if not manifest["config"]["output"]["activations"]:
             raise FileNotFoundError(f"{run} is a statistics-only run (output.activations: false): it has no activation rows")
         from .store import ACTIVATIONS_SCHEMA
@@ -132,7 +132,7 @@ def features(run: str | Path) -> pl.LazyFrame:
 
 def write_features(run: str | Path) -> Path | str:
     """Write RUN/features.parquet (atomically) and return its path (its URI in an object store)."""
-    rd = RunDir(run)
+    rd = open_run(run)
     if rd.remote:
         from .store import parquet_bytes
 
@@ -197,7 +197,7 @@ def training_gaps(run: str | Path, margin: float = EV_MARGIN) -> list[dict]:
 
     if not _committed_files(run, "recon"):
         return []
-    manifest = RunDir(run).read_manifest()
+    manifest = open_run(run).read_manifest()
     paths = {s["name"]: s.get("path") for s in manifest["config"].get("saes", [])}
     digests = {s["name"]: s.get("digest") for s in manifest["resolved"].get("saes", [])}
     reports = {}

@@ -309,9 +309,9 @@ def real_maxima(run: str | Path, sae_name: str, digest: str, features: list[int]
                 group: str | None = None) -> pl.DataFrame:
     """feature, real_max (null where never active), real_group: each feature's maximum in a run of the same SAE."""
     from .stats import features as run_features
-    from .store import RunDir
+    from .store import open_run
 
-    saes = RunDir(run).read_manifest()["resolved"]["saes"]
+    saes = open_run(run).read_manifest()["resolved"]["saes"]
     same = [s["name"] for s in saes if s["digest"] == digest]
     if not same:
         raise ValueError(f"run {run} has no SAE with the weights of {sae_name!r} (it has "

@@ -21,11 +21,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from .stats import scan_activations, scan_docs
-from .store import RunDir
+from .store import open_run
 from .tokenstr import token_strings
 
 log = logging.getLogger(__name__)
@@ -35,21 +34,14 @@ DOC_KEYS = [*KEYS, "doc_id"]
 
 
 def load_tokenizer(run: str | Path) -> Any:
-    """The tokenizer of the run's model (only the tokenizer is loaded, not the weights)."""
-    from transformers import AutoTokenizer
-
-    from .models import resolve_source
-
-    model = RunDir(run).read_manifest()["config"]["model"]
-    source, kwargs = resolve_source(model["name"])
-    return AutoTokenizer.from_pretrained(source, revision=model.get("revision"),
-                                         trust_remote_code=bool(model.get("trust_remote_code", False)), **kwargs)
+    """The tokenizer of the run's model (only the tokenizer is loaded, not the weights; kept by an open run)."""
+    return open_run(run).tokenizer
 
 
 def _check_sae(run: str | Path, sae: str | None) -> None:
     if sae is None:
         return
-    names = [s["name"] for s in RunDir(run).read_manifest()["config"]["saes"]]
+    names = [s["name"] for s in open_run(run).read_manifest()["config"]["saes"]]
     if sae not in names:
         raise ValueError(f"SAE {sae!r} is not in run {run}: it has {', '.join(names)}")
 
@@ -82,7 +74,7 @@ def _partials_for(run: str | Path, k: int, window: tuple[int, int], kind: str) -
     as `window`."""
     from .stats import has_kind
 
-    out = RunDir(run).read_manifest()["config"]["output"]
+    out = open_run(run).read_manifest()["config"]["output"]
     setting = "top_k" if kind == "top" else "samples_per_bin"
     if not has_kind(run, "examples"):
         return "its units hold no example partials (a run made before saeray kept them, or top_k and samples_per_bin 0)"
@@ -98,7 +90,7 @@ def _source(run: str | Path, k: int, window: tuple[int, int], kind: str, source:
     """'rows' or 'partials' for `source` = auto | rows | partials (auto: partials when they can answer)."""
     if source not in ("auto", "rows", "partials"):
         raise ValueError(f"source must be auto, rows or partials, got {source!r}")
-    rows = bool(RunDir(run).read_manifest()["config"]["output"]["activations"])
+    rows = bool(open_run(run).read_manifest()["config"]["output"]["activations"])
     why = _partials_for(run, k, window, kind) if source != "rows" else None
     if source == "partials" or (source == "auto" and not rows):
         if why is not None:
@@ -137,6 +129,7 @@ def top_examples(run: str | Path, features: list[int], *, sae: str | None = None
     the document. `source`: rows (the activation rows), partials (the units' top documents,
     saeray/partials.py) or auto (partials when they can answer, else rows): both give the same.
     """
+    run = open_run(run)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     _check_window(window)
@@ -168,6 +161,7 @@ def interval_examples(run: str | Path, features: list[int], *, sae: str | None =
     `top_examples` with bin (the interval, 0 = lowest), bin_lo, bin_hi (its value range, (lo, hi]) instead
     of rank.
     """
+    run = open_run(run)
     from .partials import bin_edges, draws_np, interval_bins, intervals, value_bins_np
 
     if bins < 1 or per_bin < 1:

@@ -18,7 +18,7 @@ import polars as pl
 
 from .diff import PRESETS, check_same_saes, with_neuronpedia, write_parquet_with_meta
 from .stats import features, reconstruction, scan_activations
-from .store import RunDir
+from .store import open_run
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _check_runs(runs: dict[str, str | Path]) -> None:
     check_same_saes(runs["base"], runs["vlm_text"])
     check_same_saes(runs["base"], runs["vlm_image"])
     for name, run in runs.items():
-        mode = RunDir(run).read_manifest()["config"]["positions"]["mode"]
+        mode = open_run(run).read_manifest()["config"]["positions"]["mode"]
         if mode == "markers":
             raise ValueError(f"{name} run {run} was extracted with positions.mode markers, whose groups may overlap: "
                              "extract the transfer conditions with positions.mode modality (or all)")
@@ -131,7 +131,7 @@ def reconstruction_by_condition(runs: dict[str, str | Path]) -> pl.DataFrame | N
 def transfer_metadata(runs: dict[str, str | Path], th: dict[str, Any]) -> dict[str, Any]:
     """What a transfer table means: runs and their fingerprints, thresholds, definitions."""
     return {"runs": {c: str(r) for c, r in runs.items()},
-            "fingerprints": {c: RunDir(r).read_manifest()["fingerprint"] for c, r in runs.items()},
+            "fingerprints": {c: open_run(r).read_manifest()["fingerprint"] for c, r in runs.items()},
             "thresholds": th, "definitions": DEFINITIONS}
 
 

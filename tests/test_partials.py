@@ -192,3 +192,28 @@ def test_config_errors(tiny, tmp_path):
                        ({"top_k": 0, "samples_per_bin": 0, "docs": "examples"}, "no example")]:
         with pytest.raises(ConfigError, match=match):
             config.from_dict({**cfg, "output": {**cfg["output"], **bad}})
+
+
+def test_an_open_run_reads_its_markers_and_tokenizer_once(runs, monkeypatch):
+    """Analyses handed an open run (store.open_run) share its manifest, markers and tokenizer."""
+    import transformers
+
+    from saeray.diff import diff_runs
+    from saeray.store import RunDir, open_run
+    from saeray.top import load_tokenizer
+
+    reads, loads = [], []
+    completion, manifest = RunDir.completion, RunDir.read_manifest
+    monkeypatch.setattr(RunDir, "completion", lambda self, i: reads.append(i) or completion(self, i))
+    monkeypatch.setattr(RunDir, "read_manifest", lambda self: reads.append("manifest") or manifest(self))
+    from_pretrained = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or from_pretrained(*a, **k))
+    run = open_run(runs["rows"])
+    n_units = len(RunDir(runs["rows"]).committed())
+    top_examples(run, FEATURES, k=3, tokenizer=load_tokenizer(run))
+    interval_examples(run, FEATURES, tokenizer=load_tokenizer(run))
+    activation_histograms(run, FEATURES, sae="a", group="all")
+    assert diff_runs(run, run)["q"].null_count() == 0
+    assert reads.count("manifest") == 1 and len([r for r in reads if r != "manifest"]) == n_units > 1
+    assert len(loads) == 1

@@ -19,6 +19,7 @@ from ..diff import CLASSES, METRICS, top_changes, write_diff
 from ..stats import features as run_features
 from . import interactive as iv
 from . import png
+from ..store import open_run
 from .data import (Card, Overview, SeparationData, cards, choose_pair, has_activations, has_examples, heatmap_matrix, overview,
                    read_separation)
 from .page import Page, context, link, table
@@ -170,6 +171,7 @@ def write_report(run: str | Path, out_dir: str | Path, *, vs: str | Path | None 
     documents. Cards and heatmap use one (sae, group): the given one, else the first. `window` is
     the tokens of context (before, after) each card shows around a document's maximum.
     """
+    run, vs = open_run(run), (open_run(vs) if vs is not None else None)  # opened once: markers, tokenizer
     if top < 1 or k < 1:
         raise ValueError(f"top and k must be at least 1, got top={top}, k={k}")
     out = Path(out_dir)

@@ -18,7 +18,7 @@ import polars as pl
 
 from ..stats import features as run_features
 from ..stats import reconstruction, summary
-from ..store import RunDir
+from ..store import open_run
 from ..top import scan_feature_rows, top_examples
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class SeparationData:
 
 
 def overview(run: str | Path) -> Overview:
-    manifest = RunDir(run).read_manifest()
+    manifest = open_run(run).read_manifest()
     feats = run_features(run).collect()
     recon = None
     if manifest["config"]["output"].get("reconstruction"):
@@ -102,7 +102,7 @@ def choose_pair(frame: pl.DataFrame, sae: str | None, group: str | None) -> tupl
 
 def neuronpedia_prefix(run: str | Path, sae: str) -> str | None:
     """https://www.neuronpedia.org/<neuronpedia_id>/ when the SAE's config names one."""
-    for s in RunDir(run).read_manifest()["resolved"]["saes"]:
+    for s in open_run(run).read_manifest()["resolved"]["saes"]:
         if s["name"] == sae and s.get("neuronpedia_id"):
             return f"https://www.neuronpedia.org/{s['neuronpedia_id']}/"
     return None
@@ -143,14 +143,14 @@ def activation_histograms(run: str | Path, features: list[int], *, sae: str, gro
 
 def has_activations(run: str | Path) -> bool:
     """False for a statistics-only run (output.activations: false): no heatmaps (they read every document)."""
-    return bool(RunDir(run).read_manifest()["config"]["output"].get("activations", True))
+    return bool(open_run(run).read_manifest()["config"]["output"].get("activations", True))
 
 
 def has_examples(run: str | Path) -> bool:
     """Whether top contexts can be shown: activation rows, or example partials with token ids (output.docs)."""
     from ..stats import has_kind
 
-    out = RunDir(run).read_manifest()["config"]["output"]
+    out = open_run(run).read_manifest()["config"]["output"]
     return has_activations(run) or (has_kind(run, "examples") and out.get("docs", "all") != "none"
                                     and out.get("top_k", 0) > 0)
 

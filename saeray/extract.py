@@ -43,6 +43,11 @@ def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
+DENSE_PAIR_CELLS = 1 << 23
+"""Blocks of at most this many documents x latents find their (document, feature) pairs on a dense grid (64 MiB of
+float32 at most), larger ones by sorting."""
+
+
 class FeatureStats:
     """Mergeable per-feature partials for one (SAE, position group), kept on the device.
 
@@ -116,10 +121,22 @@ class FeatureStats:
         pairs: (feature, rank, position of the document's maximum, that maximum, each entry's pair)."""
         d = self.d_sae
         if feat.numel():
-            uniq, inv = torch.unique(rank * d + feat, return_inverse=True)  # a host sync on a GPU
+            key = rank * d + feat
+            cells = len(counted) * d
+            if cells <= DENSE_PAIR_CELLS:  # a dense (document x feature) grid: no sort
+                grid = torch.full((cells,), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce_(
+                    0, key, val, "amax")
+                uniq = torch.nonzero(grid != float("-inf")).squeeze(1)  # ascending, as unique's; a host sync on a GPU
+                lookup = torch.empty(cells, dtype=torch.int64, device=key.device)
+                lookup[uniq] = torch.arange(len(uniq), device=key.device)
+                inv = lookup[key]
+                pmax = grid[uniq]
+            else:
+                uniq, inv = torch.unique(key, return_inverse=True)  # a host sync on a GPU
+                pmax = torch.full((len(uniq),), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce(
+                    0, inv, val, "amax")
             n = len(uniq)
             psum = torch.zeros(n, dtype=torch.float64, device=feat.device).index_add_(0, inv, val.double())
-            pmax = torch.full((n,), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce(0, inv, val, "amax")
             at_max = torch.where(val == pmax[inv], pos, _NO_KEY)
             ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos.device).scatter_reduce(0, inv, at_max, "amin")
             pf, pr = uniq % d, uniq // d

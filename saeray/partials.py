@@ -149,11 +149,16 @@ class UnitExamples:
     Entries that cannot enter (below a full top list's k-th value, or a draw above a full bin's largest)
     are dropped first, so after the first blocks each block sorts few entries."""
 
+    COMPACT_ROWS = 1 << 20
+    """Contexts are compacted (those of examples pushed out dropped) once they pass this many rows and 4x the
+    rows kept at the last compaction."""
+
     def __init__(self, d_sae: int, top_k: int, per_bin: int, device: torch.device, radius: int = 0):
         self.d_sae, self.k, self.m, self.radius = d_sae, top_k, per_bin, radius
         self.contexts: list[np.ndarray] = []
-        """Per block: (feature, doc_id, offset, value) of the entries near the candidates' maxima (int64 x 4
-        columns, value as float64 bits), kept until the unit's examples are known."""
+        """Per block: (feature, doc_id, offset, value) of the entries near the kept examples' maxima (int64 x 4
+        columns, value as float64 bits), kept until the unit's examples are known (compacted as they grow)."""
+        self._ctx_rows = self._ctx_kept = 0
         self.edges = torch.from_numpy(EDGES).to(device)
         empty = lambda dt: torch.empty(0, dtype=dt, device=device)  # noqa: E731
         self.top = [empty(torch.int64), empty(torch.int64), empty(torch.int64), empty(torch.float32)]
@@ -172,26 +177,41 @@ class UnitExamples:
             return
         entered = torch.zeros(len(feat), dtype=torch.bool, device=feat.device)
         if self.k:
-            keep = value >= self.kth[feat]
-            entered |= keep
-            self.top = self._merge(self.top, [feat[keep], doc[keep], pos[keep], value[keep]])
+            cand = torch.nonzero(value >= self.kth[feat]).squeeze(1)
+            self.top, kept = self._merge(self.top, [feat[cand], doc[cand], pos[cand], value[cand]])
+            entered[cand[kept]] = True
         if self.m:
             gid = feat * N_BINS + value_bins(value, self.edges)
             dr = draws(doc, feat)
-            keep = dr <= self.mth[gid]
-            entered |= keep
-            self.samples = self._merge_samples([gid[keep], dr[keep], doc[keep], pos[keep], value[keep]])
-        if entries is not None:
+            cand = torch.nonzero(dr <= self.mth[gid]).squeeze(1)
+            self.samples, kept = self._merge_samples([gid[cand], dr[cand], doc[cand], pos[cand], value[cand]])
+            entered[cand[kept]] = True
+        if entries is not None:  # the contexts of the pairs that made it into the lists (for now)
             pair, epos, evalue = entries
             near = entered[pair] & ((epos - pos[pair]).abs() <= self.radius)
             pair, epos, evalue = pair[near], epos[near], evalue[near]
             self.contexts.append(np.stack([feat[pair].cpu().numpy(), doc[pair].cpu().numpy(),
                                            (epos - pos[pair]).cpu().numpy(),
                                            evalue.double().cpu().numpy().view(np.int64)], axis=1))
+            self._ctx_rows += len(pair)
+            if self._ctx_rows > max(self.COMPACT_ROWS, 4 * self._ctx_kept):
+                self._compact()
 
-    def _merge(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _compact(self) -> None:
+        """Drop the contexts of examples no longer kept (pushed out of a top list or a bin's sample)."""
+        import polars as pl
+
+        kept = pl.DataFrame({"f": torch.cat([self.top[0], self.samples[0] // N_BINS]).cpu().numpy(),
+                             "d": torch.cat([self.top[1], self.samples[2]]).cpu().numpy()}).unique()
+        c = np.concatenate(self.contexts)
+        rows = pl.DataFrame({"f": c[:, 0], "d": c[:, 1], "i": np.arange(len(c))}).join(kept, on=["f", "d"], how="semi")
+        self.contexts = [c[np.sort(rows["i"].to_numpy())]]
+        self._ctx_rows = self._ctx_kept = len(self.contexts[0])
+
+    def _merge(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(the top lists with `new` merged in, which of `new` are in them)"""
         if not new[0].numel():
-            return old
+            return old, torch.zeros(0, dtype=torch.bool, device=new[0].device)
         touched = torch.zeros(self.d_sae, dtype=torch.bool, device=new[0].device)
         touched[new[0]] = True
         hit = touched[old[0]]
@@ -202,11 +222,14 @@ class UnitExamples:
         full = torch.bincount(kept[0], minlength=self.d_sae) >= self.k
         low = torch.full_like(self.kth, float("inf")).scatter_reduce(0, kept[0], kept[3], "amin")
         self.kth = torch.where(full, low, self.kth)
-        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)]
+        n_old = int(hit.sum())
+        survived = torch.zeros(len(new[0]), dtype=torch.bool, device=f.device)
+        survived[sel[sel >= n_old] - n_old] = True
+        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)], survived
 
-    def _merge_samples(self, new: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _merge_samples(self, new: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         if not new[0].numel():
-            return self.samples
+            return self.samples, torch.zeros(0, dtype=torch.bool, device=new[0].device)
         old = self.samples
         touched = torch.zeros(len(self.mth), dtype=torch.bool, device=new[0].device)
         touched[new[0]] = True
@@ -218,7 +241,10 @@ class UnitExamples:
         full = torch.bincount(kept[0], minlength=len(self.mth)) >= self.m
         high = torch.full_like(self.mth, -1).scatter_reduce(0, kept[0], kept[1], "amax")
         self.mth = torch.where(full, high, self.mth)
-        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)]
+        n_old = int(hit.sum())
+        survived = torch.zeros(len(new[0]), dtype=torch.bool, device=g.device)
+        survived[sel[sel >= n_old] - n_old] = True
+        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)], survived
 
     def to_table(self, sae: str, group: str) -> pa.Table:
         f, d, p, v = (t.cpu().numpy() for t in self.top)

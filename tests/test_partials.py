@@ -217,3 +217,33 @@ def test_an_open_run_reads_its_markers_and_tokenizer_once(runs, monkeypatch):
     assert diff_runs(run, run)["q"].null_count() == 0
     assert reads.count("manifest") == 1 and len([r for r in reads if r != "manifest"]) == n_units > 1
     assert len(loads) == 1
+
+
+def test_unit_examples_compaction_keeps_the_same_examples(monkeypatch):
+    """Blocks of random entries through UnitExamples, compacting the contexts after every block or never."""
+    from saeray.partials import UnitExamples
+
+    def feed(compact_rows: int):
+        monkeypatch.setattr(UnitExamples, "COMPACT_ROWS", compact_rows)
+        g = torch.Generator().manual_seed(0)
+        ex = UnitExamples(40, 3, 2, torch.device("cpu"), radius=2)
+        for block in range(6):
+            n_docs, length = 8, 12
+            rank = torch.arange(n_docs * length) // length
+            pos = torch.arange(n_docs * length) % length
+            keep = torch.rand(len(rank), generator=g) < 0.5
+            feat = torch.randint(0, 40, (len(rank),), generator=g)
+            r, p, f = rank[keep], pos[keep], feat[keep]
+            v = torch.rand(len(r), generator=g)
+            key = r * 40 + f
+            uniq, inv = torch.unique(key, return_inverse=True)
+            pmax = torch.full((len(uniq),), -1.0).scatter_reduce(0, inv, v, "amax")
+            ppos = torch.full((len(uniq),), 10 ** 6).scatter_reduce(0, inv, torch.where(v == pmax[inv], p, 10 ** 6), "amin")
+            ex.add(uniq % 40, uniq // 40 + 100 * block, ppos, pmax, (inv, p, v))
+        return ex
+
+    compacted, whole = feed(0), feed(1 << 40)
+    assert len(compacted.contexts) < 6 and len(whole.contexts) == 6  # compacted at least once
+    assert len(compacted.contexts[0]) < sum(len(c) for c in whole.contexts)
+    a, b = compacted.to_table("s", "g"), whole.to_table("s", "g")
+    assert a.num_rows > 100 and a.equals(b)

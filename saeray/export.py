@@ -72,6 +72,23 @@ def _histc(x: np.ndarray, bins: int = 50) -> tuple[list[int], list[float]]:
     return heights, centres
 
 
+def _opened(run: Any, sae: str | None, group: str | None) -> tuple[Any, dict, Any, Any, str, str, pl.DataFrame]:
+    """(the open run, its manifest, config, the SAE's config, SAE name, group, that (SAE, group)'s statistics)."""
+    from . import config as config_mod
+    from .probe import pick_sae
+    from .report.data import choose_pair
+    from .stats import features as run_features
+
+    run = open_run(run)
+    manifest = run.read_manifest()
+    cfg = config_mod.from_dict(manifest["config"])
+    sae_cfg = pick_sae(cfg, sae)
+    stats = run_features(run).collect()
+    sae_name, group = choose_pair(stats.filter(pl.col("sae") == sae_cfg.name), sae_cfg.name, group)
+    stats = stats.filter((pl.col("sae") == sae_name) & (pl.col("group") == group)).sort("feature")
+    return run, manifest, cfg, sae_cfg, sae_name, group, stats
+
+
 def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, group: str | None = None,
                 features_per_batch: int = 128, features: list[int] | None = None, n_intervals: int = 5,
                 per_interval: int = 5, top: int = 20) -> list[Path]:
@@ -79,23 +96,15 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
 
     `features`: only these (default: all), still cut into the batches of the whole SAE (NeuronpediaRunner's
     np.array_split of 0..d_sae-1 into ceil(d_sae / features_per_batch) chunks)."""
-    from . import config as config_mod
     from .logits import final_norm, norm_gain
     from .models import load_model
     from .partials import value_bins_np
-    from .probe import pick_sae
-    from .report.data import activation_histograms, choose_pair
+    from .report.data import activation_histograms
     from .saes import load
-    from .stats import features as run_features
     from .top import interval_examples, top_examples
 
-    rd = run = open_run(run)
-    manifest = rd.read_manifest()
-    cfg = config_mod.from_dict(manifest["config"])
-    sae_cfg = pick_sae(cfg, sae)
-    stats = run_features(run).collect()
-    sae_name, group = choose_pair(stats.filter(pl.col("sae") == sae_cfg.name), sae_cfg.name, group)
-    stats = stats.filter((pl.col("sae") == sae_name) & (pl.col("group") == group)).sort("feature")
+    rd, manifest, cfg, sae_cfg, sae_name, group, stats = _opened(run, sae, group)
+    run = rd
     d_sae = stats.height
     radius = int(manifest["config"]["output"].get("context_radius", 32))
     info = next(s for s in manifest["resolved"]["saes"] if s["name"] == sae_name)
@@ -211,19 +220,10 @@ def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: s
     latent, exactly the run's examples of it. Return the files written."""
     from safetensors.numpy import save_file
 
-    from . import config as config_mod
-    from .probe import pick_sae
-    from .report.data import choose_pair
-    from .stats import features as run_features
     from .top import interval_examples, top_examples
 
-    rd = run = open_run(run)
-    manifest = rd.read_manifest()
-    cfg = config_mod.from_dict(manifest["config"])
-    sae_cfg = pick_sae(cfg, sae)
-    stats = run_features(run).collect()
-    sae_name, group = choose_pair(stats.filter(pl.col("sae") == sae_cfg.name), sae_cfg.name, group)
-    width = int(stats.filter((pl.col("sae") == sae_name) & (pl.col("group") == group)).height)
+    run, manifest, cfg, _, sae_name, group, stats = _opened(run, sae, group)
+    width = stats.height
     out_cfg = manifest["config"]["output"]
     radius = int(out_cfg.get("context_radius", 32))
     from .stats import has_kind

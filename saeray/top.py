@@ -239,15 +239,7 @@ def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[in
     ex = chosen.with_columns(pl.Series("n_tokens", n_col, dtype=pl.Int32), pl.Series("window_start", starts, dtype=pl.Int32),
                              pl.Series("token_ids", ids_col, dtype=pl.List(pl.Int32)),
                              pl.Series("acts", acts_col, dtype=pl.List(pl.Float32)))
-    order = [c for c in ("rank", "bin", "bin_lo", "bin_hi") if c in ex.columns]
-    ex = ex.select(*KEYS, *order, "doc_id", "value", pl.col("pos").cast(pl.Int32), "n_tokens", "window_start",
-                   "token_ids", "acts")
-    if "rank" in ex.columns:
-        ex = ex.sort([*KEYS, "rank"])
-    if tokenizer is not None:
-        ex = ex.with_columns(pl.Series("tokens", [token_strings(tokenizer, ids) for ids in ex["token_ids"]],
-                                       dtype=pl.List(pl.String)))
-    return ex
+    return _finish(ex, tokenizer)
 
 
 def _examples(run: str | Path, chosen: pl.DataFrame, features: list[int], *, sae: str | None, group: str | None,
@@ -275,8 +267,14 @@ def _examples(run: str | Path, chosen: pl.DataFrame, features: list[int], *, sae
             .sort([*DOC_KEYS, "pos"])
             .group_by(DOC_KEYS, maintain_order=True).agg(pl.col("act").fill_null(0.0).cast(pl.Float32).alias("acts")))
     ex = ex.join(grid, on=DOC_KEYS, how="left").drop("_end")
+    return _finish(ex, tokenizer)
+
+
+def _finish(ex: pl.DataFrame, tokenizer: Any) -> pl.DataFrame:
+    """The examples' columns in order (rank or bin first, pos as int32), by rank; token strings with a tokenizer."""
     order = [c for c in ("rank", "bin", "bin_lo", "bin_hi") if c in ex.columns]
-    ex = ex.select(*KEYS, *order, "doc_id", "value", "pos", "n_tokens", "window_start", "token_ids", "acts")
+    ex = ex.select(*KEYS, *order, "doc_id", "value", pl.col("pos").cast(pl.Int32), "n_tokens", "window_start",
+                   "token_ids", "acts")
     if "rank" in ex.columns:
         ex = ex.sort([*KEYS, "rank"])
     if tokenizer is not None:

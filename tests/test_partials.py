@@ -163,7 +163,12 @@ def test_statistics_only_runs(runs):
     stats_only = top_examples(runs["stats"], FEATURES, k=20, window=(6, 6))
     assert stats_only.equals(rows)  # the same split of units: the same values, contexts and token ids
     assert interval_examples(runs["stats"], FEATURES).equals(interval_examples(runs["rows"], FEATURES))
-    assert features(runs["stats"]).collect().equals(features(runs["rows"]).collect())
+    fs, fr = features(runs["stats"]).collect(), features(runs["rows"]).collect()
+    for c, dt in fr.schema.items():  # counts exactly; float merges to Polars' (parallel) summation order
+        if dt.is_float():
+            assert np.allclose(fs[c].fill_null(np.nan), fr[c].fill_null(np.nan), rtol=1e-12, equal_nan=True), c
+        else:
+            assert fs[c].equals(fr[c]), c
     docs = pl.read_parquet(str(runs["stats"] / "docs" / "**" / "*.parquet"))
     assert docs["token_ids"].null_count() == docs.height and docs["windows"].null_count() < docs.height
     with pytest.raises(ValueError, match="window of"):

@@ -126,15 +126,7 @@ def partial_doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def run_doc_moments(run: str | Path, source: str = "auto") -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per-document moments from the partials (auto, when every unit has them) or the rows (the reference)."""
-    if source not in ("auto", "rows", "partials"):
-        raise ValueError(f"source must be auto, rows or partials, got {source!r}")
-    if source != "rows":
-        try:
-            return partial_doc_moments(run)
-        except LookupError:
-            if source == "partials":
-                raise
-    return doc_moments(run)
+    return partial_doc_moments(run) if _moments_source(run, source) == "partials" else doc_moments(run)
 
 
 def _significance(run_a: str | Path, run_b: str | Path, frame: pl.DataFrame, source: str = "auto") -> pl.DataFrame:
@@ -257,10 +249,11 @@ def diff_metadata(run_a: str | Path, run_b: str | Path, **options: Any) -> dict[
 
 
 def _moments_source(run: str | Path, source: str) -> str:
-    """Where the per-document moments of `run` come from under `source` (rows or partials)."""
-    from .stats import has_kind
+    """Where the per-document moments of `run` come from under `source` (rows or partials; they came with the
+    units' hist partials)."""
+    from .stats import source_for
 
-    return source if source != "auto" else ("partials" if has_kind(run, "hist") else "rows")
+    return source_for(run, source, "hist")
 
 
 def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, k: int = 100,

@@ -243,12 +243,7 @@ def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: s
     cols = ["feature", "doc_id", "window_start", "token_ids", "acts"]
     ex = pl.concat([p.select(cols) for p in parts]).unique(["feature", "doc_id"], keep="first").sort("feature", "doc_id")
     ctx = 2 * radius + 1
-    from transformers import AutoTokenizer
-
-    from .models import resolve_source
-
-    source, kwargs = resolve_source(cfg.model.name)
-    tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision, **kwargs)
+    tok = run.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     seqs: dict[tuple[int, int], int] = {}
     rows: list[list[int]] = []

@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from .contexts import Batch, Document, Tokenization
 from .models import HookSite, Hooks, run_to_hooks
-from .partials import EDGES, N_BINS, UnitExamples, hist_table, value_bins
+from .partials import N_BINS, UnitExamples, hist_table, value_bins
 from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
@@ -36,11 +36,16 @@ STATS_SCHEMA = pa.schema([
 
 
 def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """How often each of 0..n-1 occurs in `idx` (int64 [n]): bincount on CPU; on a GPU a scatter-add, since
-    CUDA's bincount reads the input's range back to the host."""
+    """How often each of 0..n-1 occurs in `idx` (int64 [n])."""
+    return add_counts(torch.zeros(n, dtype=torch.int64, device=idx.device), idx)
+
+
+def add_counts(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`out` (int64) plus how often each of its indexes occurs in `idx`, in place: bincount on CPU (the fastest
+    there); on a GPU a scatter-add into `out`, since CUDA's bincount reads the input's range back to the host."""
     if idx.device.type == "cpu":
-        return torch.bincount(idx, minlength=n)
-    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+        return out.add_(torch.bincount(idx, minlength=len(out)))
+    return out.scatter_add_(0, idx, torch.ones_like(idx))
 
 
 DENSE_PAIR_CELLS = 1 << 23
@@ -67,8 +72,8 @@ class FeatureStats:
         self.max = torch.full((d_sae,), float("-inf"), dtype=torch.float32, **z)
         self.max_doc = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
         self.max_pos = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
-        self.hist = torch.zeros(d_sae * N_BINS, dtype=torch.int64, **z)
-        self.edges = torch.from_numpy(EDGES).to(device)
+        self.hist = torch.zeros(d_sae * N_BINS + 1, dtype=torch.int64, **z)
+        """(feature, value bin) counts, flat, and one spare cell for values <= 0."""
         self.doc_n = 0
         self.doc_mean = torch.zeros(d_sae, dtype=torch.float64, **z)
         self.doc_m2 = torch.zeros(d_sae, dtype=torch.float64, **z)
@@ -90,9 +95,9 @@ class FeatureStats:
         self.m2 += m2_b + delta * delta * (na * nb / tot)
         self.n_tokens = tot
         self.n_active += count
-        pos_val = val > 0  # the histogram of positive values (no mask indexing: others go to a spare cell)
-        cell = torch.where(pos_val, feat * N_BINS + value_bins(val, self.edges), len(self.hist))
-        self.hist += counts(cell, len(self.hist) + 1)[:-1]
+        # the histogram of positive values, counted into place (others go to the spare cell: no mask indexing)
+        cell = torch.where(val > 0, feat * N_BINS + value_bins(val), len(self.hist) - 1)
+        add_counts(self.hist, cell)
         if feat.numel() and feat.device.type == "cpu":
             # Only entries >= their feature's running max can change it (ties included): after the first
             # batches few are, and the passes below touch only those. (On a GPU the mask would cost a sync.)
@@ -143,14 +148,15 @@ class FeatureStats:
         else:
             psum = torch.zeros(0, dtype=torch.float64, device=feat.device)
             pmax, pf, pr, ppos, inv = val, feat, rank, pos, rank
-        self.n_docs += counts(pf, d)
+        docs_per_feature = counts(pf, d)
+        self.n_docs += docs_per_feature
         if n_counted_docs:
             x = psum / counted[pr]
             s = torch.zeros(d, dtype=torch.float64, device=x.device).index_add_(0, pf, x)
             mean_b = s / n_counted_docs
             dev = x - mean_b[pf]
             m2_b = (torch.zeros_like(s).index_add_(0, pf, dev * dev)
-                    + (n_counted_docs - counts(pf, d)) * mean_b * mean_b)
+                    + (n_counted_docs - docs_per_feature) * mean_b * mean_b)
             na, nb = self.doc_n, n_counted_docs
             delta = mean_b - self.doc_mean
             self.doc_mean += delta * (nb / (na + nb))
@@ -180,7 +186,7 @@ class FeatureStats:
         }, schema=STATS_SCHEMA)
 
     def hist_table(self, sae: str, group: str) -> pa.Table:
-        return hist_table(self.hist.view(self.d_sae, N_BINS), sae, group)
+        return hist_table(self.hist[:-1].view(self.d_sae, N_BINS), sae, group)
 
 
 @dataclass

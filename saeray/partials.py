@@ -19,6 +19,9 @@ so bins of different units and runs add. Bin 0 holds values <= 0, bin b (1..65) 
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -69,9 +72,16 @@ def value_bins_np(values: np.ndarray) -> np.ndarray:
     return np.searchsorted(EDGES, np.asarray(values, dtype=np.float32), side="left").astype(np.int16)
 
 
-def value_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Bin (int64) of each value; `edges` = `EDGES` on the values' device."""
+def value_bins(values: torch.Tensor, edges: torch.Tensor | None = None) -> torch.Tensor:
+    """Bin (int64) of each value (`edges`: `EDGES` as a tensor; default its copy on the values' device)."""
+    edges = edges_on(values.device) if edges is None else edges
     return torch.searchsorted(edges, values.float().contiguous(), right=False)
+
+
+@lru_cache(maxsize=None)
+def edges_on(device: torch.device) -> torch.Tensor:
+    """`EDGES` as a tensor on `device` (one copy per device)."""
+    return torch.from_numpy(EDGES).to(device)
 
 
 def bin_edges(b: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +152,33 @@ def _first_per_group(group: torch.Tensor, keys: list[tuple[torch.Tensor, bool]],
     return order[rank < k]
 
 
+def _merge_lists(old: list[torch.Tensor], new: list[torch.Tensor], n_groups: int, order: Any, k: int
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+    """Merge `new` entries into kept lists `old` (parallel columns, column 0 the group): per group the first k under
+    `order(*columns)` (keys for `_first_per_group`). Only the groups `new` touches are re-sorted. Returns (the lists,
+    the kept entries of the touched groups or None, which of `new` were kept)."""
+    if not new[0].numel():
+        return old, None, torch.zeros(0, dtype=torch.bool, device=new[0].device)
+    touched = torch.zeros(n_groups, dtype=torch.bool, device=new[0].device)
+    touched[new[0]] = True
+    hit = touched[old[0]]
+    both = [torch.cat([o[hit], n]) for o, n in zip(old, new)]
+    sel = _first_per_group(both[0], order(*both), k)
+    kept = [t[sel] for t in both]
+    n_old = int(hit.sum())
+    survived = torch.zeros(len(new[0]), dtype=torch.bool, device=sel.device)
+    survived[sel[sel >= n_old] - n_old] = True
+    return [torch.cat([o[~hit], t]) for o, t in zip(old, kept)], kept, survived
+
+
+def _threshold(current: torch.Tensor, group: torch.Tensor, key: torch.Tensor, k: int, reduce: str, fill: Any
+               ) -> torch.Tensor:
+    """The entry bar per group: `reduce` (amin/amax) of the kept keys where a group holds k, else unchanged."""
+    full = torch.bincount(group, minlength=len(current)) >= k
+    bar = torch.full_like(current, fill).scatter_reduce(0, group, key, reduce)
+    return torch.where(full, bar, current)
+
+
 class UnitExamples:
     """Top documents and binned samples of one (SAE, position group) over a unit, kept on the device.
 
@@ -159,7 +196,6 @@ class UnitExamples:
         """Per block: (feature, doc_id, offset, value) of the entries near the kept examples' maxima (int64 x 4
         columns, value as float64 bits), kept until the unit's examples are known (compacted as they grow)."""
         self._ctx_rows = self._ctx_kept = 0
-        self.edges = torch.from_numpy(EDGES).to(device)
         empty = lambda dt: torch.empty(0, dtype=dt, device=device)  # noqa: E731
         self.top = [empty(torch.int64), empty(torch.int64), empty(torch.int64), empty(torch.float32)]
         """feature, doc_id, pos, value"""
@@ -181,7 +217,7 @@ class UnitExamples:
             self.top, kept = self._merge(self.top, [feat[cand], doc[cand], pos[cand], value[cand]])
             entered[cand[kept]] = True
         if self.m:
-            gid = feat * N_BINS + value_bins(value, self.edges)
+            gid = feat * N_BINS + value_bins(value)
             dr = draws(doc, feat)
             cand = torch.nonzero(dr <= self.mth[gid]).squeeze(1)
             self.samples, kept = self._merge_samples([gid[cand], dr[cand], doc[cand], pos[cand], value[cand]])
@@ -209,42 +245,19 @@ class UnitExamples:
         self._ctx_rows = self._ctx_kept = len(self.contexts[0])
 
     def _merge(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(the top lists with `new` merged in, which of `new` are in them)"""
-        if not new[0].numel():
-            return old, torch.zeros(0, dtype=torch.bool, device=new[0].device)
-        touched = torch.zeros(self.d_sae, dtype=torch.bool, device=new[0].device)
-        touched[new[0]] = True
-        hit = touched[old[0]]
-        both = [torch.cat([o[hit], n]) for o, n in zip(old, new)]
-        f, d, _, v = both
-        sel = _first_per_group(f, [(v, True), (d, False)], self.k)
-        kept = [t[sel] for t in both]
-        full = torch.bincount(kept[0], minlength=self.d_sae) >= self.k
-        low = torch.full_like(self.kth, float("inf")).scatter_reduce(0, kept[0], kept[3], "amin")
-        self.kth = torch.where(full, low, self.kth)
-        n_old = int(hit.sum())
-        survived = torch.zeros(len(new[0]), dtype=torch.bool, device=f.device)
-        survived[sel[sel >= n_old] - n_old] = True
-        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)], survived
+        """(the top lists with `new` merged in, which of `new` are in them); the k-th values follow."""
+        lists, kept, survived = _merge_lists(old, new, self.d_sae, lambda f, d, p, v: [(v, True), (d, False)], self.k)
+        if kept is not None:
+            self.kth = _threshold(self.kth, kept[0], kept[3], self.k, "amin", float("inf"))
+        return lists, survived
 
     def _merge_samples(self, new: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if not new[0].numel():
-            return self.samples, torch.zeros(0, dtype=torch.bool, device=new[0].device)
-        old = self.samples
-        touched = torch.zeros(len(self.mth), dtype=torch.bool, device=new[0].device)
-        touched[new[0]] = True
-        hit = touched[old[0]]
-        both = [torch.cat([o[hit], n]) for o, n in zip(old, new)]
-        g, dr, d = both[:3]
-        sel = _first_per_group(g, [(dr, False), (d, False)], self.m)
-        kept = [t[sel] for t in both]
-        full = torch.bincount(kept[0], minlength=len(self.mth)) >= self.m
-        high = torch.full_like(self.mth, -1).scatter_reduce(0, kept[0], kept[1], "amax")
-        self.mth = torch.where(full, high, self.mth)
-        n_old = int(hit.sum())
-        survived = torch.zeros(len(new[0]), dtype=torch.bool, device=g.device)
-        survived[sel[sel >= n_old] - n_old] = True
-        return [torch.cat([o[~hit], k]) for o, k in zip(old, kept)], survived
+        """(the bins' samples with `new` merged in, which of `new` are in them); the largest kept draws follow."""
+        lists, kept, survived = _merge_lists(self.samples, new, len(self.mth),
+                                             lambda g, dr, d, p, v: [(dr, False), (d, False)], self.m)
+        if kept is not None:
+            self.mth = _threshold(self.mth, kept[0], kept[1], self.m, "amax", -1)
+        return lists, survived
 
     def to_table(self, sae: str, group: str) -> pa.Table:
         f, d, p, v = (t.cpu().numpy() for t in self.top)

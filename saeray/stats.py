@@ -36,6 +36,20 @@ def has_kind(run: str | Path, kind: str) -> bool:
     return bool(markers) and all(kind in (m.get("files") or {}) for m in markers.values())
 
 
+def check_source(source: str) -> None:
+    if source not in ("auto", "rows", "partials"):
+        raise ValueError(f"source must be auto, rows or partials, got {source!r}")
+
+
+def source_for(run: str | Path, source: str, kind: str) -> str:
+    """'partials' or 'rows' for an analysis asked `source` (auto | rows | partials): auto reads the `kind`
+    partials when every unit has them, else the rows."""
+    check_source(source)
+    if source == "auto":
+        return "partials" if has_kind(run, kind) else "rows"
+    return source
+
+
 def _scan(files: list[str]) -> pl.LazyFrame:
     """Scan parquet files; object-store URIs use the standard AWS_* / cloud variables for credentials."""
     return pl.scan_parquet(files, storage_options=storage_options(files[0]) if files else None)

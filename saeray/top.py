@@ -88,8 +88,9 @@ def _partials_for(run: str | Path, k: int, window: tuple[int, int], kind: str) -
 
 def _source(run: str | Path, k: int, window: tuple[int, int], kind: str, source: str) -> str:
     """'rows' or 'partials' for `source` = auto | rows | partials (auto: partials when they can answer)."""
-    if source not in ("auto", "rows", "partials"):
-        raise ValueError(f"source must be auto, rows or partials, got {source!r}")
+    from .stats import check_source
+
+    check_source(source)
     rows = bool(open_run(run).read_manifest()["config"]["output"]["activations"])
     why = _partials_for(run, k, window, kind) if source != "rows" else None
     if source == "partials" or (source == "auto" and not rows):
@@ -134,17 +135,17 @@ def top_examples(run: str | Path, features: list[int], *, sae: str | None = None
         raise ValueError(f"k must be at least 1, got {k}")
     _check_window(window)
     if _source(run, k, window, "top", source) == "partials":
-        chosen = (scan_examples(run, features, "top", sae=sae, group=group).collect()
-                  .sort([*KEYS, "value", "doc_id"], descending=[False, False, False, True, False])
-                  .group_by(KEYS, maintain_order=True).head(k)
-                  .with_columns((pl.int_range(pl.len()).over(KEYS) + 1).cast(pl.Int32).alias("rank"))
-                  .drop("bin", "kind", "draw"))
-        return _partial_examples(run, chosen, window=window, tokenizer=tokenizer)
-    chosen = (doc_maxima(run, features, sae=sae, group=group)
-              .sort([*KEYS, "value", "doc_id"], descending=[False, False, False, True, False])
-              .group_by(KEYS, maintain_order=True).head(k)
-              .with_columns((pl.int_range(pl.len()).over(KEYS) + 1).cast(pl.Int32).alias("rank")))
+        chosen = _ranked(scan_examples(run, features, "top", sae=sae, group=group).collect(), k)
+        return _partial_examples(run, chosen.drop("bin", "kind", "draw"), window=window, tokenizer=tokenizer)
+    chosen = _ranked(doc_maxima(run, features, sae=sae, group=group), k)
     return _examples(run, chosen, features, sae=sae, group=group, window=window, tokenizer=tokenizer)
+
+
+def _ranked(docs: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Per (sae, group, feature) the k documents with the largest value (ties: smaller doc_id), ranked 1..k."""
+    return (docs.sort([*KEYS, "value", "doc_id"], descending=[False, False, False, True, False])
+            .group_by(KEYS, maintain_order=True).head(k)
+            .with_columns((pl.int_range(pl.len()).over(KEYS) + 1).cast(pl.Int32).alias("rank")))
 
 
 def interval_examples(run: str | Path, features: list[int], *, sae: str | None = None, group: str | None = None,

@@ -286,8 +286,8 @@ class ShardWorker:
         return unit
 
     def _process(self, task: Task, source: "UnitInput", tmp: Path) -> dict[str, Any]:
-        keep_rows = self.cfg.output.activations
         out = self.cfg.output
+        keep_rows = out.activations
         ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                                    device=self.device, reconstruction=out.reconstruction, hooks=self.hooks,
                                    top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius)
@@ -413,9 +413,10 @@ def _with_windows(docs: pa.Table, token_ids: dict[int, np.ndarray], examples: It
     kept = [e.kept_positions() for e in examples]
     doc = np.concatenate([d for d, _ in kept]) if kept else np.empty(0, np.int64)
     pos = np.concatenate([p for _, p in kept]) if kept else np.empty(0, np.int64)
-    order = np.lexsort((pos, doc))
+    # each (document, position) once (many features' examples share one), in (doc_id, pos) order
+    pairs = np.unique(np.stack([doc.astype(np.int64), pos.astype(np.int64)], axis=1), axis=0)
     spans: dict[int, list[list[int]]] = {}
-    for d, p in zip(doc[order].tolist(), pos[order].tolist()):
+    for d, p in pairs.tolist():
         ids = token_ids.get(d)
         if ids is None:
             continue

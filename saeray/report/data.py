@@ -117,11 +117,9 @@ def activation_histograms(run: str | Path, features: list[int], *, sae: str, gro
     Display edges: the first bin (0, 1e-4] starts at 10^(-33/8), the last (1e4, inf) ends at 10^(33/8).
     """
     from ..partials import EDGES, N_BINS, value_bins_np
-    from ..stats import has_kind, histograms
+    from ..stats import histograms, source_for
 
-    if source not in ("auto", "rows", "partials"):
-        raise ValueError(f"source must be auto, rows or partials, got {source!r}")
-    if source == "partials" or (source == "auto" and has_kind(run, "hist")):
+    if source_for(run, source, "hist") == "partials":
         counts = histograms(run, features, sae=sae, group=group).filter(pl.col("bin") > 0)
     else:
         rows = scan_feature_rows(run, features, sae=sae, group=group).filter(pl.col("value") > 0).select("feature", "value")

@@ -324,7 +324,7 @@ def _cmd_separate(args: argparse.Namespace) -> int:
     out = write_separation(args.run, args.out, label=args.label, positive=args.positive, reference=args.reference,
                            max_density=args.max_density, reference_group=args.reference_group,
                            train_fraction=args.train_fraction, seed=args.seed, select_by=args.select_by,
-                           top_k=args.top_k)
+                           top_k=args.top_k, source=args.source)
     frame = pl.read_parquet(out)
     print(f"wrote {out} ({frame.height:,} features kept)")
     with pl.Config(tbl_rows=20, tbl_width_chars=160):
@@ -529,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--select-by", default="auroc", choices=["auroc", "f_diff", "cohens_d"])
     sp.add_argument("--top-k", type=int, default=1, help="features combined by the held-out classifier")
+    sp.add_argument("--source", choices=["auto", "rows", "partials"], default="auto",
+                    help="documents' values from the activation rows or the units' lastvals partials (the same; "
+                         "auto: partials when every unit has them)")
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=_cmd_separate)
 

@@ -160,6 +160,13 @@ class OutputConfig:
     ids (docs keeps doc_id, n_tokens, positions and the kept columns)."""
     context_radius: int = 32
     """output.docs: examples keeps positions pos - radius .. pos + radius of each example."""
+    last_values: Union[Literal["auto"], bool] = "auto"
+    """Keep each document's nonzero values at its last counted position per (SAE, group) (the `lastvals`
+    partial: what `separate` reads when the run has no activation rows; documents x active latents rows, e.g.
+    10k labelled documents x 80 = 800k). auto: when data.keep_columns keeps columns (labels to separate by)."""
+
+    def keeps_last_values(self, data: "DataConfig") -> bool:
+        return bool(data.keep_columns) if self.last_values == "auto" else bool(self.last_values)
 
 
 @dataclass(frozen=True)

@@ -203,12 +203,13 @@ class Extractor:
     def __init__(self, model: Any, saes: list[SAEHandle], tok: Tokenization, *, batch_tokens: int,
                  device: torch.device, encode_chunk: int | None = None, reconstruction: bool = False,
                  hooks: Hooks | None = None, ahead: int | None = None, top_k: int = 0, per_bin: int = 0,
-                 radius: int = 0):
+                 radius: int = 0, last_values: bool = False):
         """`hooks`: the worker's hooks on `model` (registered once for its life); None: for each batch.
         `encode_chunk`: rows of dense code at once (None: `saes.encode_chunk_tokens` for each SAE).
         `ahead`: batches launched before the host waits on the one before (None: `in_flight`).
         `top_k`, `per_bin`, `radius`: example documents kept per feature and their context (partials.UnitExamples;
-        top_k and per_bin 0: none)."""
+        top_k and per_bin 0: none). `last_values`: keep each document's nonzero values at its last counted position
+        per (SAE, group) in `last` (partials.DEFINITIONS lastvals)."""
         self.model = model
         self.saes = saes
         self.tok = tok
@@ -222,6 +223,9 @@ class Extractor:
         self.stats = {(h.name, g): FeatureStats(int(h.sae.cfg.d_sae), device) for h in saes for g in self.groups}
         self.examples = ({k: UnitExamples(st.d_sae, top_k, per_bin, device, radius) for k, st in self.stats.items()}
                          if top_k or per_bin else {})
+        self.last: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] | None = (
+            {k: [] for k in self.stats} if last_values else None)
+        """Per (SAE, group), per block: (feature, doc_id, value) at the documents' last counted positions."""
         self.recon = ({(h.name, g): ReconStats(int(h.sae.cfg.d_in), device) for h in saes for g in self.groups}
                       if reconstruction else {})
         self.forward_tokens = 0
@@ -252,10 +256,14 @@ class Extractor:
                    for g in self.groups}
         n_counted = {g: int((c > 0).sum()) for g, c in counted.items()}
         ids, counted_t = torch.from_numpy(all_ids[order]), {g: torch.from_numpy(c) for g, c in counted.items()}
+        last = ({g: torch.from_numpy(np.fromiter((int(docs[i].groups[g][-1]) if c else -1 for i, c in zip(order, cs)),
+                                                 np.int64, len(docs))) for g, cs in counted.items()}
+                if self.last is not None else {})
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the batches in flight
             ids = ids.pin_memory().to(self.device, non_blocking=True)
             counted_t = {g: c.pin_memory().to(self.device, non_blocking=True) for g, c in counted_t.items()}
-        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids, counted_t, n_counted)
+            last = {g: c.pin_memory().to(self.device, non_blocking=True) for g, c in last.items()}
+        block = _Block(docs, keep_rows, len(batches), {k: [] for k in self.stats}, ids, counted_t, n_counted, last)
         self._blocks.append(block)
         done = []
         for batch in batches:
@@ -295,6 +303,10 @@ class Extractor:
             pf, pr, ppos, pmax, pair = st.add_docs(feat, rank, pos, val, block.counted[g], block.n_counted[g])
             if key in self.examples:
                 self.examples[key].add(pf, block.doc_ids[pr], ppos, pmax, (pair, pos, val))
+            if self.last is not None:
+                at = pos == block.last[g][rank]
+                self.last[key].append((feat[at].to(torch.int32).cpu().numpy(), doc[at].cpu().numpy(),
+                                       val[at].cpu().numpy()))
             if block.keep_rows:
                 # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by the
                 # token's key (rank of doc_id in the block << 32 | pos; doc ids themselves use 63 bits): a
@@ -382,6 +394,8 @@ class _Block:
     """Per group: each document's counted positions (in `doc_ids` order), on the device."""
     n_counted: dict[str, int]
     """Per group: the block's documents with at least one counted position."""
+    last: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per group (Extractor last_values): each document's last counted position (-1: none), in `doc_ids` order."""
 
 
 @dataclass

@@ -41,6 +41,11 @@ HIST_SCHEMA = pa.schema([
     ("sae", pa.string()), ("group", pa.string()), ("feature", pa.int32()), ("bin", pa.int16()), ("count", pa.int64()),
 ])
 
+LAST_VALUES_SCHEMA = pa.schema([
+    ("sae", pa.string()), ("group", pa.string()), ("feature", pa.int32()), ("doc_id", pa.int64()),
+    ("value", pa.float32()),
+])
+
 DEFINITIONS = {
     "value_bins": "fixed log-spaced bins, 8 per decade: bin 0 holds values <= 0, bin b in 1..65 the values in "
                   "(EDGES[b-1], EDGES[b]] with EDGES = [0, 1e-4, 10^(-31/8), ..., 1e4], bin 66 values above 1e4",
@@ -57,6 +62,9 @@ DEFINITIONS = {
     "ctx_offset, ctx_value": "the feature's active values in the example's document at positions pos - "
                              "output.context_radius .. pos + output.context_radius, as (position - pos, value); "
                              "positions absent are inactive or not counted (0)",
+    "lastvals": "per (sae, group, feature, document): the feature's value at the document's last counted position "
+                "of the group, where it is not 0 (output.last_values; what `separate` reads without rows: AUROC "
+                "and its held-out classifier need each document's value, which no fixed-size summary keeps)",
     "n_docs, doc_sum, doc_m2": "per (sae, group, feature) over the unit's documents with counted positions: their "
                                "number, the sum of doc_value and the sum of squared deviations of doc_value from "
                                "the unit's mean; merged across units with Chan's formula",
@@ -300,6 +308,19 @@ class UnitExamples:
         d = torch.cat([self.top[1], self.samples[2]]).cpu().numpy()
         p = torch.cat([self.top[2], self.samples[3]]).cpu().numpy()
         return d, p
+
+
+def last_values_table(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sae: str, group: str) -> pa.Table:
+    """LAST_VALUES_SCHEMA rows from per-block (feature, doc_id, value) arrays, in (feature, doc_id) order."""
+    if parts:
+        f, d, v = (np.concatenate(c) for c in zip(*parts))
+    else:
+        f, d, v = np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.float32)
+    order = np.lexsort((d, f))
+    n = len(f)
+    return pa.table({"sae": pa.array([sae] * n, pa.string()), "group": pa.array([group] * n, pa.string()),
+                     "feature": f[order].astype(np.int32), "doc_id": d[order].astype(np.int64),
+                     "value": v[order].astype(np.float32)}, schema=LAST_VALUES_SCHEMA)
 
 
 def hist_table(counts: torch.Tensor, sae: str, group: str) -> pa.Table:

@@ -153,8 +153,10 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
         "activations": cfg.output.activations,
         "reconstruction": cfg.output.reconstruction,
         # what each unit keeps beside its statistics (issue 16): out of the fingerprint at their defaults
-        **_without_defaults({k: getattr(cfg.output, k) for k in ("top_k", "samples_per_bin", "docs", "context_radius")},
-                            {"top_k": 20, "samples_per_bin": 5, "docs": "all", "context_radius": 32}),
+        **_without_defaults({k: getattr(cfg.output, k) for k in ("top_k", "samples_per_bin", "docs", "context_radius",
+                                                                  "last_values")},
+                            {"top_k": 20, "samples_per_bin": 5, "docs": "all", "context_radius": 32,
+                             "last_values": "auto"}),
         **({"tf32": True} if cfg.worker.tf32 else {}),  # the other worker settings never change results
     }
     fp = fingerprint(identity)

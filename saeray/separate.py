@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from .diff import KEYS, benjamini_hochberg, doc_positions, t_pvalues, with_neuronpedia, write_parquet_with_meta
-from .stats import features, scan_activations, scan_docs
+from .stats import _committed_files, _scan, features, has_kind, scan_activations, scan_docs, source_for
 from .store import open_run
 
 log = logging.getLogger(__name__)
@@ -133,15 +133,36 @@ def _scores(x: pl.DataFrame, docs: pl.DataFrame, keys: pl.DataFrame) -> pl.DataF
                     "t", "p", "auroc")
 
 
-def last_values(run: str | Path, labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def last_values(run: str | Path, labels: pl.DataFrame, source: str = "auto") -> tuple[pl.DataFrame, pl.DataFrame]:
     """(nonzero values at each labelled document's last position: sae, group, doc_id, feature, value, y;
-    the labelled documents with a position per group: group, doc_id, y)."""
+    the labelled documents with a position per group: group, doc_id, y). `source`: rows (the activation rows at
+    the documents' last positions), partials (the units' lastvals, partials.DEFINITIONS) or auto (partials
+    when every unit has them): the same values."""
     docs = doc_positions(run).collect().join(labels, on="doc_id")
-    x = (scan_activations(run).filter(pl.col("value") != 0)
-         .join(docs.lazy().select("group", "doc_id", pl.col("last_pos").alias("pos"), "y"),
-               on=["group", "doc_id", "pos"])
-         .select(*KEYS[:2], "doc_id", "feature", "value", "y").collect())
+    if _source(run, source) == "partials":
+        x = (_scan(_committed_files(run, "lastvals"))
+             .join(docs.lazy().select("group", "doc_id", "y"), on=["group", "doc_id"]))
+    else:
+        x = (scan_activations(run).filter(pl.col("value") != 0)
+             .join(docs.lazy().select("group", "doc_id", pl.col("last_pos").alias("pos"), "y"),
+                   on=["group", "doc_id", "pos"]))
+    x = x.select(*KEYS[:2], "doc_id", "feature", "value", "y").collect()
     return x, docs.select("group", "doc_id", "y")
+
+
+def _source(run: str | Path, source: str) -> str:
+    """'rows' or 'partials' for `source` (auto | rows | partials), with a clear error when neither is there."""
+    got = source_for(run, source, "lastvals")
+    rows = bool(open_run(run).read_manifest()["config"]["output"]["activations"])
+    if got == "partials" and not has_kind(run, "lastvals"):
+        raise ValueError(f"{run} has no lastvals partials (values at each document's last position): extract it "
+                         "with output.last_values: true (the default when data.keep_columns keeps labels)"
+                         + ("" if rows else "; it has no activation rows either (output.activations: false)"))
+    if got == "rows" and not rows:
+        raise ValueError(f"{run} has neither activation rows (output.activations: false) nor lastvals partials in "
+                         "every unit: extract the labelled corpus with output.last_values: true (the default when "
+                         "data.keep_columns keeps labels; documents x active latents rows)")
+    return got
 
 
 def _reference_density(run: str | Path, reference: str | Path, group: str | None) -> pl.DataFrame:
@@ -231,11 +252,12 @@ def _heldout(x: pl.DataFrame, docs: pl.DataFrame, keys: pl.DataFrame, *, select_
 
 def separate(run: str | Path, *, label: str, positive: Any = None, reference: str | Path | None = None,
              max_density: float = 0.02, reference_group: str | None = None, train_fraction: float = 0.5,
-             seed: int = 0, select_by: str = "auroc", top_k: int = 1) -> Separation:
+             seed: int = 0, select_by: str = "auroc", top_k: int = 1, source: str = "auto") -> Separation:
     """Score every feature's separation of documents with `label == positive` from the rest (DEFINITIONS).
 
     With `reference`, features whose density there exceeds `max_density` are dropped (counted in
-    metadata['dropped']). `positive` defaults to True for a boolean label and 1 for a 0/1 label.
+    metadata['dropped']). `positive` defaults to True for a boolean label and 1 for a 0/1 label. `source`:
+    where each document's value comes from (last_values); rows and partials give the same result.
     """
     run, reference = open_run(run), (open_run(reference) if reference is not None else None)
     if select_by not in SELECT_BY:
@@ -249,7 +271,7 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
         log.warning("%s was extracted with positions.mode %r: reading each document's last selected position "
                     "(positions.mode: last extracts only what separation needs)", run, mode)
     labels, positive = _labels(run, label, positive)
-    x, docs = last_values(run, labels)
+    x, docs = last_values(run, labels, source)
     keys = features(run).select(KEYS).collect()
     dropped: dict[str, int] = {}
     ref = None
@@ -273,7 +295,7 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
                        train_fraction=train_fraction, seed=seed)
     n = docs.group_by("group").agg(pl.col("y").sum().alias("pos"), (~pl.col("y")).sum().alias("neg")).sort("group")
     meta = {"run": str(run), "fingerprint": open_run(run).read_manifest()["fingerprint"], "label": label,
-            "positive": positive, "positions_mode": mode, "documents": {g: {"positive": a, "negative": b}
+            "positive": positive, "positions_mode": mode, "source": _source(run, source), "documents": {g: {"positive": a, "negative": b}
                                                                         for g, a, b in n.iter_rows()},
             "reference": str(reference) if reference is not None else None, "max_density": max_density,
             "reference_positions": (open_run(reference).read_manifest()["config"]["positions"]

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP = "_tmp"
-SINGLE_KINDS = ("stats", "recon", "examples", "hist")
-"""Shard outputs of one file each: statistics, reconstruction partials, example documents, histograms."""
+SINGLE_KINDS = ("stats", "recon", "examples", "hist", "lastvals")
+"""Shard outputs of one file each: statistics, reconstruction partials, example documents, histograms, values at
+the documents' last positions."""
 KINDS = ("activations", "docs", *SINGLE_KINDS)
 """Shard outputs: activations and docs are folders of parquet parts, the SINGLE_KINDS one file each."""
 
@@ -55,7 +56,7 @@ ACTIVATIONS_SCHEMA = pa.schema([
 
 _MARKER_RE = re.compile(r"^completions/(\d+)\.json$")
 _PART_RE = re.compile(r"^(activations|docs)/shard=(\d+)/([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\.parquet$")
-_SINGLE_RE = re.compile(r"^(stats|recon|examples|hist)/(\d+)((?:\.[0-9a-f]+)?)\.parquet$")
+_SINGLE_RE = re.compile(r"^(stats|recon|examples|hist|lastvals)/(\d+)((?:\.[0-9a-f]+)?)\.parquet$")
 
 
 class RunDirError(ValueError):

@@ -28,6 +28,7 @@ from .contexts import Document, Tokenization, blocks
 from .reading import check_token_ids, unit_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
 from .images import load_image
+from .partials import last_values_table
 from .pipeline import Prefetch
 from .storage import READ
 from .store import ACTIVATIONS_SCHEMA, RunDir
@@ -290,7 +291,8 @@ class ShardWorker:
         keep_rows = out.activations
         ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                                    device=self.device, reconstruction=out.reconstruction, hooks=self.hooks,
-                                   top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius)
+                                   top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius,
+                                   last_values=out.keeps_last_values(self.cfg.data))
         held: list[pa.Table] = []  # output.docs other than all: the unit's docs, written once the examples are known
         token_ids: dict[int, np.ndarray] = {}
         act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
@@ -351,6 +353,9 @@ class ShardWorker:
         if ext.examples:
             examples = pa.concat_tables([e.to_table(sae, g) for (sae, g), e in ext.examples.items()])
             pq.write_table(examples, tmp / "examples.parquet", compression="zstd", row_group_size=1 << 18)
+        if ext.last is not None:
+            last = pa.concat_tables([last_values_table(parts, sae, g) for (sae, g), parts in ext.last.items()])
+            pq.write_table(last, tmp / "lastvals.parquet", compression="zstd", row_group_size=1 << 20)
         if ext.recon:
             pq.write_table(recon_table(ext.recon), tmp / "recon.parquet", compression="zstd")
         counted_tokens = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}

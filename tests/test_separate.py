@@ -45,9 +45,12 @@ def runs(tmp_path_factory) -> dict:
     ref_docs = [" ".join(rng.choice(words + [MARKER] * 40) for _ in range(20)) for _ in range(30)]
     ref_data = write_dataset(root / "ref_data", ref_docs, 2)
     out = {"special": set(tok.all_special_ids), "labels": np.array(labels), "root": root}
-    for name, shards in [("one", None), ("many", 6)]:
+    for name, shards in [("one", None), ("many", 7)]:
         out[name] = extract(model, sae, data, root / name, data__shards=shards, data__keep_columns=["label", "cls"],
                             positions={"mode": "last"})
+    # statistics only: no activation rows, the values at the last positions as lastvals partials (keep_columns)
+    out["stats_only"] = extract(model, sae, data, root / "stats_only", data__shards=7, data__keep_columns=["label"],
+                                positions={"mode": "last"}, output__activations=False, output__docs="none")
     out["ref"] = extract(model, sae, ref_data, root / "ref")
     out["all_positions"] = extract(model, sae, data, root / "all_positions", data__keep_columns=["label"])
     return out
@@ -104,6 +107,27 @@ def test_shard_count_and_position_mode_do_not_matter(runs):
                                            err_msg=c)
 
 
+def test_partials_equal_rows(runs):
+    """The lastvals partials give the rows' result exactly (every score, the held-out classifier); a 7-unit
+    statistics-only run gives the 7-unit row run's exactly and the 1-unit run's up to float32 batching noise."""
+    from polars.testing import assert_frame_equal
+
+    for name in ("one", "many", "all_positions"):
+        rows = separate(runs[name], label="label", source="rows", top_k=2)
+        parts = separate(runs[name], label="label", source="partials", top_k=2)
+        assert rows.metadata["source"] == "rows" and parts.metadata["source"] == "partials"
+        assert_frame_equal(rows.features, parts.features)
+        assert_frame_equal(rows.heldout, parts.heldout)
+        assert separate(runs[name], label="label").metadata["source"] == "partials"  # auto: every unit has them
+    stats_only = separate(runs["stats_only"], label="label", top_k=2)
+    assert stats_only.metadata["source"] == "partials"
+    assert_frame_equal(stats_only.features, separate(runs["many"], label="label", source="rows", top_k=2).features)
+    one = separate(runs["one"], label="label", source="rows").features
+    assert one["feature"].to_list() == separate(runs["stats_only"], label="label").features["feature"].to_list()
+    with pytest.raises(ValueError, match="statistics-only run|neither activation rows"):
+        separate(runs["stats_only"], label="label", source="rows")
+
+
 def test_finds_planted_feature_and_reference_drops_it(runs):
     sep = separate(runs["many"], label="cls", positive="pos")
     top = sep.features.row(0, named=True)
@@ -158,3 +182,7 @@ def test_errors(runs):
     ref = extract(runs["root"] / "model", other, runs["root"] / "ref_data", runs["root"] / "ref_other")
     with pytest.raises(ValueError, match="different SAEs"):
         separate(runs["one"], label="label", reference=ref)
+    bare = extract(runs["root"] / "model", runs["root"] / "sae", runs["root"] / "data", runs["root"] / "bare",
+                   data__keep_columns=["label"], output__activations=False, output__last_values=False)
+    with pytest.raises(ValueError, match="neither activation rows.*output.last_values: true"):
+        separate(bare, label="label")

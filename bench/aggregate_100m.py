@@ -17,6 +17,10 @@ its own subprocess (peak RSS from resource.getrusage is per process):
     interval_partials  top.interval_examples(run, 100 features, source="partials")
     diff_partials      diff.diff_runs(run, run, source="partials")   (Welch + BH from per-document moments)
     top, interval      the same from the activation rows (the reference path)
+    by_feature         the run copied with its rows rewritten as output.row_order: feature writes them
+                       (worker.FeatureOrder: runs of 8M rows sorted by feature, row groups of 64k rows)
+    top_by_feature     top_examples(100 features, source="rows") on that copy
+    top1, top1_by_feature  `top --feature F` (one feature, rows) on each layout
     diff               diff from the rows (pass --steps ...,diff: ~40 minutes at 100M rows)
 """
 
@@ -125,6 +129,33 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
     return doc
 
 
+def by_feature(root: Path) -> dict:
+    """Copy the run to root.parent/by_feature with each unit's rows rewritten in feature order by the worker's own
+    FeatureOrder and _write, fed the document-order rows 1M at a time as a worker feeds it blocks."""
+    from saeray.worker import FeatureOrder, _write
+
+    dest = root.parent / "by_feature"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("activations"))
+    rows = 0
+    for src in sorted((root / "activations").rglob("*.parquet")):
+        out = dest / src.relative_to(root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = pq.ParquetWriter(out, ACTIVATIONS_SCHEMA, compression="zstd")
+        order = FeatureOrder()
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=1 << 20):
+            cols = {c: batch.column(c).to_numpy() for c in ("doc_id", "pos", "feature", "value")}
+            rows += len(cols["doc_id"])
+            full = order.add({("res", "all"): cols})
+            if full is not None:
+                _write(None, writer, None, full, FeatureOrder.ROW_GROUP_ROWS)
+        if order.n:
+            _write(None, writer, None, order.take(), FeatureOrder.ROW_GROUP_ROWS)
+        writer.close()
+    size = sum(p.stat().st_size for p in (dest / "activations").rglob("*.parquet"))
+    return {"rows": rows, "activations_bytes": size}
+
+
 def generate(root: Path, n_rows: int, n_shards: int, d_sae: int, seed: int) -> dict:
     rd = RunDir(root)
     rd.prepare(_manifest(root, n_shards), overwrite=True)
@@ -168,6 +199,12 @@ def step(what: str, root: Path, a: argparse.Namespace) -> dict:
     elif what in ("top", "top_partials"):
         source = "rows" if what == "top" else "partials"
         result = {"out_rows": top.top_examples(root, features, k=a.k, source=source).height}
+    elif what == "by_feature":
+        result = by_feature(root)
+    elif what in ("top_by_feature", "top1", "top1_by_feature"):
+        where = root.parent / "by_feature" if what.endswith("by_feature") else root
+        asked = features if what == "top_by_feature" else [features[len(features) // 2]]
+        result = {"out_rows": top.top_examples(where, asked, k=a.k, source="rows").height}
     elif what in ("interval", "interval_partials"):
         source = "rows" if what == "interval" else "partials"
         result = {"out_rows": top.interval_examples(root, features, source=source).height}
@@ -202,7 +239,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the fake run")
     p.add_argument("--reuse", action="store_true", help="measure an existing fake run in --dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", default="baseline,features,top_partials,interval_partials,diff_partials,top,interval",
+    p.add_argument("--steps", default="baseline,features,top_partials,interval_partials,diff_partials,top,interval,"
+                                      "by_feature,top_by_feature,top1,top1_by_feature",
                    help="steps to measure (diff: the row-based per-document test, ~40 min at 100M rows)")
     p.add_argument("--step", help=argparse.SUPPRESS)
     a = p.parse_args()

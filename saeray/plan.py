@@ -90,7 +90,10 @@ DEFINITIONS = {
     "reconstruction": "output.reconstruction: per (sae, group) over counted tokens: mse = sum |x - x_hat|^2 / n "
                       "(squared L2 error per token, summed over dimensions); explained_variance = 1 - sum |x - x_hat|^2 / "
                       "sum |x - mean(x)|^2 (centred on the run's mean activation); l0 = mean active latents per token",
-    "activations_order": "within a file, rows are sorted by (sae, group, doc_id, pos, feature) per row group",
+    "activations_order": "output.row_order document: within a file, rows are sorted by (sae, group, doc_id, pos, "
+                         "feature) per row group; feature: rows are written in runs of up to worker.FeatureOrder."
+                         "FLUSH_ROWS, each sorted by (sae, group, feature, doc_id, pos) and cut into row groups of "
+                         "FeatureOrder.ROW_GROUP_ROWS, so a row group spans few features",
 }
 
 
@@ -154,9 +157,9 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
         "reconstruction": cfg.output.reconstruction,
         # what each unit keeps beside its statistics (issue 16): out of the fingerprint at their defaults
         **_without_defaults({k: getattr(cfg.output, k) for k in ("top_k", "samples_per_bin", "docs", "context_radius",
-                                                                  "last_values")},
+                                                                  "last_values", "row_order")},
                             {"top_k": 20, "samples_per_bin": 5, "docs": "all", "context_radius": 32,
-                             "last_values": "auto"}),
+                             "last_values": "auto", "row_order": "document"}),
         **({"tf32": True} if cfg.worker.tf32 else {}),  # the other worker settings never change results
     }
     fp = fingerprint(identity)

@@ -122,3 +122,41 @@ def test_interval_examples(run_dir, raw):
         assert (ranges["bin_lo"][1:].to_numpy() >= ranges["bin_hi"][:-1].to_numpy()).all()
         # the largest sampled maximum lies in the highest interval sampled (intervals ascend in value)
         assert mine["bin"].max() == mine.filter(pl.col("value") == mine["value"].max())["bin"][0]
+
+
+def test_feature_order_layout(tiny, run_dir, tmp_path, monkeypatch):
+    """output.row_order feature: the document-order run's rows, top and interval examples exactly; every row
+    group sorted by (feature, doc_id, pos) and spanning few features, so a one-feature scan skips most of them."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from polars.testing import assert_frame_equal
+
+    from saeray import worker
+
+    # small enough that the tiny run's units flush several times and cut many row groups
+    monkeypatch.setattr(worker.FeatureOrder, "FLUSH_ROWS", 2048)
+    monkeypatch.setattr(worker.FeatureOrder, "ROW_GROUP_ROWS", 128)
+    out = tmp_path / "by_feature"
+    cfg = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], tiny["data"], out,
+                      data__shards=4, output__row_order="feature")
+    run(config.from_dict(cfg), executor="local")
+    keys = ["sae", "group", "doc_id", "pos", "feature"]
+    mine, ref = (pl.read_parquet(str(r / "activations" / "**" / "*.parquet")) for r in (out, run_dir))
+    assert_frame_equal(mine.sort(keys), ref.sort(keys))
+    spans = []
+    for f in sorted((out / "activations").rglob("*.parquet")):
+        pf = pq.ParquetFile(f)
+        for i in range(pf.num_row_groups):
+            g = pl.from_arrow(pf.read_row_group(i))
+            assert g.equals(g.sort("sae", "group", "feature", "doc_id", "pos")), (f, i)
+            st = pf.metadata.row_group(i).column(pf.schema_arrow.get_field_index("feature")).statistics
+            spans.append((st.min, st.max))
+    assert len(spans) > 3 * 4, "several flushes and row groups per unit"
+    busiest = ref["feature"].mode()[0]
+    holding = sum(lo <= busiest <= hi for lo, hi in spans)
+    assert holding < len(spans) / 2, (holding, len(spans))  # statistics exclude most row groups for one feature
+    width = np.mean([hi - lo + 1 for lo, hi in spans])
+    assert width < ref["feature"].n_unique() / 2
+    assert_frame_equal(top_examples(out, FEATURES, k=5, source="rows"), top_examples(run_dir, FEATURES, k=5, source="rows"))
+    assert_frame_equal(interval_examples(out, FEATURES, bins=4, per_bin=2, seed=1, source="rows"),
+                       interval_examples(run_dir, FEATURES, bins=4, per_bin=2, seed=1, source="rows"))

@@ -411,8 +411,7 @@ def _rows_table(rows: dict[tuple[str, str], dict[str, np.ndarray]]) -> pa.Table:
         if n == 0:
             continue
         parts.append(pa.table({
-            "sae": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([sae])).cast(pa.string()),
-            "group": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([group])).cast(pa.string()),
+            "sae": pa.repeat(pa.scalar(sae, pa.string()), n), "group": pa.repeat(pa.scalar(group, pa.string()), n),
             "doc_id": r["doc_id"], "pos": r["pos"], "feature": r["feature"], "value": r["value"],
         }, schema=ACTIVATIONS_SCHEMA))
     return pa.concat_tables(parts) if parts else ACTIVATIONS_SCHEMA.empty_table()
@@ -482,9 +481,24 @@ class FeatureOrder:
         def sort() -> pa.Table:
             merged = {}
             for key in sorted(parts):
-                r = {c: np.concatenate([p[c] for p in parts[key]]) for c in ("doc_id", "pos", "feature", "value")}
-                at = np.lexsort((r["pos"], r["doc_id"], r["feature"]))
+                # each block's rows are in (doc_id, pos) order; blocks hold disjoint runs of documents
+                ps = sorted(parts[key], key=lambda q: (q["doc_id"][0], q["pos"][0]))
+                ordered = all((a["doc_id"][-1], a["pos"][-1]) <= (b["doc_id"][0], b["pos"][0]) for a, b in zip(ps, ps[1:]))
+                r = {c: np.concatenate([q[c] for q in ps]) for c in ("doc_id", "pos", "feature", "value")}
+                at = _feature_major(r, ordered)
                 merged[key] = {c: v[at] for c, v in r.items()}
             return _rows_table(merged)
 
         return sort
+
+
+def _feature_major(r: dict[str, np.ndarray], ordered: bool) -> np.ndarray:
+    """The permutation that sorts rows by (feature, doc_id, pos): a stable sort by feature, after stable sorts by pos
+    and doc_id unless the rows are `ordered` by (doc_id, pos) already. torch's stable CPU sort: 0.25 s for 8M rows,
+    against 3 s for numpy's three-key lexsort."""
+    f = torch.from_numpy(r["feature"])
+    if ordered:
+        return torch.sort(f, stable=True).indices.numpy()
+    at = torch.sort(torch.from_numpy(r["pos"]), stable=True).indices
+    at = at[torch.sort(torch.from_numpy(r["doc_id"])[at], stable=True).indices]
+    return at[torch.sort(f[at], stable=True).indices].numpy()

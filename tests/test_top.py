@@ -160,3 +160,31 @@ def test_feature_order_layout(tiny, run_dir, tmp_path, monkeypatch):
     assert_frame_equal(top_examples(out, FEATURES, k=5, source="rows"), top_examples(run_dir, FEATURES, k=5, source="rows"))
     assert_frame_equal(interval_examples(out, FEATURES, bins=4, per_bin=2, seed=1, source="rows"),
                        interval_examples(run_dir, FEATURES, bins=4, per_bin=2, seed=1, source="rows"))
+
+
+@pytest.mark.parametrize("blocks", ["in order", "reversed", "interleaved"])
+def test_feature_order_sort(blocks):
+    """FeatureOrder's rows are numpy's lexsort by (sae, group, feature, doc_id, pos) of the rows it was given,
+    however the blocks arrive (blocks whose documents interleave take the full sort)."""
+    import numpy as np
+
+    from saeray.worker import FeatureOrder
+
+    rng = np.random.default_rng(len(blocks))
+    parts, first = [], 0
+    for _ in range(5):
+        key = np.unique(rng.integers(0, 40 * 30 * 64, 500))  # distinct (doc, pos, feature), in that order
+        r = {"doc_id": first + key // (30 * 64), "pos": (key // 64 % 30).astype(np.int32),
+             "feature": (key % 64).astype(np.int32), "value": rng.random(len(key), dtype=np.float32)}
+        parts.append(r)
+        first += 40 if blocks != "interleaved" else 15
+    if blocks == "reversed":
+        parts = parts[::-1]
+    order = FeatureOrder()
+    for r in parts:
+        assert order.add({("b", "g"): r, ("a", "g"): {c: v[::2] for c, v in r.items()}}) is None
+    got = pl.from_arrow(order.take()())
+    every = pl.concat([pl.DataFrame({"sae": sae, "group": "g", **{c: v[::step] for c, v in r.items()}})
+                       for sae, step in (("b", 1), ("a", 2)) for r in parts])
+    at = np.lexsort([every[c].to_numpy() for c in ("pos", "doc_id", "feature", "group", "sae")])
+    assert got.equals(every[at])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 import threading
 import time
@@ -87,6 +88,9 @@ def track_markers(run_dir: Path, events: dict, raylets: dict[str, int]) -> None:
 def main(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     events: dict = {"removed": []}
+    # Ray's Cluster writes the head's address to /tmp/ray/ray_current_cluster whatever temp_dir says, and
+    # fails on a fresh machine where no Ray has made /tmp/ray yet
+    os.makedirs("/tmp/ray", exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "num_gpus": 0, "include_dashboard": False, "temp_dir": spec["temp_dir"],
         "object_store_memory": 80 * 1024 * 1024, "_system_config": FAST_FAILURE_DETECTION})

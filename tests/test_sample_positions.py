@@ -15,29 +15,31 @@ from saeray.config import ConfigError
 from saeray.executor import run
 from saeray.partials import draws_np
 from saeray.stats import features
+from saeray.store import RunDir
 
 POSITIONS = {"mode": "sample", "per_doc": 2, "word_final": True, "within": 48, "seed": 7}
 
 
-def _run(tiny, out: Path, **over) -> Path:
+def _run(tiny, out: Path, executor: str = "local", **over) -> Path:
     cfg = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"]), "threshold": 1e-6}],
                       tiny["data"], out, positions=POSITIONS, **over)
-    run(config.from_dict(cfg), executor="local")
+    run(config.from_dict(cfg), executor=executor)
     return out
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory) -> dict[str, Path]:
+def runs(tiny, tmp_path_factory, ray_session) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sample")
     return {"one": _run(tiny, root / "one", data__shards=1), "seven": _run(tiny, root / "seven", data__shards=7),
-            "batch": _run(tiny, root / "batch", data__shards=3, tokens__batch_tokens=64)}
+            "batch": _run(tiny, root / "batch", data__shards=3, tokens__batch_tokens=64),
+            "two_workers": _run(tiny, root / "two_workers", executor="ray", data__shards=7, workers=2)}
 
 
 def test_positions_are_the_same_for_any_split_and_word_final(tiny, runs):
     tok = AutoTokenizer.from_pretrained(tiny["llama"])
     texts = dict(zip(tiny["doc_ids"], tiny["docs"]))
     one = features(runs["one"]).collect()
-    for other in ("seven", "batch"):
+    for other in ("seven", "batch", "two_workers"):
         f = features(runs[other]).collect()
         assert f["n_tokens"].to_list() == one["n_tokens"].to_list()
         assert f["n_active"].to_list() == one["n_active"].to_list()
@@ -45,6 +47,8 @@ def test_positions_are_the_same_for_any_split_and_word_final(tiny, runs):
             for k, r in runs.items()}
     assert rows["one"].select("doc_id", "pos", "feature").equals(rows["seven"].select("doc_id", "pos", "feature"))
     assert rows["one"].select("doc_id", "pos", "feature").equals(rows["batch"].select("doc_id", "pos", "feature"))
+    assert rows["one"].select("doc_id", "pos", "feature").equals(rows["two_workers"].select("doc_id", "pos", "feature"))
+    assert len(RunDir(runs["two_workers"]).completions()) == 7
     # the chosen positions, recomputed here: word-final by decoding (the text after the token starts with
     # whitespace or is empty), < within, non-special; the 2 smallest draws of (doc_id, pos, seed)
     special = set(tok.all_special_ids)

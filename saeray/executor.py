@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import sources
 from .config import RunConfig
+from .lock import DriverLock
 from .pipeline import Prefetch
 from .plan import Prepared, prepare
 from .storage import READ
@@ -114,6 +115,13 @@ def run(cfg: RunConfig, *, out: str | None = None, overwrite: bool = False, work
         raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'local'")
     t_start, b_start = time.time(), READ.bytes
     rd = RunDir(cfg.output.dir)
+    with DriverLock(rd):  # a second driver on this run directory refuses here, before it plans or cleans
+        return _run(cfg, rd, overwrite, workers, executor, progress_every, progress_sink, t_start, b_start)
+
+
+def _run(cfg: RunConfig, rd: RunDir, overwrite: bool, workers: int | str | None, executor: str,
+         progress_every: float, progress_sink: Callable[[str], None] | None, t_start: float, b_start: int
+         ) -> RunResult:
     old = rd.manifest_if_any()
     if old is not None and "unit_bytes" not in old.get("plan", {}) and not overwrite:
         raise RunDirError(f"{rd.root} was written by an older saeray (shards of canonical row ranges, doc_id = row "

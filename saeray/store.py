@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP = "_tmp"
+LOCK = "driver.lock"
+"""Who drives the run (lock.py); not an output: emptiness checks and overwrites leave it alone."""
 SINGLE_KINDS = ("stats", "recon", "examples", "hist", "lastvals")
 """Shard outputs of one file each: statistics, reconstruction partials, example documents, histograms, values at
 the documents' last positions."""
@@ -182,7 +184,9 @@ class RunDir:
             return None
 
     def _is_empty(self) -> bool:
-        return not self.fs.isdir(self._base) or not self.fs.ls(self._base)
+        if not self.fs.isdir(self._base):
+            return True
+        return all(p.rstrip("/").rsplit("/", 1)[-1] == LOCK for p in self.fs.ls(self._base, detail=False))
 
     def prepare(self, manifest: dict[str, Any], overwrite: bool) -> int:
         """Create or reopen the run directory for `manifest`; return the committed shard count.
@@ -218,7 +222,8 @@ class RunDir:
     def _clear(self) -> None:
         log.warning("overwriting %s", self.root)
         for child in self.fs.ls(self._base, detail=False):
-            self.fs.rm(child, recursive=True)
+            if child.rstrip("/").rsplit("/", 1)[-1] != LOCK:
+                self.fs.rm(child, recursive=True)
 
     # ---- shards ----------------------------------------------------------------------
     def committed(self) -> set[int]:

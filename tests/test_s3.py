@@ -27,7 +27,7 @@ from s3_server import S3Server, is_object_write
 from saeray import config
 from saeray.executor import run
 from saeray.stats import features, reconstruction, scan_activations, scan_docs, write_features
-from saeray.store import RunDir
+from saeray.store import LOCK, RunDir
 
 KEYS = ["sae", "group", "doc_id", "pos", "feature"]
 
@@ -111,8 +111,8 @@ def test_run_into_s3_equals_local_run(tiny, ref, s3_env):
     start = len(s3.requests)
     result = run(config.from_dict(_raw(tiny, uri)), executor="local")
     assert sorted(result.done) == [0, 1_000_000, 2_000_000] and result.run_dir == uri
-    # No rename on S3: nothing was copied server-side or deleted during a clean run.
-    methods = [(m, q) for m, _, q in s3.requests[start:]]
+    # No rename on S3: nothing was copied server-side or deleted during a clean run (but the driver's lock).
+    methods = [(m, q) for m, p, q in s3.requests[start:] if not p.endswith("/" + LOCK)]
     assert not any(m == "DELETE" or (m == "POST" and q == "delete") for m, q in methods)
     assert not any("x-id=CopyObject" in q for _, q in methods)
 
@@ -127,7 +127,8 @@ def test_run_into_s3_equals_local_run(tiny, ref, s3_env):
     before = len(s3.requests)
     again = run(config.from_dict(_raw(tiny, uri)), executor="local")
     assert again.skipped == [0, 1_000_000, 2_000_000] and not again.done
-    assert not any(m in ("PUT", "POST", "DELETE") for m, _, _ in s3.requests[before:])
+    assert not any(m in ("PUT", "POST", "DELETE") for m, p, _ in s3.requests[before:] if not p.endswith("/" + LOCK))
+    assert LOCK not in {k.rsplit("/", 1)[-1] for k in s3.keys(bucket)}  # released
 
     # diff (with its per-document test) and top examples read the markers' file lists: the same on S3
     from saeray.diff import diff_runs
@@ -211,10 +212,10 @@ def test_driver_killed_mid_commit_rerun_completes_only_missing(tiny, ref, tmp_pa
     cfg_path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, **s3.env()}
     procs: list[subprocess.Popen] = []
-    # Object writes of a run: the manifest, then per shard 6 files (activations, docs, stats, recon, examples,
-    # hist) and its marker. The driver dies at write 1 + 7 + 7 = 15, shard 1's marker: shard 0 is committed,
-    # shard 1's files are all up, but its commit point never lands.
-    _kill_at(s3, f"/{bucket}/run/", 15, procs)
+    # Object writes of a run: the driver's lock, the manifest, then per shard 6 files (activations, docs, stats,
+    # recon, examples, hist) and its marker. The driver dies at write 2 + 7 + 7 = 16, shard 1's marker: shard 0 is
+    # committed, shard 1's files are all up, but its commit point never lands.
+    _kill_at(s3, f"/{bucket}/run/", 16, procs)
     log = tmp_path / "driver.log"
     procs.append(_driver(cfg_path, env, log))
     procs[-1].wait(timeout=180)

@@ -26,7 +26,7 @@ from .lock import DriverLock
 from .pipeline import Prefetch
 from .plan import Prepared, prepare
 from .storage import READ
-from .store import RunDir, RunDirError
+from .store import OutputWriteError, RunDir, RunDirError
 from .units import DataPlan, Ledger, Task, uid_of
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,9 @@ def _run_local(manifest: dict, run_dir: str, plan: DataPlan, cfg: RunConfig, mar
                     result.done[task.uid] = worker.process(task.to_dict(), payload, prefix, then)
                     prog.update(result.done[task.uid])
                 except Exception as e:  # one bad unit must not stop the others
-                    if not isinstance(e, sources.DataError):
+                    if isinstance(e, (sources.DataError, OutputWriteError)):  # says what and where in a line
+                        log.error("unit %d failed: %s", task.uid, e)
+                    else:
                         log.exception("unit %d failed", task.uid)
                     result.errors[task.uid] = f"{type(e).__name__}: {e}"
                     if budget is not None:  # later units' share of the budget depends on this one's tokens

@@ -65,6 +65,21 @@ class RunDirError(ValueError):
     """The run directory belongs to another run, or is not a saeray run directory."""
 
 
+class OutputWriteError(OSError):
+    """Writing a unit's output failed (disk full, permission, an object store's refusal) after the retries a
+    transient error gets; the unit is not committed and nothing of it is visible to readers."""
+
+
+def _writing(where: str, fn: Any) -> Any:
+    """fn() with transient errors retried (storage.retrying); a lasting failure names `where`."""
+    try:
+        return storage.retrying(f"writing {where}", fn)
+    except OutputWriteError:
+        raise
+    except OSError as e:
+        raise OutputWriteError(f"writing {where} failed: {type(e).__name__}: {e}") from e
+
+
 def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -134,7 +149,7 @@ class RunDir:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file atomically (storage.write_atomic: temporary name + rename, or one PUT)."""
-        storage.write_atomic(self.fs, self._key(rel), data)
+        _writing(self.uri(rel), lambda: storage.write_atomic(self.fs, self._key(rel), data))
 
     def list_files(self, prefix: str = "") -> list[str]:
         """Relative keys of every file under `prefix` (recursive)."""
@@ -151,7 +166,7 @@ class RunDir:
 
     def _upload(self, local: Path, rel: str) -> None:
         """One object, whole or not at all (large files: a multipart upload, visible once completed)."""
-        self.fs.put_file(str(local), self._key(rel))
+        _writing(self.uri(rel), lambda: self.fs.put_file(str(local), self._key(rel)))
 
     # ---- layout --------------------------------------------------------------------
     @staticmethod
@@ -306,14 +321,14 @@ class RunDir:
             shutil.rmtree(final[kind], ignore_errors=True)  # what an attempt that died mid-commit moved in
             try:
                 os.replace(tmp / kind, final[kind])
-            except OSError:  # a concurrent attempt (a worker thought dead) moved its complete folder in first
+            except OSError as e:  # a concurrent attempt (a worker thought dead) moved its complete folder in first
                 if not final[kind].is_dir():
-                    raise
+                    raise OutputWriteError(f"writing {final[kind]} failed: {type(e).__name__}: {e}") from e
                 names = sorted(p.name for p in final[kind].glob("*.parquet"))
             files[kind] = [f"{kind}/shard={s}/{n}" for n in names]
         for kind in SINGLE_KINDS:
             if (tmp / f"{kind}.parquet").is_file():
-                os.replace(tmp / f"{kind}.parquet", final[kind])
+                _writing(str(final[kind]), lambda k=kind: os.replace(tmp / f"{k}.parquet", final[k]))
                 files[kind] = [f"{kind}/{s}.parquet"]
         return files
 

@@ -6,6 +6,7 @@ Ray-free; the Ray executor wraps it in an actor and the local executor calls it 
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import logging
 import os
@@ -31,7 +32,7 @@ from .images import load_image
 from .partials import last_values_table
 from .pipeline import Prefetch
 from .storage import READ
-from .store import ACTIVATIONS_SCHEMA, RunDir
+from .store import ACTIVATIONS_SCHEMA, OutputWriteError, RunDir
 from .units import DataPlan, Task
 
 log = logging.getLogger(__name__)
@@ -245,8 +246,10 @@ class ShardWorker:
             source.then = start_next  # (if it is prepared already, the next unit starts when it comes)
         try:
             summary = self._process(t, source, tmp)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and _out_of_room(e):
+                raise OutputWriteError(f"writing unit {t.uid}'s files in {tmp} failed: {e}") from e
             raise
         bytes_read, self._bytes_seen = READ.bytes - self._bytes_seen, READ.bytes
         summary.update(shard=t.uid, unit=t.to_dict(), prefix=prefix, seconds=round(time.time() - t0, 3),
@@ -502,3 +505,12 @@ def _feature_major(r: dict[str, np.ndarray], ordered: bool) -> np.ndarray:
     at = torch.sort(torch.from_numpy(r["pos"]), stable=True).indices
     at = at[torch.sort(torch.from_numpy(r["doc_id"])[at], stable=True).indices]
     return at[torch.sort(f[at], stable=True).indices].numpy()
+
+
+def _out_of_room(e: OSError) -> bool:
+    """A write to the attempt folder failed for want of space or permission (pyarrow's errors carry the errno
+    in their text only)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("no space left", "quota exceeded", "read-only file system", "permission denied"))

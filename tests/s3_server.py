@@ -1,7 +1,8 @@
 """A real S3 API server on loopback for tests: moto's server app under werkzeug, in a thread.
 
-`S3Server.hook`, when set, sees every request before moto does and may refuse it (return
-True): the tests use it to kill a client process at an exact point of its commit.
+`S3Server.hook`, when set, sees every request before moto does and may refuse it: True answers 503
+SlowDown, a tuple (status line, S3 error code) answers that, e.g. ("403 Forbidden", "AccessDenied"). The
+tests use it to kill a client process at an exact point of its commit and to inject write failures.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ class S3Server:
         def wsgi(environ: dict[str, Any], start_response: Callable) -> Any:
             method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
             self.requests.append((method, path, environ.get("QUERY_STRING", "")))
-            if self.hook is not None and self.hook(environ):
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [b"refused by the test"]
+            refusal = self.hook(environ) if self.hook is not None else None
+            if refusal:
+                status, code = refusal if isinstance(refusal, tuple) else ("503 Service Unavailable", "SlowDown")
+                start_response(status, [("Content-Type", "application/xml")])
+                return [f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f'<Message>refused by the test</Message></Error>'.encode()]
             body = b"".join(app(environ, start_response))
             self.sent_bytes.append((method, path, len(body)))
             return [body]

@@ -36,16 +36,18 @@ def test_loads_with_plain_sae_lens_and_fits_the_size_limit(sae_dir):
     assert held["explained_variance"] >= 0.75 and held["l0"] <= 64 and held["dead_fraction"] <= 0.05
 
 
-NOT_RETRAINED = {"smollm2-135m-instruct-res15": "still the stdlib-only SAE: not yet retrained on the broader corpus"}
-"""Shipped SAEs whose training report predates the broader corpus (no per-kind or outside-text figures)."""
+SHORT_OUTSIDE = {"smollm2-135m-instruct-res15": "EV 0.49 on the texts outside the corpus (target 0.65): SmolLM2's "
+                                              "massive-norm tokens dominate its training loss (README)"}
+"""Shipped SAEs known to miss the outside-the-corpus target (issue 19 stays open for them)."""
 
 
-RETRAINED_OR_XFAIL = [pytest.param(d, marks=pytest.mark.xfail(reason=NOT_RETRAINED[d.name], strict=True))
-                      if d.name in NOT_RETRAINED else d for d in SAES]
+def _outside_or_xfail() -> list:
+    return [pytest.param(d, marks=pytest.mark.xfail(reason=SHORT_OUTSIDE[d.name], strict=True))
+            if d.name in SHORT_OUTSIDE else d for d in SAES]
 
 
-@pytest.mark.parametrize("sae_dir", RETRAINED_OR_XFAIL, ids=[d.name for d in SAES])
-def test_training_report_meets_the_targets_on_every_kind_and_outside_the_corpus(sae_dir):
+@pytest.mark.parametrize("sae_dir", SAES, ids=[d.name for d in SAES])
+def test_training_report_meets_the_targets_on_every_kind(sae_dir):
     from saeray.corpus import BUDGETS
 
     report = _report(sae_dir)
@@ -55,13 +57,16 @@ def test_training_report_meets_the_targets_on_every_kind_and_outside_the_corpus(
     assert sum(f["tokens"] for f in held["by_kind"].values()) == held["tokens"]
     for kind, f in held["by_kind"].items():
         assert f["explained_variance"] >= 0.75, (kind, f)
-    # and on the texts written outside the corpus
-    outside = report["outside_texts"]
+
+
+@pytest.mark.parametrize("sae_dir", _outside_or_xfail(), ids=[d.name for d in SAES])
+def test_training_report_meets_the_target_outside_the_corpus(sae_dir):
+    outside = _report(sae_dir)["outside_texts"]
     assert outside["tokens"] >= 660 and outside["explained_variance"] >= 0.65
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sae_dir", RETRAINED_OR_XFAIL, ids=[d.name for d in SAES])
+@pytest.mark.parametrize("sae_dir", SAES, ids=[d.name for d in SAES])
 def test_quality_recomputed_on_held_out_text(sae_dir, tmp_path):
     """EV (centred) and L0 on 20k held-out tokens spread over the held-out documents, computed here directly
     rather than by train.evaluate."""
@@ -96,7 +101,7 @@ def test_quality_recomputed_on_held_out_text(sae_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sae_dir", RETRAINED_OR_XFAIL, ids=[d.name for d in SAES])
+@pytest.mark.parametrize("sae_dir", _outside_or_xfail(), ids=[d.name for d in SAES])
 def test_quality_on_texts_outside_the_corpus_recomputed_with_plain_transformers(sae_dir):
     """The training report's figure on saeray/outside_texts.py, recomputed with a plain Hugging Face forward
     (output_hidden_states, windows of context_size - 1 tokens after BOS) instead of saeray's streamer."""

@@ -123,7 +123,7 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
                         train_tokens=args.train_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         eval_tokens=args.eval_tokens, held_out_fraction=args.held_out_fraction, seed=args.seed,
                         dead_window=args.dead_window, aux_coefficient=args.aux_coefficient, normalize=args.normalize,
-                        activation_cache=args.activation_cache)
+                        activation_cache=args.activation_cache, max_norm_ratio=args.max_norm_ratio)
     report = train(cfg, opts, args.out)
     print(json.dumps(report["held_out"], indent=2))
     out = report["outside_texts"]
@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input normalization while training (folded into the saved weights)")
     t.add_argument("--activation-cache", metavar="DIR",
                    help="keep the collected training activations here; a rerun with other SAE options reuses them")
+    t.add_argument("--max-norm-ratio", type=float, metavar="R",
+                   help="train without activations whose norm exceeds R x the median (rare massive-norm tokens); "
+                        "the evaluation keeps them")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_train_sae)
 

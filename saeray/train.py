@@ -64,6 +64,9 @@ class TrainOptions:
     activation_cache: str | None = None
     """Directory where collected training activations are kept, keyed by everything that
     determines them, so a second run with other SAE options skips the forward passes."""
+    max_norm_ratio: float | None = None
+    """Train without the activations whose norm exceeds this multiple of the median norm (models with rare
+    massive-norm tokens, whose squared errors otherwise dominate the loss). Evaluation keeps every token."""
 
 
 class Streamer:
@@ -150,6 +153,16 @@ def _training_activations(st: Streamer, cfg: RunConfig, opts: TrainOptions, n_tr
     torch.save(acts, tmp)
     tmp.replace(path)
     return acts
+
+
+def without_massive(acts: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The activations whose norm is at most `ratio` times the median norm (order kept)."""
+    norms = acts.float().norm(dim=1)
+    median = norms.median()
+    keep = norms <= ratio * median
+    log.info("training without %d activations of norm > %g x the median (%.1f)", int((~keep).sum()), ratio,
+             float(median))
+    return acts[keep]
 
 
 def _shuffled_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
@@ -259,6 +272,8 @@ def train(cfg: RunConfig, opts: TrainOptions, out: str | Path) -> dict[str, Any]
     acts = _training_activations(st, cfg, opts, n_train_docs, context_size, prepend_bos)
     collect_s = time.time() - t0
     log.info("collected %d training activations in %.0fs", len(acts), collect_s)
+    if opts.max_norm_ratio is not None:
+        acts = without_massive(acts, opts.max_norm_ratio)
     metadata = {"hook_name": opts.hook, "model_name": cfg.model.name, "context_size": context_size,
                 "prepend_bos": prepend_bos, "dataset_path": cfg.data.dataset}
     sae = _training_sae(opts, acts.shape[1], metadata)

@@ -36,9 +36,8 @@ def test_loads_with_plain_sae_lens_and_fits_the_size_limit(sae_dir):
     assert held["explained_variance"] >= 0.75 and held["l0"] <= 64 and held["dead_fraction"] <= 0.05
 
 
-SHORT_OUTSIDE = {"smollm2-135m-instruct-res15": "EV 0.49 on the texts outside the corpus (target 0.65): SmolLM2's "
-                                              "massive-norm tokens dominate its training loss (README)"}
-"""Shipped SAEs known to miss the outside-the-corpus target (issue 19 stays open for them)."""
+SHORT_OUTSIDE: dict[str, str] = {}
+"""Shipped SAEs known to miss the outside-the-corpus target, with the reason (an xfail, strict); none now."""
 
 
 def _outside_or_xfail() -> list:

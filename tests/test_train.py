@@ -194,3 +194,19 @@ def test_evaluate_by_label_equals_numpy_per_label():
         assert f["l0"] == pytest.approx((zi != 0).sum(1).mean())
         assert f["dead_fraction"] == pytest.approx(((zi != 0).sum(0) == 0).mean())
     assert got["tokens"] == len(x) == sum(f["tokens"] for f in got["by_label"].values())
+
+
+def test_without_massive_drops_exactly_the_tokens_above_the_ratio():
+    import numpy as np
+    import torch
+
+    from saeray.train import without_massive
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1001, 16)).astype(np.float32)
+    x[[5, 500, 900]] *= 300  # massive-norm tokens
+    norms = np.linalg.norm(x, axis=1)
+    want = x[norms <= 10 * np.median(norms)]
+    got = without_massive(torch.from_numpy(x).to(torch.bfloat16).float(), 10.0).numpy()
+    assert len(want) == 998 and got.shape == want.shape
+    np.testing.assert_allclose(got, torch.from_numpy(want).to(torch.bfloat16).float().numpy())

@@ -209,6 +209,15 @@ class RunConfig:
     """Ray executor: a shard not done this many seconds after it started is treated as hung (its worker
     is killed and replaced, the shard retried). null: 10x the slowest finished shard's time per document
     times the shard's documents, at least 600 s; no limit until a shard has finished."""
+    worker_start_timeout_s: float = 600.0
+    """Ray executor: how long the run goes on while no worker runs and workers wait to be placed (no node has the
+    GPU and CPUs they ask for: a node lost, the local raylet gone, a cluster still scaling up) before it stops
+    with that cause, its committed units kept. 600 s leaves an autoscaler time to start a GPU node (typically
+    3-8 minutes on a cloud). Workers loading their model do not count as waiting."""
+    max_workers: int | None = None
+    """Ray executor, `workers: auto`: the most GPU workers to ask for. null: one per GPU alive when the run starts.
+    N: N GPU workers (at most one per unit) whatever is alive now; those no node can take yet wait to be placed,
+    which is what a Ray autoscaler adds nodes for, and start as nodes join."""
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -311,6 +320,10 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ConfigError(f"worker.cpus must be 'auto' or > 0, got {w.cpus}")
     if w.tokenizer_threads != "auto" and w.tokenizer_threads < 1:
         raise ConfigError(f"worker.tokenizer_threads must be 'auto' or >= 1, got {w.tokenizer_threads}")
+    if cfg.worker_start_timeout_s <= 0:
+        raise ConfigError(f"worker_start_timeout_s must be > 0, got {cfg.worker_start_timeout_s}")
+    if cfg.max_workers is not None and cfg.max_workers < 1:
+        raise ConfigError(f"max_workers must be >= 1 or null, got {cfg.max_workers}")
     if cfg.shard_timeout_s is not None and cfg.shard_timeout_s <= 0:
         raise ConfigError(f"shard_timeout_s must be > 0 or null, got {cfg.shard_timeout_s}")
 

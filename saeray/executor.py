@@ -59,6 +59,9 @@ class RunResult:
     the workers' committed units; a killed attempt's reads are not counted)."""
     first_unit_seconds: float | None = None
     """From the start of `run` to the first unit committed."""
+    stopped: str | None = None
+    """Why the run stopped before its units were all tried (no worker could be placed; workers cannot see the
+    run directory)."""
 
     @property
     def tokens(self) -> int:
@@ -77,6 +80,8 @@ class Progress:
         """Tokens of units committed before this run started (they count toward the budget)."""
         self.started = self.t0
         self.first_unit_at: float | None = None
+        self.note = ""
+        """Appended to the line while set (the pool: workers waiting to be placed)."""
 
     def update(self, summary: dict[str, Any] | None = None, force: bool = False) -> None:
         if summary:
@@ -98,7 +103,7 @@ class Progress:
             eta = float("nan")
         of = f"/{self.total}" if self.total else ""
         self.sink(f"units {self.shards}{of} | {self.tokens:,} tokens | {rate:,.0f} tok/s | elapsed {el:,.0f}s | "
-                  f"ETA {eta:,.0f}s")
+                  f"ETA {eta:,.0f}s" + (f" | {self.note}" if self.note else ""))
 
 
 def run(cfg: RunConfig, *, out: str | None = None, overwrite: bool = False, workers: int | str | None = None,
@@ -157,6 +162,9 @@ def _run(cfg: RunConfig, rd: RunDir, overwrite: bool, workers: int | str | None,
     result.seconds = time.time() - t0
     result.first_unit_seconds = prog.first_unit_at - t_start if prog.first_unit_at else None
     rd.clean_tmp()
+    if result.stopped:
+        done = len(result.done) + len(result.skipped)
+        raise RunFailed(f"stopped: {result.stopped} (committed units: {done}; rerun the same command to go on)")
     if result.errors:
         lines = "\n".join(f"  unit {i}: {e}" for i, e in sorted(result.errors.items()))
         raise RunFailed(f"{len(result.errors)} of {result.n_shards} units failed (the other units are committed; "

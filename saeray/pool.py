@@ -77,27 +77,35 @@ GPU_WORKER_CPUS = 2
 bench/simulate.py (reading, tokenizing, batching, writing), with headroom."""
 
 
-def _resources(n_workers: int | str | None, cpus: float | str = "auto") -> tuple[int, dict[str, Any]]:
+def _resources(n_workers: int | str | None, cpus: float | str = "auto", max_workers: int | None = None
+               ) -> tuple[int, dict[str, Any]]:
     """(number of actors, actor resource options). Threads are sized inside each actor.
 
     A GPU actor reserves `cpus` (worker.cpus) for its reading, tokenizing and batching threads; auto: the
-    node's CPUs per GPU on the GPU node that has the fewest, so every GPU's actor can be placed."""
+    node's CPUs per GPU on the GPU node that has the fewest, so every GPU's actor can be placed.
+    `workers: auto` with `max_workers`: that many GPU actors, whatever is alive now; those no node can take
+    wait to be placed, which is the demand an autoscaler adds GPU nodes for."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpus = int(sum(r.get("GPU", 0) for r in nodes))
     biggest = max([int(r.get("CPU", 0)) for r in nodes] or [1]) or 1
     total = int(sum(r.get("CPU", 0) for r in nodes)) or 1
-    if n_workers in (None, "auto"):
+    scaling = n_workers in (None, "auto") and max_workers is not None
+    if scaling:
+        n = int(max_workers)  # type: ignore[arg-type]
+        log.info("workers: auto, max_workers %d: asking for %d GPU workers (%d GPUs alive now)", n, n, gpus)
+    elif n_workers in (None, "auto"):
         n = gpus if gpus else 1
         if not gpus:
-            log.warning("no GPUs in the Ray cluster: running 1 CPU worker (GPU nodes that join later are not used)")
+            log.warning("no GPUs in the Ray cluster: running 1 CPU worker (GPU nodes that join later are not used; "
+                        "set max_workers to ask an autoscaler for GPU nodes)")
     else:
         n = int(n_workers)
-    if gpus:
+    if gpus or scaling:
         if cpus == "auto":
             per_gpu = [int(r.get("CPU", 0)) // int(r["GPU"]) for r in nodes if r.get("GPU", 0) >= 1]
-            cpus = max(1, min(per_gpu or [1]))
+            cpus = max(1, min(per_gpu or [GPU_WORKER_CPUS]))
             if cpus < GPU_WORKER_CPUS:
                 log.warning("GPU nodes have %d CPU(s) per GPU: a worker keeps an H100 fed on Gemma-2-2B with about "
                             "%d (0.4 CPU-s per GPU-s, bench/simulate.py), more on smaller models; the GPUs may wait "
@@ -106,6 +114,31 @@ def _resources(n_workers: int | str | None, cpus: float | str = "auto") -> tuple
     # Whole CPUs per actor, never more than one node has; fractions when actors outnumber CPUs.
     per = min(biggest, total // n) if n <= total else total / n
     return n, {"num_cpus": per}
+
+
+def _describe(options: dict[str, Any]) -> str:
+    """Actor options as resources: '1 GPU, 2 CPU'."""
+    parts = [f"{options['num_gpus']:g} GPU"] if options.get("num_gpus") else []
+    return ", ".join([*parts, f"{options.get('num_cpus', 1):g} CPU"])
+
+
+class Capacity:
+    """The cluster's resources, free and total, asked at most every `every` seconds (for the progress line)."""
+
+    def __init__(self, ray: Any, every: float = 10.0):
+        self.ray, self.every, self.at, self.text = ray, every, 0.0, "unknown"
+
+    def describe(self) -> str:
+        now = time.time()
+        if now - self.at >= self.every:
+            self.at = now
+            try:
+                total, free = self.ray.cluster_resources(), self.ray.available_resources()
+                self.text = ", ".join(f"{free.get(k, 0):g}/{total[k]:g} {k}" for k in ("GPU", "CPU") if k in total)
+                self.text = self.text or "no GPU or CPU"
+            except Exception as e:  # noqa: BLE001 - the cluster itself may be what went away
+                self.text = f"unknown ({_first_line(e)})"
+        return self.text
 
 
 class FileReader:
@@ -129,7 +162,7 @@ class Pool:
                  result: RunResult, prog: Progress, n_workers: int | str | None, max_attempts: int):
         import ray
 
-        from .worker import ShardWorker
+        from .actor import forwarded_env, make_worker_class
 
         self.ray = ray
         self.manifest, self.run_dir, self.plan, self.result, self.prog = manifest, run_dir, plan, result, prog
@@ -147,11 +180,15 @@ class Pool:
         for t in plan.units:
             if t.uid not in markers:
                 self.add(UnitState(t))
-        n, options = _resources(n_workers, cfg.worker.cpus)
+        n, options = _resources(n_workers, cfg.worker.cpus, cfg.max_workers)
         if not plan.streamed:
             n = min(n, max(1, len(self.units)))
-        self.n_workers = n
-        self.Actor = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0, **options)
+        self.n_workers, self.wanted = n, options
+        self.Actor = ray.remote(make_worker_class()).options(max_restarts=0, max_task_retries=0, **options)
+        self.env = forwarded_env()
+        if self.env:
+            log.info("forwarding %s from this environment to the workers", ", ".join(self.env))
+        self.probe = self.rd.write_probe()  # each worker checks it sees this file before it loads anything
         self.Reader = ray.remote(FileReader).options(num_cpus=0, max_restarts=0)
         self.clock = UnitClock(cfg.shard_timeout_s)
         self.next_file = 0 if plan.streamed else len(plan.files)
@@ -160,7 +197,13 @@ class Pool:
         self.read_units: dict[int, int] = {}  # file -> units its reader returned so far
         self.max_readers = 1 if self.budget is not None else max(1, min(4, n))
         self.stop_reading = False
-        self.starting: dict[Any, Any] = {}
+        self.placing: dict[Any, Any] = {}  # __ray_ready__ ref -> actor: waiting for a node with its resources
+        self.starting: dict[Any, Any] = {}  # start() ref -> actor: placed, loading the model and SAEs
+        self.start_timeout = cfg.worker_start_timeout_s
+        self.waiting_since: float | None = None
+        """Since when no worker has been running or loading while some wait to be placed."""
+        self.capacity = Capacity(ray)
+        self.hosts: set[str] = set()
         self.idle: list[Any] = []
         self.inflight: dict[Any, tuple[Any, int, str, float]] = {}  # ref -> (actor, uid, call, started)
         self.start_failures = 0
@@ -194,8 +237,8 @@ class Pool:
 
     # ---- actors ------------------------------------------------------------------------------
     def spawn(self) -> None:
-        actor = self.Actor.remote(self.manifest, self.run_dir)
-        self.starting[actor.__ray_ready__.remote()] = actor
+        actor = self.Actor.remote(self.manifest, self.run_dir, self.probe, self.env)
+        self.placing[actor.__ray_ready__.remote()] = actor
 
     def retire(self, actor: Any) -> None:
         from ray.exceptions import RayError
@@ -361,21 +404,49 @@ class Pool:
         self.clock.finished(summary)
         self.prog.update(summary)
 
-    def on_started(self, ref: Any) -> None:
+    def on_placed(self, ref: Any) -> None:
         from ray.exceptions import RayError
+
+        actor = self.placing.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.starting[actor.start.remote()] = actor
+        except RayError as e:  # its node went away before it started
+            self.start_failed(actor, e)
+
+    def on_started(self, ref: Any) -> None:
+        from ray.exceptions import RayError, RayTaskError
+
+        from .store import OutputNotShared
 
         actor = self.starting.pop(ref)
         try:
-            self.ray.get(ref)
-            self.idle.append(actor)
-            self.start_failures = 0
-        except RayError as e:  # the constructor raised, or the actor's node went away
-            self.retire(actor)
-            self.start_failures += 1
-            self.last_start_error = _first_line(e)
-            log.error("a worker failed to start (%d in a row): %s", self.start_failures, self.last_start_error)
-            if self.start_failures < self.max_attempts:
-                self.spawn()
+            info = self.ray.get(ref)
+        except RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), OutputNotShared):  # no unit can commit: stop now
+                self.retire(actor)
+                self.result.stopped = str(e.cause)
+                return
+            self.start_failed(actor, e)
+            return
+        except RayError as e:  # the actor's node went away while it loaded
+            self.start_failed(actor, e)
+            return
+        self.idle.append(actor)
+        self.start_failures = 0
+        self.hosts.add(info["host"])
+        running = len(self.idle) + len({id(a) for a, _, _, _ in self.inflight.values()})
+        log.info("a worker started on %s, pid %d (%d running on %d hosts, %d loading, %d waiting for a node)",
+                 info["host"], info["pid"], running, len(self.hosts), len(self.starting), len(self.placing))
+
+    def start_failed(self, actor: Any, e: BaseException) -> None:
+        """The worker raised while starting, or its node went away: retire it, try another up to max_attempts."""
+        self.retire(actor)
+        self.start_failures += 1
+        self.last_start_error = _first_line(e)
+        log.error("a worker failed to start (%d in a row): %s", self.start_failures, self.last_start_error)
+        if self.start_failures < self.max_attempts:
+            self.spawn()
 
     def on_result(self, ref: Any) -> None:
         from ray.exceptions import RayError, RayTaskError
@@ -419,6 +490,27 @@ class Pool:
                 self.forget(actor)
                 self.lost(self.units[uid], kind, f"timed out after {lim:,.0f}s (shard_timeout_s)")
 
+    def stalled(self) -> bool:
+        """Workers wait to be placed and none runs or loads: the progress line says what they want and what the
+        cluster has; after worker_start_timeout_s the run stops (its committed units stay)."""
+        if self.idle or self.inflight or self.starting or not self.placing:
+            if self.waiting_since is not None:
+                self.waiting_since, self.prog.note = None, ""
+            return False
+        now = time.time()
+        self.waiting_since = self.waiting_since or now
+        waited = now - self.waiting_since
+        want, have = _describe(self.wanted), self.capacity.describe()
+        self.prog.note = (f"no worker running: {len(self.placing)} waiting {waited:,.0f}s to be placed, each wants "
+                          f"{want}, the cluster has {have} (free/total); stopping after {self.start_timeout:,.0f}s "
+                          "(worker_start_timeout_s)")
+        if waited < self.start_timeout:
+            return False
+        self.result.stopped = (f"no worker could be placed for {waited:,.0f}s (worker_start_timeout_s): each wants "
+                               f"{want}, the cluster has {have} (free/total)")
+        log.error("%s", self.result.stopped)
+        return True
+
     # ---- the loop ------------------------------------------------------------------------------
     def more_to_read(self) -> bool:
         return self.plan.streamed and not self.stop_reading and (bool(self.readers) or
@@ -439,9 +531,14 @@ class Pool:
             with signals.deferred():
                 self._loop()
         finally:
-            for actor in [*self.idle, *self.starting.values(), *(a for a, _, _, _ in self.inflight.values())]:
+            for actor in [*self.idle, *self.starting.values(), *self.placing.values(),
+                          *(a for a, _, _, _ in self.inflight.values())]:
                 self.retire(actor)
             self.end_reading()
+            try:
+                self.rd._delete([self.probe[0]])
+            except OSError:  # clean_tmp removes it at the end of the run anyway
+                pass
 
     def _loop(self) -> None:
         for _ in range(self.n_workers):
@@ -454,7 +551,9 @@ class Pool:
             self.dispatch()
             if not self.unfinished() and not self.more_to_read():
                 break
-            if not (self.idle or self.inflight or self.starting):  # no worker could be started
+            if self.result.stopped or self.stalled():
+                break
+            if not (self.idle or self.inflight or self.starting or self.placing):  # no worker could be started
                 for s in self.unfinished():
                     self.set(s, "failed")
                     self.result.errors[s.task.uid] = (f"no worker could start ({self.start_failures} tried): "
@@ -468,11 +567,13 @@ class Pool:
             deadlines = [t0 + lim for _, uid, kind, t0 in self.inflight.values()
                          if kind == "process" and (lim := self.clock.limit(self.units[uid].task.n_rows)) is not None]
             wait = min([self.prog.every, 0.5, *(d - now for d in deadlines)])  # 0.5 s: signals.check() often
-            ready, _ = self.ray.wait([*self.inflight, *self.starting, *self.reads], num_returns=1,
+            ready, _ = self.ray.wait([*self.inflight, *self.placing, *self.starting, *self.reads], num_returns=1,
                                      timeout=max(0.05, wait))
             self.prog.update()
             for ref in ready:
-                if ref in self.starting:
+                if ref in self.placing:
+                    self.on_placed(ref)
+                elif ref in self.starting:
                     self.on_started(ref)
                 elif ref in self.reads:
                     self.on_read(ref)

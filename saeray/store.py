@@ -70,6 +70,14 @@ class OutputWriteError(OSError):
     transient error gets; the unit is not committed and nothing of it is visible to readers."""
 
 
+class OutputNotShared(RuntimeError):
+    """A worker cannot see or write the run directory its driver prepared (a node-local path on a multi-node
+    cluster, or missing object-store credentials on a node)."""
+
+
+SHARED_HINT = "output.dir must be a filesystem every node shares, or s3://..."
+
+
 def _writing(where: str, fn: Any) -> Any:
     """fn() with transient errors retried (storage.retrying); a lasting failure names `where`."""
     try:
@@ -167,6 +175,33 @@ class RunDir:
     def _upload(self, local: Path, rel: str) -> None:
         """One object, whole or not at all (large files: a multipart upload, visible once completed)."""
         _writing(self.uri(rel), lambda: self.fs.put_file(str(local), self._key(rel)))
+
+    # ---- is it the same directory on every node? -------------------------------------
+    def write_probe(self) -> tuple[str, str]:
+        """(key, token): a file the driver writes before workers start; each checks it sees it (check_probe)."""
+        token = uuid.uuid4().hex
+        rel = f"{TMP}/probe-{token}"
+        self.write_bytes(rel, token.encode())
+        return rel, token
+
+    def check_probe(self, rel: str, token: str) -> None:
+        """Raise OutputNotShared unless this process reads the driver's probe and can write beside it."""
+        host = socket.gethostname()
+        try:
+            seen = self.read_bytes(rel).decode() if self.exists(rel) else None
+        except (OSError, ValueError) as e:
+            raise OutputNotShared(f"the worker on {host} cannot read the run directory {self.root} "
+                                  f"({type(e).__name__}: {e}): {SHARED_HINT}") from None
+        if seen != token:
+            raise OutputNotShared(f"the worker on {host} does not see the run directory {self.root} that the driver "
+                                  f"prepared (no {rel} there): {SHARED_HINT}")
+        mine = f"{TMP}/write-{host}-{os.getpid()}-{token[:8]}"
+        try:
+            self.write_bytes(mine, b"")
+            self._delete([mine])
+        except OSError as e:
+            raise OutputNotShared(f"the worker on {host} cannot write the run directory {self.root} ({e}): "
+                                  f"{SHARED_HINT}") from None
 
     # ---- layout --------------------------------------------------------------------
     @staticmethod

@@ -25,6 +25,7 @@ import torch
 
 from . import config as config_mod
 from . import models, saes
+from .actor import forwarded_env
 from .contexts import Document, Tokenization, blocks
 from .reading import check_token_ids, unit_rows
 from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
@@ -256,6 +257,7 @@ class ShardWorker:
                        bytes_read=bytes_read,
                        host=socket.gethostname(), pid=os.getpid(), fingerprint=self.manifest["fingerprint"],
                        peak_rss_mb=peak_rss_mb(), device=self.device.type,
+                       credentials=sorted(forwarded_env()),  # the names this worker had, never the values
                        # what `auto` settings resolved to on this worker (a run resumed elsewhere may differ)
                        sae_dtypes={h.name: str(h.sae.dtype).removeprefix("torch.") for h in self.handles},
                        attn_implementation=getattr(self.model.config, "_attn_implementation", None))

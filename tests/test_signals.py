@@ -31,9 +31,10 @@ def slow(tiny, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("rep", range(3))
 @pytest.mark.parametrize("sig,where", [(signal.SIGTERM, ["--workers", "1"]), (signal.SIGINT, ["--local"])],
                          ids=["SIGTERM-ray", "SIGINT-local"])
-def test_signal_mid_run_exits_cleanly_and_resumes(slow, tmp_path, sig, where):
+def test_signal_mid_run_exits_cleanly_and_resumes(slow, tmp_path, sig, where, rep):
     out = tmp_path / "run"
     raw = {**slow["raw"], "output": {"dir": str(out)}}
     cfg = tmp_path / "cfg.yaml"
@@ -55,15 +56,25 @@ def test_signal_mid_run_exits_cleanly_and_resumes(slow, tmp_path, sig, where):
     again = run(config.from_dict(raw), executor="local")
     assert sorted(again.skipped) == sorted(committed) and len(again.done) == 7 - len(committed)
     assert_same_rows(read_rows(out), read_rows(slow["ref"]), atol=1e-5)
+    print(f"{signal.Signals(sig).name} {' '.join(where)} rep {rep}: exit {proc.returncode} after {len(committed)} "
+          f"units; rerun did {len(again.done)}")
 
 
-def test_missing_extra_is_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, "plotly", None)  # as if the report/demo extra were not installed
+@pytest.mark.parametrize("module", ["plotly", "matplotlib"])
+def test_missing_extra_is_one_line(monkeypatch, capsys, tmp_path, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if the report/demo extra were not installed
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "plotly" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     assert cli.main(["demo", "--tiny", "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: saeray demo needs 'plotly', from the demo extra: pip install 'saeray[demo]'"]
+    assert err == [f"error: saeray demo needs '{module}', from the demo extra: pip install 'saeray[demo]'"]
     assert not (tmp_path / "demo").exists()
+
+
+def test_missing_s3_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the s3 extra were not installed
+    assert cli.main(["stats", "s3://some-bucket/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s3fs" in err[0] and err[0].startswith("error: cannot open run directory s3://"), err

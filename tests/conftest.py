@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from helpers import base_config, canonical_doc_ids, corpus, make_model, make_sae, write_dataset  # noqa: E402
+from helpers import canonical_doc_ids, corpus, make_model, make_sae, reference_run, write_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,14 +51,6 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def seven_units(tiny, tmp_path_factory) -> dict:
-    """One file of 112 documents of 40-80 words in 7 units (each takes a second or so with 64-token batches),
-    and its one-process reference run: for tests that interrupt a run mid-way (signals, drivers, raylets)."""
-    from saeray import config
-    from saeray.executor import run
-
-    root = tmp_path_factory.mktemp("seven")
-    data = write_dataset(root / "data", corpus(112, seed=9, min_words=40, max_words=80), n_files=1)
-    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",
-                      tokens__batch_tokens=64, data__shards=7)
-    run(config.from_dict(raw), executor="local")
-    return {"raw": raw, "ref": root / "ref"}
+    """7 units of 16 documents and their reference: for tests that interrupt a run mid-way (signals, drivers,
+    raylets)."""
+    return reference_run(tiny, tmp_path_factory.mktemp("seven"), 112, 7, seed=9)

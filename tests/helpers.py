@@ -52,3 +52,16 @@ def kill_worker_of(run_dir: Path, unit: str, killed: list[int], timeout_s: float
                 continue
             return
         time.sleep(0.005)
+
+
+def reference_run(tiny: dict, root: Path, n_docs: int, n_units: int, seed: int) -> dict:
+    """One file of `n_docs` documents of 40-80 words in `n_units` units (64-token batches: a unit takes a
+    while), run in one process: {'raw': its config, 'ref': its run directory}."""
+    from saeray import config
+    from saeray.executor import run
+
+    data = write_dataset(root / "data", corpus(n_docs, seed=seed, min_words=40, max_words=80), n_files=1)
+    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",
+                      tokens__batch_tokens=64, data__shards=n_units)
+    run(config.from_dict(raw), executor="local")
+    return {"raw": raw, "ref": root / "ref"}

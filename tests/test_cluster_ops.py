@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from helpers import base_config, corpus, write_dataset
+from helpers import reference_run
 from reference import assert_same_rows, read_rows
 from saeray import config
 from saeray.executor import run
@@ -129,12 +129,7 @@ def test_node_that_sees_another_output_dir_stops_the_run_before_any_unit(seven_u
 @pytest.fixture(scope="module")
 def longer(tiny, tmp_path_factory) -> dict:
     """20 units: long enough for a node to join and load its model while the run goes on."""
-    root = tmp_path_factory.mktemp("ops-long")
-    data = write_dataset(root / "data", corpus(800, seed=11, min_words=40, max_words=80), n_files=1)
-    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",
-                      tokens__batch_tokens=64, data__shards=20)
-    run(config.from_dict(raw), executor="local")
-    return {"raw": raw, "ref": root / "ref"}
+    return reference_run(tiny, tmp_path_factory.mktemp("ops-long"), 800, 20, seed=11)
 
 
 def _track(out: Path, proc: subprocess.Popen, cluster: PrivateCluster, by_node: dict) -> None:

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from saeray.store import ACTIVATIONS_SCHEMA, RunDir, shard_name, write_json_atomic  # noqa: E402
+from saeray.engine.store import ACTIVATIONS_SCHEMA, RunDir, shard_name, write_json_atomic  # noqa: E402
 
 PER_TOKEN = 24          # feature draws per token (duplicates removed: ~23.5 rows per token)
 CHUNK_ROWS = 2_000_000  # rows generated and written at a time (one parquet row group per 1M rows)
@@ -53,7 +53,7 @@ def _const(value: str, n: int) -> pa.Array:
 
 
 def _manifest(root: Path, n_shards: int) -> dict:
-    from saeray import config  # imports torch: only the generating process pays for it
+    from saeray.engine import config  # imports torch: only the generating process pays for it
 
     cfg = config.from_dict({"model": {"name": "synthetic"}, "saes": [{"name": "res", "path": "synthetic"}],
                             "data": {"dataset": "synthetic"}, "output": {"dir": str(root)}})
@@ -69,9 +69,9 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
     the synthetic rows chunk by chunk of whole documents); return the next doc_id."""
     import torch
 
-    from saeray.extract import STATS_SCHEMA, FeatureStats
-    from saeray.partials import UnitExamples
-    from saeray.worker import POSITIONS_TYPE, WINDOWS_TYPE
+    from saeray.engine.extract import STATS_SCHEMA, FeatureStats
+    from saeray.engine.partials import UnitExamples
+    from saeray.engine.worker import POSITIONS_TYPE, WINDOWS_TYPE
 
     final = rd.final_paths(shard)
     for kind in ("activations", "docs"):
@@ -132,7 +132,7 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
 def by_feature(root: Path) -> dict:
     """Copy the run to root.parent/by_feature with each unit's rows rewritten in feature order by the worker's own
     FeatureOrder and _write, fed the document-order rows 1M at a time as a worker feeds it blocks."""
-    from saeray.worker import FeatureOrder, _write
+    from saeray.engine.worker import FeatureOrder, _write
 
     dest = root.parent / "by_feature"
     shutil.rmtree(dest, ignore_errors=True)
@@ -186,7 +186,7 @@ def peak_rss_mb() -> dict:
 
 def step(what: str, root: Path, a: argparse.Namespace) -> dict:
     """One measured step, run in its own process."""
-    from saeray import stats, top
+    from saeray.analysis import stats, top
 
     features = np.linspace(0, a.d_sae - 1, a.features).astype(int).tolist()
     t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def step(what: str, root: Path, a: argparse.Namespace) -> dict:
         source = "rows" if what == "interval" else "partials"
         result = {"out_rows": top.interval_examples(root, features, source=source).height}
     elif what in ("diff", "diff_partials"):  # the run against itself: two full inputs, Welch tests and BH included
-        from saeray import diff
+        from saeray.analysis import diff
 
         source = "rows" if what == "diff" else "partials"
         result = {"out_rows": diff.diff_runs(root, root, source=source).height}

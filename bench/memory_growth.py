@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from saeray import config, tiny  # noqa: E402
-from saeray.executor import run  # noqa: E402
-from saeray.worker import peak_rss_mb  # noqa: E402
+from saeray.assets import tiny  # noqa: E402
+from saeray.engine import config  # noqa: E402
+from saeray.engine.worker import peak_rss_mb  # noqa: E402
+from saeray.executors import run  # noqa: E402
 
 WORDS = tiny.WORDS
 
@@ -57,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from saeray import models
+    from saeray.engine import models
 
     work = Path(tempfile.mkdtemp(prefix="saeray-mem-"))
     if args.model == "tiny":

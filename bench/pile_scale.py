@@ -7,7 +7,7 @@ The base corpus is the mini-Pile of the tests (`train/NN.jsonl.zst`, one zstd fr
 with text and meta, log-normal document lengths); the 10x and 100x corpora list 10x and 100x as many files
 of the same size (hard links of the base files under new names: the store reports them as files of their
 full size; no run reads past the budget). Each corpus is run once with the same token budget, on a tiny
-random model (saeray.tiny) with the local executor, from a fresh run directory: the figures are planning
+random model (saeray.assets.tiny) with the local executor, from a fresh run directory: the figures are planning
 (seconds, bytes of data files read), time from `run` to the first committed unit, bytes read in all, and
 disk use per token of the run directory (docs, statistics, activation rows).
 """
@@ -43,7 +43,7 @@ def reader_throughput(base: list[Path], root: Path, mb: int = 200) -> dict:
     """One reader's speed: a `mb` MB JSON lines file in one zstd frame, streamed and cut into 64 MiB units."""
     import zstandard
 
-    from saeray.sources import line_units
+    from saeray.engine.sources import line_units
 
     text = b"".join(zstandard.ZstdDecompressor().decompress(p.read_bytes()) for p in base)
     big = (text * (mb * 10**6 // len(text) + 1))[: mb * 10**6]
@@ -67,9 +67,10 @@ def main() -> None:
     a = ap.parse_args()
 
     from pile import write_mini_pile
-    from saeray import config
-    from saeray.executor import run
-    from saeray.tiny import make_model, make_sae
+
+    from saeray.assets.tiny import make_model, make_sae
+    from saeray.engine import config
+    from saeray.executors import run
 
     tmp = Path(tempfile.mkdtemp(prefix="saeray-pile-bench-"))
     model = make_model(tmp / "model", "llama")

@@ -14,7 +14,7 @@ same SAE loaded in float32 and in bfloat16 (sae-lens, each SAE's own encode). Me
   - per latent: density error |d_bf16 - d_f32| (absolute, and relative where d_f32 >= 1e-3) and the
     relative error of the mean activation (latents with d_f32 >= 1e-3).
 
-SAEs: the embedded default (saeray/saes/gemma-3-270m-res6, TopK, 4,096 latents, trained) and a 16,384-
+SAEs: the embedded default (saeray/assets/saes/gemma-3-270m-res6, TopK, 4,096 latents, trained) and a 16,384-
 latent JumpReLU with RANDOM weights whose thresholds are set at each latent's (1 - 0.005) quantile of its
 pre-activations on these inputs (L0 ~ 82, as GemmaScope 16k SAEs): no trained 16k JumpReLU for this model
 ships with saeray. Runs on CPU; a GPU's bf16 GEMMs also accumulate in float32. Writes bench/sae_precision.json.
@@ -38,9 +38,9 @@ def hidden_states(model_name: str, hook: str, texts: list[str], max_tokens: int,
     """[n, d] bfloat16 hidden states at `hook` of every counted position, through saeray's own path."""
     import torch
 
-    from saeray import models
-    from saeray.config import ModelConfig, PositionsConfig
-    from saeray.contexts import Tokenization, blocks
+    from saeray.engine import models
+    from saeray.engine.config import ModelConfig, PositionsConfig
+    from saeray.engine.contexts import Tokenization, blocks
 
     device = torch.device("cpu")
     model, tok = models.load_model(ModelConfig(name=model_name), device)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--sae", default=str(ROOT / "saeray" / "saes" / "gemma-3-270m-res6"))
+    p.add_argument("--sae", default=str(ROOT / "saeray" / "assets" / "saes" / "gemma-3-270m-res6"))
     p.add_argument("--data", default=str(ROOT / "runs" / "corpus"))
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--d-sae", type=int, default=16384)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from sae_lens import SAE
 
-    from saeray import corpus
+    from saeray.assets import corpus
 
     t0 = time.time()
     data = Path(a.data)

@@ -1,6 +1,6 @@
 """Quality of the shipped SAEs on held-out text, recomputed from scratch.
 
-For each SAE under saeray/saes/ (or the directories given), load it with plain
+For each SAE under saeray/assets/saes/ (or the directories given), load it with plain
 `sae_lens.SAE.load_from_disk`, stream activations at its hook from the documents its
 `saeray_training.json` says were held out (never seen in training), and measure, over all of
 them, per corpus kind (code, docstring, documentation, manual, quotation) and on saeray's texts
@@ -41,9 +41,9 @@ def _meets(figures: dict, key: str) -> bool:
 def measure(sae_dir: Path, tokens: int) -> dict:
     from sae_lens import SAE
 
-    from saeray import corpus
-    from saeray.config import from_dict
-    from saeray.train import Streamer, evaluate, evaluate_outside
+    from saeray.assets import corpus
+    from saeray.engine.config import from_dict
+    from saeray.tools.train import Streamer, evaluate, evaluate_outside
 
     report = json.loads((sae_dir / "saeray_training.json").read_text())
     sae = SAE.load_from_disk(str(sae_dir))
@@ -74,11 +74,11 @@ def measure(sae_dir: Path, tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("saes", nargs="*", type=Path, help="SAE directories (default: every SAE in saeray/saes/)")
+    p.add_argument("saes", nargs="*", type=Path, help="SAE directories (default: every SAE in saeray/assets/saes/)")
     p.add_argument("--tokens", type=int, default=1_000_000, help="held-out tokens to evaluate on")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "sae_quality.json")
     args = p.parse_args(argv)
-    dirs = args.saes or sorted(d for d in (ROOT / "saeray" / "saes").iterdir() if d.is_dir())
+    dirs = args.saes or sorted(d for d in (ROOT / "saeray" / "assets" / "saes").iterdir() if d.is_dir())
     rows = [measure(d, args.tokens) for d in dirs]
     print("targets: EV >= 0.75 on every kind, L0 <= 64 and dead <= 5% over 1M held-out tokens; "
           "EV >= 0.65 on the texts outside the corpus")

@@ -32,12 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import queue
 import threading
 import time
 from pathlib import Path
@@ -165,7 +165,7 @@ def simulated_extractor(base: type, device: Device, d_sae: int, l0: int, seed: i
 
         # the Extractor since the pipeline: launch (queue on the device), then wait for it (the sync)
         def _launch(self, batch: Any, block: Any) -> Any:
-            from saeray.extract import _InFlight  # only the code since the pipeline calls _launch
+            from saeray.engine.extract import _InFlight  # only the code since the pipeline calls _launch
 
             item = _InFlight(batch, block)
             self.forward_tokens += batch.n_tokens
@@ -237,7 +237,8 @@ def step(spec: dict) -> dict:
     """Run `saeray run --local` on the corpus with the simulated device; figures from the device and the markers."""
     import yaml
 
-    from saeray import config, executor, worker
+    from saeray import executors
+    from saeray.engine import config, worker
 
     dev = Device(spec["peak"] * spec["mfu"])
     global LAST_DEVICE
@@ -264,7 +265,7 @@ def step(spec: dict) -> dict:
     worker.RunDir.commit = commit
     worker._default_threads = lambda: 1  # torch's own threads would hide the model thread's CPU time
     t0 = time.perf_counter()
-    result = executor.run(cfg, executor="local", overwrite=True)
+    result = executors.run(cfg, executor="local", overwrite=True)
     wall_all = time.perf_counter() - t0
     if result.errors:
         raise RuntimeError(f"units failed: {result.errors}")
@@ -301,7 +302,7 @@ def write_corpus(out: Path, data: Path, docs: int | None, n_files: int) -> dict:
     import zstandard
 
     if not data.exists():
-        from saeray import corpus
+        from saeray.assets import corpus
 
         print(f"{data} does not exist: building the stdlib corpus there", flush=True)
         corpus.build(data)
@@ -354,7 +355,8 @@ def child(spec: dict, work: Path, src: Path | None = None) -> dict:
 def run(a: argparse.Namespace) -> dict:
     import yaml
 
-    from saeray import models, config as config_mod
+    from saeray.engine import config as config_mod
+    from saeray.engine import models
 
     work = Path(tempfile.mkdtemp(prefix="saeray-simulate-"))
     try:

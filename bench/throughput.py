@@ -109,7 +109,8 @@ def prepare_inputs(a: argparse.Namespace, work: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from saeray import config, models, saes, tiny
+    from saeray.assets import tiny
+    from saeray.engine import config, models, saes
 
     if a.tiny:
         model_dir = str(tiny.make_model(work / "model", "llama", n_layers=4, d_model=64))
@@ -142,7 +143,7 @@ def _corpus_texts(data: str) -> list[str]:
 
     root = Path(data)
     if not root.exists():
-        from saeray import corpus
+        from saeray.assets import corpus
 
         print(f"{root} does not exist: building the stdlib corpus there (saeray corpus --out {root})", flush=True)
         corpus.build(root)
@@ -432,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     num = lambda s: int(s.replace("_", ""))  # noqa: E731
     p.add_argument("--model", default="gemma-3-270m", help="embedded short name or model dir (default gemma-3-270m)")
-    p.add_argument("--sae", default=str(ROOT / "saeray" / "saes" / "gemma-3-270m-res6"), help="sae-lens SAE directory")
+    p.add_argument("--sae", default=str(ROOT / "saeray" / "assets" / "saes" / "gemma-3-270m-res6"), help="sae-lens SAE directory")
     p.add_argument("--data", default=str(ROOT / "runs" / "corpus"), help="corpus (parquet with a text column)")
     p.add_argument("--docs", type=num, default=120, help="documents for saeray's paths (a random sample)")
     p.add_argument("--saelens-docs", type=num, default=40, help="documents for sae-lens (a prefix of saeray's)")

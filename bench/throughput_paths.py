@@ -221,10 +221,10 @@ def saeray_config(spec: dict, out: str, activations: bool) -> dict:
 
 def worker(spec: dict) -> dict:
     """ShardWorker.process on every unit, as `saeray run --local` does; times the units only."""
-    from saeray import config
-    from saeray.plan import prepare
-    from saeray.store import RunDir
-    from saeray.worker import ShardWorker
+    from saeray.engine import config
+    from saeray.engine.plan import prepare
+    from saeray.engine.store import RunDir
+    from saeray.engine.worker import ShardWorker
 
     cfg = config.from_dict(saeray_config(spec, spec["out"], spec["activations"]))
     prepared = prepare(cfg)
@@ -261,8 +261,8 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from saeray.contexts import blocks
-    from saeray.models import run_to_hooks
+    from saeray.engine.contexts import blocks
+    from saeray.engine.models import run_to_hooks
 
     docs = [w.tok.document(i, t, {}) for i, t in enumerate(read_texts(spec["data"]))]
     batches = [b for block in blocks(docs, w.block_tokens) for b in w.tok.batches(block, w.batch_tokens, w.device)]
@@ -295,7 +295,7 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
 
 def profile_worker(w: Any, units: Any, spec: dict) -> dict:
     """torch.profiler (CPU, no shapes recorded: cheap per op) over the shards again: where the
-    worker's time goes, by op and by kind. Kinds come from the scopes saeray.extract opens
+    worker's time goes, by op and by kind. Kinds come from the scopes saeray.engine.extract opens
     (saeray.model, saeray.sae, saeray.rows) and the op's name."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -396,7 +396,7 @@ def flops_per_token(model: Any, n_layers_run: int, window_lengths: list[int], d_
     BOS are overhead, not useful work: they are not counted."""
     from torch import nn
 
-    from saeray import models
+    from saeray.engine import models
 
     layers = models.decoder_layers(model)
     tc = models.text_config(model.config)
@@ -433,7 +433,7 @@ def model_facts(spec: dict) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from saeray import models
+    from saeray.engine import models
 
     cfg = AutoConfig.from_pretrained(spec["model_dir"])
     with torch.device("meta"):
@@ -472,11 +472,11 @@ def gpu_sized(spec: dict) -> dict:
     from sae_lens.saes.sae import SAEMetadata
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from saeray import models
-    from saeray.config import PositionsConfig
-    from saeray.contexts import Document, Tokenization
-    from saeray.extract import Extractor, SAEHandle
-    from saeray.worker import bound_malloc
+    from saeray.engine import models
+    from saeray.engine.config import PositionsConfig
+    from saeray.engine.contexts import Document, Tokenization
+    from saeray.engine.extract import Extractor, SAEHandle
+    from saeray.engine.worker import bound_malloc
 
     bound_malloc()
     device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
@@ -532,7 +532,7 @@ def _calibrate_jumprelu(sae: Any, model: Any, site: Any, docs: list, tok: Any, d
     so codes are as sparse as a trained SAE's (GemmaScope 16k: L0 ~ 50-150 of 16,384)."""
     import torch
 
-    from saeray import models
+    from saeray.engine import models
 
     batch = tok.batches(docs, 4096, device)[0]
     hidden = models.run_to_hooks(model, [site], batch.input_ids, batch.attention_mask)[site.name]

@@ -2,7 +2,7 @@
 
     python tests/cluster_driver.py SPEC.json RESULT.json
 
-Run by tests/test_cluster_faults.py in its own process (a driver can join only one Ray cluster,
+Run by tests/executors/test_cluster_faults.py in its own process (a driver can join only one Ray cluster,
 and the test session may already have one). SPEC holds `config` (a raw saeray config),
 `temp_dir` (Ray's, short), `victim_shard`, `pid_glob` (where that shard's attempt writes
 `worker.pid`) and `nodes`. The cluster is `ray.cluster_utils.Cluster`: a head with no CPUs
@@ -105,8 +105,8 @@ def main(spec_path: str, result_path: str) -> int:
         run_dir = Path(spec["config"]["output"]["dir"])
 
         def drive() -> None:  # the saeray driver; the main thread manages the cluster (Ray needs that)
-            from saeray import config
-            from saeray.executor import RunFailed, run
+            from saeray.engine import config
+            from saeray.executors import RunFailed, run
 
             t0 = time.time()
             try:

@@ -1,11 +1,11 @@
-"""Test helpers: the tiny in-process parts from saeray.tiny, plus config construction."""
+"""Test helpers: the tiny in-process parts from saeray.assets.tiny, plus config construction."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from saeray.tiny import SPECIAL, WORDS, corpus, make_model, make_sae, make_tokenizer, write_dataset  # noqa: F401
+from saeray.assets.tiny import SPECIAL, WORDS, corpus, make_model, make_sae, make_tokenizer, write_dataset  # noqa: F401
 
 
 def base_config(model: Path, saes: list[dict], data: Path, out: Path, **over: Any) -> dict:
@@ -57,8 +57,8 @@ def kill_worker_of(run_dir: Path, unit: str, killed: list[int], timeout_s: float
 def reference_run(tiny: dict, root: Path, n_docs: int, n_units: int, seed: int) -> dict:
     """One file of `n_docs` documents of 40-80 words in `n_units` units (64-token batches: a unit takes a
     while), run in one process: {'raw': its config, 'ref': its run directory}."""
-    from saeray import config
-    from saeray.executor import run
+    from saeray.engine import config
+    from saeray.executors import run
 
     data = write_dataset(root / "data", corpus(n_docs, seed=seed, min_words=40, max_words=80), n_files=1)
     raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, root / "ref",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import zstandard
 
-from saeray.tiny import WORDS
+from saeray.assets.tiny import WORDS
 
 SETS = ["Pile-CC", "Github", "ArXiv", "Books3", "Wikipedia (en)", "FreeLaw", "StackExchange"]
 

@@ -14,14 +14,24 @@ import plotly.offline
 import polars as pl
 
 from .. import __version__
-from ..diff import DEFINITIONS as DIFF_DEFINITIONS
-from ..diff import CLASSES, METRICS, top_changes, write_diff
-from ..stats import features as run_features
+from ..analysis.diff import CLASSES, METRICS, top_changes, write_diff
+from ..analysis.diff import DEFINITIONS as DIFF_DEFINITIONS
+from ..analysis.stats import features as run_features
+from ..engine.store import open_run
 from . import interactive as iv
 from . import png
-from ..store import open_run
-from .data import (Card, Overview, SeparationData, cards, choose_pair, has_activations, has_examples, heatmap_matrix, overview,
-                   read_separation)
+from .data import (
+    Card,
+    Overview,
+    SeparationData,
+    cards,
+    choose_pair,
+    has_activations,
+    has_examples,
+    heatmap_matrix,
+    overview,
+    read_separation,
+)
 from .page import Page, context, link, table
 
 log = logging.getLogger(__name__)

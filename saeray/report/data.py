@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..stats import features as run_features
-from ..stats import reconstruction, summary
-from ..store import open_run
-from ..top import scan_feature_rows, top_examples
+from ..analysis.stats import features as run_features
+from ..analysis.stats import reconstruction, summary
+from ..analysis.top import scan_feature_rows, top_examples
+from ..engine.store import open_run
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def activation_histograms(run: str | Path, features: list[int], *, sae: str, gro
     `source`: the units' hist partials (auto, when every unit has them) or the rows (the reference).
     Display edges: the first bin (0, 1e-4] starts at 10^(-33/8), the last (1e4, inf) ends at 10^(33/8).
     """
-    from ..partials import EDGES, N_BINS, value_bins_np
-    from ..stats import histograms, source_for
+    from ..analysis.stats import histograms, source_for
+    from ..engine.partials import EDGES, N_BINS, value_bins_np
 
     if source_for(run, source, "hist") == "partials":
         counts = histograms(run, features, sae=sae, group=group).filter(pl.col("bin") > 0)
@@ -146,7 +146,7 @@ def has_activations(run: str | Path) -> bool:
 
 def has_examples(run: str | Path) -> bool:
     """Whether top contexts can be shown: activation rows, or example partials with token ids (output.docs)."""
-    from ..stats import has_kind
+    from ..analysis.stats import has_kind
 
     out = open_run(run).read_manifest()["config"]["output"]
     return has_activations(run) or (has_kind(run, "examples") and out.get("docs", "all") != "none"
@@ -154,13 +154,13 @@ def has_examples(run: str | Path) -> bool:
 
 
 def has_histograms(run: str | Path) -> bool:
-    from ..stats import has_kind
+    from ..analysis.stats import has_kind
 
     return has_activations(run) or has_kind(run, "hist")
 
 
 def _tokenizer(run: str | Path) -> tuple[Any, str | None]:
-    from ..top import load_tokenizer
+    from ..analysis.top import load_tokenizer
 
     try:
         return load_tokenizer(run), None
@@ -208,7 +208,7 @@ def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *,
 
 
 def _logits(run: str | Path, feats: list[int], sae: str) -> tuple[pl.DataFrame | None, str | None]:
-    from ..logits import logit_effects_for_run
+    from ..tools.logits import logit_effects_for_run
 
     try:
         return logit_effects_for_run(run, feats, sae=sae, k=8), None
@@ -222,7 +222,7 @@ def read_separation(path: str | Path, *, top: int = 4, sae: str | None = None,
     """A `saeray separate` output directory, plus per-document values of its `top` features."""
     import pyarrow.parquet as pq
 
-    from ..separate import _labels, last_values
+    from ..analysis.separate import _labels, last_values
 
     d = Path(path)
     file = d / "separation.parquet"
@@ -256,7 +256,7 @@ def heatmap_matrix(run: str | Path, features: list[int], category: str, *, sae: 
                    max_docs: int = 2000) -> tuple[pl.DataFrame, int]:
     """(documents x features frame grouped by category, stride): every `stride`-th document when there are
     more than max_docs, so the category blocks keep their order and proportions."""
-    from ..explore import feature_by_doc_matrix
+    from ..analysis.explore import feature_by_doc_matrix
 
     m = feature_by_doc_matrix(run, features, category, sae=sae, group=group)
     stride = max(1, -(-m.height // max_docs))

@@ -14,10 +14,9 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from ..diff import CLASSES, METRICS
+from ..analysis.diff import CLASSES, METRICS
 from .data import Card, pairs
-from .style import (METRIC_LABELS, METRIC_TITLES, NEG_COLOR, PLOTLY_SYMBOLS, POS_COLOR, SEQUENTIAL,
-                    color, pair_label)
+from .style import METRIC_LABELS, METRIC_TITLES, NEG_COLOR, PLOTLY_SYMBOLS, POS_COLOR, SEQUENTIAL, color, pair_label
 
 WEBGL_ABOVE = 5000
 """Scatter plots with more points than this use WebGL."""

@@ -14,11 +14,20 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from ..diff import CLASSES, METRICS
+from ..analysis.diff import CLASSES, METRICS
 from . import fonts
 from .data import Card, pairs
-from .style import (MARKERS, METRIC_LABELS, SHORT_LABELS, METRIC_TITLES, NEG_COLOR, POS_COLOR, SEQUENTIAL, color,
-                    pair_label)
+from .style import (
+    MARKERS,
+    METRIC_LABELS,
+    METRIC_TITLES,
+    NEG_COLOR,
+    POS_COLOR,
+    SEQUENTIAL,
+    SHORT_LABELS,
+    color,
+    pair_label,
+)
 
 DPI = 150
 

@@ -1,0 +1,446 @@
+"""Run configuration: frozen dataclasses read from YAML, validated strictly.
+
+Unknown keys and wrong types are errors that name the key and the valid choices, so a
+typo never silently falls back to a default. `--set key.path=value` overrides are
+applied to the raw mapping before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+GPU_BATCH_TOKENS = 16384
+CPU_BATCH_TOKENS = 2048
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    """Short name of an embedded model, a hub id, a local directory, or a .gguf file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 where the device supports it (CPU and recent GPUs), else float16."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust the repository."""
+    kind: Literal["auto", "causal_lm", "image_text"] = "auto"
+    """auto: image_text when the model's config has a `vision_config` (PaliGemma, ...), else causal_lm.
+    image_text loads AutoModelForImageTextToText + AutoProcessor and hooks the language model's layers."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """The attention kernel. auto: transformers' choice for the model class, which is sdpa where the class
+    supports it and eager where sdpa would drop something the model needs (Gemma 2's attention logit
+    soft-capping). flash_attention_2 needs the flash-attn package and a GPU; sdpa on Gemma 2 is refused."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    name: str
+    """The value of column `sae` in outputs."""
+    path: str | None = None
+    """A sae-lens disk directory (cfg.json + sae_weights.safetensors)."""
+    release: str | None = None
+    """A sae-lens pretrained release, e.g. gemma-scope-2b-pt-res-canonical (with `id`)."""
+    id: str | None = None
+    """The SAE id inside `release`, e.g. layer_12/width_16k/canonical."""
+    hook: str | None = None
+    """Hook name to read from; defaults to the SAE's own hook name."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Precision of the SAE encoder; inputs are cast to it. float32: the exact reference (no TF32, unless
+    worker.tf32). auto: bfloat16 on a GPU that has it, float32 on CPU (agreement with float32 measured in the
+    README: bench/sae_precision.py)."""
+    threshold: float = 0.0
+    """A feature is active where |value| > threshold (0: any nonzero value)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    """Hub dataset id, or local files: a file, a directory, or a glob."""
+    format: Literal["auto", "parquet", "json", "text"] = "auto"
+    """Local file format; auto picks it from the file extension."""
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    text_column: str = "text"
+    image_column: str | None = None
+    """Column holding each document's image (an HF Image struct {bytes, path}, raw bytes, or a path string;
+    relative paths are read from the data file's folder). Needs an image_text model; rows whose image is
+    null run text-only. null: every document runs text-only."""
+    keep_columns: tuple[str, ...] = ()
+    """Dataset columns copied into docs (labels, categories)."""
+    token_column: str | None = None
+    """A pre-tokenized dataset: the column holding each document's token ids (a list of ints; Parquet or JSON
+    lines). Each row is one document, as a text would be; a leading BOS is not doubled. Replaces text_column."""
+    unit_bytes: int | None = None
+    """Target size of a work unit in uncompressed bytes (default 64 MiB ~ 16M tokens ~ a minute of one H100 on
+    Gemma-2-2B). Units are handed to workers as they free up; a worker that dies loses at most its unit."""
+    shards: int | None = None
+    """Instead of unit_bytes: about this many units (Parquet: rows split per file in proportion to its rows;
+    JSON lines and text: unit_bytes = total stored size / shards, so compressed files give more)."""
+    max_tokens: int | None = None
+    """Token budget over the whole run: the leading documents in canonical order (files sorted, rows in file
+    order) whose tokens sum to max_tokens; the document that reaches it is cut."""
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    context_size: int | None = None
+    """Longer documents are split into windows of this many tokens (BOS included).
+    Default: the smallest context_size among the SAEs, else 1024."""
+    batch_tokens: Union[Literal["auto"], int] = "auto"
+    """Tokens per forward pass per worker (padding included). auto: 16384 on a GPU; on CPU 2048,
+    which keeps a forward pass's activations in cache (bench/throughput.py on Gemma 3 270M, 2 cores:
+    2048 runs 1.12x faster than 16384, which spends its extra time in cache-missing elementwise ops)."""
+
+    def batch_tokens_on(self, device_type: str) -> int:
+        """batch_tokens for a worker on this device type ('cuda', 'cpu', ...)."""
+        if self.batch_tokens != "auto":
+            return self.batch_tokens
+        return GPU_BATCH_TOKENS if device_type == "cuda" else CPU_BATCH_TOKENS
+    prepend_bos: bool | None = None
+    """Prepend BOS to every window; default: what the SAEs were trained with (else True)."""
+    exclude_special: bool = True
+    """Leave special tokens (BOS/EOS/PAD/template tokens) out of outputs and statistics."""
+
+
+@dataclass(frozen=True)
+class MarkerGroup:
+    marker: str
+    """Token string to anchor on (one or several tokens; anchored at its last token)."""
+    offset: int = 0
+    """Position relative to the anchor (-1 = the token before it)."""
+
+
+@dataclass(frozen=True)
+class PositionsConfig:
+    mode: Literal["all", "last", "markers", "modality", "sample"] = "all"
+    """all: every counted token; last: the last counted token of each document;
+    markers: the named groups below; modality: groups `image` (positions holding the model's image token,
+    only in runs with data.image_column) and `text` (counted tokens that are not image tokens);
+    sample: group `sample`, `per_doc` seeded random counted positions of each document (below)."""
+    groups: dict[str, MarkerGroup] = field(default_factory=dict)
+    per_doc: int = 1
+    """mode sample: positions drawn per document (all of its candidates when it has fewer)."""
+    word_final: bool = False
+    """mode sample: candidates are only tokens that end a whitespace-separated word (the character after the
+    token is whitespace or the end of the text), as the 2% Pile filter of Ferrando et al. draws them."""
+    within: Union[int, None] = None
+    """mode sample: candidates are only positions < within (the published filter: 128, its context cut)."""
+    seed: int = 0
+    """mode sample: the draw is splitmix64 of (doc_id, pos, seed) (saeray.engine.partials.draws_np): the same
+    positions for any unit split, worker count or batch size."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/example"
+    activations: bool = True
+    """false = statistics only (per-shard partials, no activation rows)."""
+    reconstruction: bool = False
+    """Also decode and keep mergeable reconstruction partials (MSE, explained variance, L0) per SAE."""
+    top_k: int = 20
+    """Example documents kept per feature and unit: the top_k with the largest maximum (saeray/partials.py).
+    `top` and feature cards read them (up to this k) when the run has no activation rows. 0: none."""
+    samples_per_bin: int = 5
+    """Example documents sampled per feature, unit and log-spaced bin of the document's maximum (interval
+    examples read them). 0: none."""
+    docs: Literal["all", "examples", "none"] = "all"
+    """Token ids kept in docs: all = every document's; examples = only windows of context_radius tokens
+    around each kept example (a statistics-only run then stores megabytes, not the corpus); none = no token
+    ids (docs keeps doc_id, n_tokens, positions and the kept columns)."""
+    context_radius: int = 32
+    """output.docs: examples keeps positions pos - radius .. pos + radius of each example."""
+    last_values: Union[Literal["auto"], bool] = "auto"
+    """Keep each document's nonzero values at its last counted position per (SAE, group) (the `lastvals`
+    partial: what `separate` reads when the run has no activation rows; documents x active latents rows, e.g.
+    10k labelled documents x 80 = 800k). auto: when data.keep_columns keeps columns (labels to separate by)."""
+
+    row_order: Literal["document", "feature"] = "document"
+    """Order of the activation rows in each unit's file. document: (sae, group, doc_id, pos, feature), as the
+    model produced them. feature: runs of up to 8M rows sorted by (sae, group, feature, doc_id, pos) in row groups
+    of 64k rows, so a reader of a few features (`top --feature F`) skips the other row groups by their statistics
+    (1/128 of a run's rows per feature; sorting 8M rows takes the writer thread about 2 s on 2 cores)."""
+
+    def keeps_last_values(self, data: "DataConfig") -> bool:
+        return bool(data.keep_columns) if self.last_values == "auto" else bool(self.last_values)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker feeds its device; none of these change results (tf32 aside, which is in the fingerprint)."""
+
+    prefetch_blocks: int = 2
+    """Blocks of documents (about 4 forward batches each) read, tokenized and batched ahead of the model by a
+    background thread, so the device never waits for the CPU. 0: all of it in the model's thread, one block
+    after another (the serial path; bench/throughput.py --simulate compares the two)."""
+    cpus: Union[Literal["auto"], float] = "auto"
+    """CPUs each GPU worker reserves in Ray for its reading, tokenizing and batching threads. auto: the node's
+    CPUs divided by its GPUs (the fewest any GPU node has). CPU workers get the cluster's CPUs divided among them."""
+    tokenizer_threads: Union[Literal["auto"], int] = "auto"
+    """Threads of the fast tokenizers' batch encode (Rust). auto: a GPU worker's CPUs minus one (the model's
+    thread); 1 on a CPU worker, whose cores the model needs."""
+    tf32: bool = False
+    """Allow TF32 for float32 matmuls on GPUs (model and SAEs): faster, about 1e-3 relative error."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    saes: tuple[SAEConfig, ...] = ()
+    """Required by `saeray run`; `saeray train-sae` reads only model, data and tokens."""
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    positions: PositionsConfig = field(default_factory=PositionsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    workers: Union[Literal["auto"], int] = "auto"
+    """auto = one worker per GPU, else one CPU worker; N = N workers."""
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    shard_timeout_s: float | None = None
+    """Ray executor: a shard not done this many seconds after it started is treated as hung (its worker
+    is killed and replaced, the shard retried). null: 10x the slowest finished shard's time per document
+    times the shard's documents, at least 600 s; no limit until a shard has finished."""
+    worker_start_timeout_s: float = 600.0
+    """Ray executor: how long the run goes on while no worker runs and workers wait to be placed (no node has the
+    GPU and CPUs they ask for: a node lost, the local raylet gone, a cluster still scaling up) before it stops
+    with that cause, its committed units kept. 600 s leaves an autoscaler time to start a GPU node (typically
+    3-8 minutes on a cloud). Workers loading their model do not count as waiting."""
+    max_workers: int | None = None
+    """Ray executor, `workers: auto`: the most GPU workers to ask for. null: one per GPU alive when the run starts.
+    N: N GPU workers (at most one per unit) whatever is alive now; those no node can take yet wait to be placed,
+    which is what a Ray autoscaler adds nodes for, and start as nodes join."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def __post_init__(self) -> None:
+        _check_semantics(self)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _plain_name(name: str) -> bool:
+    """A name that is safe as one path component: it cannot climb out of or into directories."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def _check_semantics(cfg: RunConfig) -> None:
+    names = [s.name for s in cfg.saes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"saes: names must be unique, got {names}")
+    for i, s in enumerate(cfg.saes):
+        if bool(s.path) == bool(s.release):
+            raise ConfigError(f"saes[{i}] ({s.name}): give exactly one of `path` or `release` (+ `id`)")
+        if s.release and not s.id:
+            raise ConfigError(f"saes[{i}] ({s.name}): `release` needs an `id`")
+        if s.threshold < 0:
+            raise ConfigError(f"saes[{i}].threshold must be >= 0, got {s.threshold}")
+        if not _plain_name(s.name):
+            raise ConfigError(f"saes[{i}].name {s.name!r} must be a plain name (no '/', not starting with '.')")
+    for g in cfg.positions.groups:  # group names become file names (diff's top_<group>_<metric>.csv)
+        if not _plain_name(g):
+            raise ConfigError(f"positions.groups: {g!r} must be a plain name (no '/', not starting with '.')")
+    if cfg.tokens.context_size is not None and cfg.tokens.context_size < 2:
+        raise ConfigError(f"tokens.context_size must be >= 2, got {cfg.tokens.context_size}")
+    if isinstance(cfg.tokens.batch_tokens, int) and cfg.tokens.batch_tokens < 1:
+        raise ConfigError(f"tokens.batch_tokens must be 'auto' or >= 1, got {cfg.tokens.batch_tokens}")
+    if cfg.data.shards is not None and cfg.data.shards < 1:
+        raise ConfigError(f"data.shards must be >= 1 or null, got {cfg.data.shards}")
+    if cfg.data.unit_bytes is not None and cfg.data.unit_bytes < 1:
+        raise ConfigError(f"data.unit_bytes must be >= 1 or null, got {cfg.data.unit_bytes}")
+    if cfg.data.unit_bytes is not None and cfg.data.shards is not None:
+        raise ConfigError("data.unit_bytes and data.shards both set: give one (unit_bytes is the target size of a unit)")
+    if cfg.data.token_column is not None and cfg.data.image_column is not None:
+        raise ConfigError("data.token_column cannot be combined with data.image_column: image documents are built "
+                          "by the processor from text")
+    if cfg.data.token_column is not None and cfg.data.token_column in cfg.data.keep_columns:
+        raise ConfigError(f"data.keep_columns must not repeat the token column {cfg.data.token_column!r}")
+    if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
+        raise ConfigError(f"data.max_tokens must be >= 1 or null, got {cfg.data.max_tokens}")
+    if cfg.data.token_column is None and cfg.data.text_column in cfg.data.keep_columns:
+        raise ConfigError(f"data.keep_columns must not repeat the text column {cfg.data.text_column!r}")
+    if cfg.data.image_column is not None:
+        if cfg.data.image_column == cfg.data.text_column:
+            raise ConfigError(f"data.image_column {cfg.data.image_column!r} must differ from data.text_column")
+        if cfg.data.image_column in cfg.data.keep_columns:
+            raise ConfigError(f"data.keep_columns must not repeat the image column {cfg.data.image_column!r}")
+        if cfg.data.max_tokens is not None:
+            raise ConfigError("data.max_tokens is not supported with data.image_column (it counts text tokens only): "
+                              "limit the rows instead (fewer files, or a dataset slice)")
+        if cfg.model.kind == "causal_lm":
+            raise ConfigError("data.image_column needs a vision-language model: set model.kind to auto or image_text")
+    reserved = {"doc_id", "n_tokens", "token_ids", "positions", "windows"}
+    if reserved & set(cfg.data.keep_columns):
+        raise ConfigError(f"data.keep_columns: {sorted(reserved & set(cfg.data.keep_columns))} are reserved names in docs")
+    if cfg.positions.mode == "markers" and not cfg.positions.groups:
+        raise ConfigError("positions.mode is 'markers' but positions.groups is empty: add e.g. "
+                          "groups: {assistant: {marker: '<|im_start|>assistant', offset: 0}}")
+    pc = cfg.positions
+    sample_set = (pc.per_doc, pc.word_final, pc.within, pc.seed) != (1, False, None, 0)
+    if pc.mode != "sample" and sample_set:
+        raise ConfigError(f"positions.per_doc, word_final, within and seed are settings of mode 'sample' (mode is "
+                          f"{pc.mode!r}): set positions.mode: sample, or remove them")
+    if pc.per_doc < 1 or (pc.within is not None and pc.within < 1):
+        raise ConfigError(f"positions.per_doc and positions.within must be >= 1, got {pc.per_doc}, {pc.within}")
+    if pc.word_final and cfg.data.token_column is not None:
+        raise ConfigError("positions.word_final needs the documents' text (where words end): it cannot be used with "
+                          "data.token_column (pre-tokenized data); use data.text_column")
+    if cfg.positions.mode != "markers" and cfg.positions.groups:
+        raise ConfigError(f"positions.groups is only used with mode 'markers' (mode is {cfg.positions.mode!r})")
+    o = cfg.output
+    if o.top_k < 0 or o.samples_per_bin < 0 or o.context_radius < 0:
+        raise ConfigError(f"output.top_k, output.samples_per_bin and output.context_radius must be >= 0, got "
+                          f"{o.top_k}, {o.samples_per_bin}, {o.context_radius}")
+    if o.docs == "examples" and not (o.top_k or o.samples_per_bin):
+        raise ConfigError("output.docs is 'examples' but output.top_k and output.samples_per_bin are 0: no example "
+                          "is kept, so no context either. Set output.top_k (e.g. 20), or output.docs: none")
+    if isinstance(cfg.workers, int) and cfg.workers < 1:
+        raise ConfigError(f"workers must be 'auto' or >= 1, got {cfg.workers}")
+    w = cfg.worker
+    if w.prefetch_blocks < 0:
+        raise ConfigError(f"worker.prefetch_blocks must be >= 0 (0: no prefetch), got {w.prefetch_blocks}")
+    if w.cpus != "auto" and w.cpus <= 0:
+        raise ConfigError(f"worker.cpus must be 'auto' or > 0, got {w.cpus}")
+    if w.tokenizer_threads != "auto" and w.tokenizer_threads < 1:
+        raise ConfigError(f"worker.tokenizer_threads must be 'auto' or >= 1, got {w.tokenizer_threads}")
+    if cfg.worker_start_timeout_s <= 0:
+        raise ConfigError(f"worker_start_timeout_s must be > 0, got {cfg.worker_start_timeout_s}")
+    if cfg.max_workers is not None and cfg.max_workers < 1:
+        raise ConfigError(f"max_workers must be >= 1 or null, got {cfg.max_workers}")
+    if cfg.shard_timeout_s is not None and cfg.shard_timeout_s <= 0:
+        raise ConfigError(f"shard_timeout_s must be > 0 or null, got {cfg.shard_timeout_s}")
+
+
+# ---- parsing -------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}: valid keys here are {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set tokens.batch_tokens=4096")
+        path, _, text = item.partition("=")
+        value = yaml.safe_load(text) if text else None
+        node = raw
+        parts = path.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,288 @@
+"""Exports of a run for other tools: Neuronpedia feature dashboards (SAEDashboard's NeuronpediaRunner layout).
+
+`neuronpedia(run, out)` writes, per batch of features, `batch-N.json` in the layout SAEDashboard's
+NeuronpediaRunner writes and Neuronpedia imports (top-level model_id, layer, sae_set, sae_id_suffix,
+features; every feature key that runner writes), plus `skipped_indexes.json` and `run_settings.json`.
+It reads only the run's statistics, partials and docs (a statistics-only run works) and the model's and
+SAE's weights (for logits and decoder alignment).
+
+What differs from SAEDashboard by design (see `DIFFERENCES`): saeray's figures come from the whole corpus
+the run read, not ~24k prompts of 128 tokens; frac_nonzero is the exact density over counted tokens (not
+read back from a percentage rounded to 3 decimals, and special tokens are not in the denominator); the
+activation histogram has saeray's fixed log-spaced bins; the top examples are the feature's top documents
+(one example per document, where SAEDashboard may show one prompt several times); interval groups are
+saeray's log-spaced intervals; contexts are `output.context_radius` tokens either side of the example, not
+the whole prompt; correlated neurons and features are not computed (empty lists).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from ..engine.store import open_run
+
+DIFFERENCES = {
+    "frac_nonzero": "exact n_active / n_tokens over the run's counted tokens (special tokens excluded from both)",
+    "freq_hist": "counts of positive activations in saeray's fixed log-spaced bins (partials.EDGES) from the lowest "
+                 "to the highest bin reached; values are the bins' geometric centres",
+    "top examples": "the top documents by their maximum (one example per document), at the maximum's position",
+    "interval examples": "saeray's interval examples (whole log-spaced value bins), bin_contains = fraction of "
+                         "counted tokens whose value lies in the interval; highest interval first",
+    "contexts": "output.context_radius tokens either side of the example (clipped to the document), not the prompt",
+    "correlated_neurons, correlated_features": "not computed: empty lists",
+    "logits": "W_U @ (final norm gain * W_dec[f]) (saeray.tools.logits), as TransformerLens' folded W_U gives",
+}
+
+# SAEDashboard's substitutions of vocabulary pieces for display (byte-level BPE markers and mojibake)
+_PIECE_SUBSTITUTIONS = [("Ġ", " "), ("Ċ", "\n"), ("ĉ", "\t"), ("âĢĶ", "—"), ("âĢĵ", "–"), ("âĢľ", "“"), ("âĢĿ", "”"),
+                        ("âĢĺ", "‘"), ("âĢĻ", "’"), ("âĢĭ", " ")]
+
+
+def vocab_strings(tokenizer: Any, d_vocab: int) -> list[str]:
+    """Display string per token id as Neuronpedia's batch files carry them: the vocabulary piece with
+    SAEDashboard's substitutions; ids past the vocabulary are `<|outofrange|>`."""
+    pieces = {i: p for p, i in tokenizer.get_vocab().items()}
+    out = []
+    for i in range(d_vocab):
+        p = pieces.get(i)
+        if p is None:
+            out.append("<|outofrange|>")
+            continue
+        for a, b in _PIECE_SUBSTITUTIONS:
+            p = p.replace(a, b)
+        out.append(p)
+    return out
+
+
+def _histc(x: np.ndarray, bins: int = 50) -> tuple[list[int], list[float]]:
+    """Equal-width histogram over [min, max] with the max in the last bin (torch.histc), and bin centres."""
+    if x.size == 0:
+        return [], []
+    lo, hi = float(x.min()), float(x.max())
+    heights = torch.histc(torch.from_numpy(x.astype(np.float32)), bins=bins, min=lo, max=hi).long().tolist()
+    width = (hi - lo) / bins
+    centres = (np.linspace(lo, hi, bins + 1)[:-1] + width / 2).round(5).tolist()
+    return heights, centres
+
+
+def _opened(run: Any, sae: str | None, group: str | None) -> tuple[Any, dict, Any, Any, str, str, pl.DataFrame]:
+    """(the open run, its manifest, config, the SAE's config, SAE name, group, that (SAE, group)'s statistics)."""
+    from ..analysis.stats import features as run_features
+    from ..engine import config as config_mod
+    from ..tools.probe import pick_sae
+    from .data import choose_pair
+
+    run = open_run(run)
+    manifest = run.read_manifest()
+    cfg = config_mod.from_dict(manifest["config"])
+    sae_cfg = pick_sae(cfg, sae)
+    stats = run_features(run).collect()
+    sae_name, group = choose_pair(stats.filter(pl.col("sae") == sae_cfg.name), sae_cfg.name, group)
+    stats = stats.filter((pl.col("sae") == sae_name) & (pl.col("group") == group)).sort("feature")
+    return run, manifest, cfg, sae_cfg, sae_name, group, stats
+
+
+def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, group: str | None = None,
+                features_per_batch: int = 128, features: list[int] | None = None, n_intervals: int = 5,
+                per_interval: int = 5, top: int = 20) -> list[Path]:
+    """Write Neuronpedia batch files for one (SAE, position group) of `run` into `out`; return the files.
+
+    `features`: only these (default: all), still cut into the batches of the whole SAE (NeuronpediaRunner's
+    np.array_split of 0..d_sae-1 into ceil(d_sae / features_per_batch) chunks)."""
+    from ..analysis.top import interval_examples, top_examples
+    from ..engine.models import load_model
+    from ..engine.partials import value_bins_np
+    from ..engine.saes import load
+    from ..tools.logits import final_norm, norm_gain
+    from .data import activation_histograms
+
+    rd, manifest, cfg, sae_cfg, sae_name, group, stats = _opened(run, sae, group)
+    run = rd
+    d_sae = stats.height
+    radius = int(manifest["config"]["output"].get("context_radius", 32))
+    info = next(s for s in manifest["resolved"]["saes"] if s["name"] == sae_name)
+    hook = info["hook"]
+    layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else 0
+    n_docs = sum(int(m.get("docs", 0)) for m in rd.completions().values())
+
+    device = torch.device("cpu")
+    model, tokenizer = load_model(cfg.model, device)
+    w_u = model.get_output_embeddings().weight.detach().float()
+    norm = final_norm(model)
+    gain = norm_gain(norm, w_u.shape[1], w_u.device, next(norm.parameters(), w_u).dtype)
+    w_dec = load(sae_cfg, device).W_dec.detach().float()
+    strings = vocab_strings(tokenizer, w_u.shape[0])
+    chunks = np.array_split(np.arange(d_sae), math.ceil(d_sae / features_per_batch))
+    wanted = set(features) if features is not None else None
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    model_id = cfg.model.name
+    window = (radius, radius)
+    for n, chunk in enumerate(chunks):
+        feats = [int(f) for f in chunk if wanted is None or int(f) in wanted]
+        if not feats:
+            continue
+        tops = top_examples(run, feats, sae=sae_name, group=group, k=top, window=window)
+        ivs = interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals, per_bin=per_interval,
+                                window=window)
+        hists = activation_histograms(run, feats, sae=sae_name, group=group)
+        logits = (w_dec[feats] * gain) @ w_u.T
+        batch = []
+        for i, f in enumerate(feats):
+            row = stats.row(f, named=True)
+            n_tok = int(row["n_tokens"])
+            edges, counts = hists.get(f, (None, None))
+            lv = logits[i].numpy()
+            order = np.argsort(-lv, kind="stable")
+            w = w_dec[f].numpy()
+            align = np.argsort(-w, kind="stable")[:3]
+            l1 = float(np.abs(w).sum()) or 1.0
+            lh, lc = _histc(lv)
+            examples = []
+            for e in tops.filter(pl.col("feature") == f).iter_rows(named=True):
+                examples.append(_example(e, strings, -1, float(e["value"]), -1))
+            mine = ivs.filter(pl.col("feature") == f)
+            for b in sorted(mine["bin"].unique().to_list(), reverse=True):
+                part = mine.filter(pl.col("bin") == b)
+                lo, hi = float(part["bin_lo"][0]), float(part["bin_hi"][0])
+                contains = 0.0
+                if counts is not None and n_tok:
+                    vb = value_bins_np(np.array([np.nextafter(np.float32(max(lo, 0.0)), np.float32(np.inf)), hi],
+                                                dtype=np.float32))
+                    first_bin = int(value_bins_np(np.array([edges[0] * 1.0001], dtype=np.float32))[0])
+                    idx = np.arange(first_bin, first_bin + len(counts))
+                    contains = float(counts[(idx >= vb[0]) & (idx <= vb[1])].sum()) / n_tok
+                for e in part.iter_rows(named=True):
+                    examples.append(_example(e, strings, lo, hi, contains))
+            batch.append({
+                "feature_index": f,
+                "neuron_alignment_indices": align.tolist(),
+                "neuron_alignment_values": w[align].astype(float).round(5).tolist(),
+                "neuron_alignment_l1": (np.abs(w[align]) / l1).astype(float).round(5).tolist(),
+                "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
+                "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+                "neg_str": [strings[j] for j in order[::-1][:10]],
+                "neg_values": lv[order[::-1][:10]].astype(float).round(5).tolist(),
+                "pos_str": [strings[j] for j in order[:10]],
+                "pos_values": lv[order[:10]].astype(float).round(5).tolist(),
+                "frac_nonzero": float(row["density"]),
+                "freq_hist_data_bar_values": ([] if edges is None else
+                                              np.sqrt(edges[:-1] * edges[1:]).round(5).tolist()),
+                "freq_hist_data_bar_heights": [] if counts is None else counts.tolist(),
+                "logits_hist_data_bar_heights": lh, "logits_hist_data_bar_values": lc,
+                "n_prompts_total": n_docs, "n_tokens_in_prompt": int(manifest["resolved"]["context_size"]),
+                "dataset": cfg.data.dataset, "decoder_weights_dist": [], "activations": examples, "vector": [],
+            })
+        path = out_dir / f"batch-{n}.json"
+        path.write_text(json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name, "sae_id_suffix": None,
+                                    "features": batch}))
+        written.append(path)
+    (out_dir / "skipped_indexes.json").write_text(json.dumps(
+        {"model_id": model_id, "layer": str(layer), "sae_set": sae_name, "log_sparsity": None, "skipped_indexes": []}))
+    (out_dir / "run_settings.json").write_text(json.dumps(
+        {"exporter": "saeray", "run": str(run), "fingerprint": manifest["fingerprint"], "sae": sae_name, "group": group,
+         "hook": hook, "model_id": model_id, "layer": layer, "d_sae": d_sae, "n_features_at_a_time": features_per_batch,
+         "n_prompts_total": n_docs, "n_tokens_in_prompt": int(manifest["resolved"]["context_size"]),
+         "top_acts_group_size": top, "n_quantiles": n_intervals, "quantile_group_size": per_interval,
+         "context_radius": radius, "differences_from_saedashboard": DIFFERENCES}, indent=2))
+    return written
+
+
+def _example(e: dict[str, Any], strings: list[str], bin_min: float, bin_max: float, bin_contains: float) -> dict[str, Any]:
+    return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
+            "tokens": [strings[t] for t in e["token_ids"]], "values": [round(float(a), 5) for a in e["acts"]],
+            "qualifying_token_index": int(e["pos"] - e["window_start"]),
+            "dfa_values": [], "dfa_maxValue": 0, "dfa_targetIndex": -1}
+
+
+DELPHI_NOTE = ("each example `saeray top` shows (its output.top_k top documents and its interval examples, 5 intervals "
+               "x output.samples_per_bin documents; saeray/partials.py) is one "
+               "sequence: the tokens pos - radius .. pos + radius of its document (clipped, padded on the right with "
+               "the pad token, which never activates) with the feature's values there; load with delphi's "
+               "ConstructorConfig(example_ctx_len=cache_ctx_len) so each sequence is one example")
+
+
+def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: str | None = None, n_splits: int = 5,
+           hookpoint: str | None = None, n_intervals: int = 5, features_at_a_time: int = 4096) -> list[Path]:
+    """Write delphi's latent cache layout for one (SAE, group) of `run`: out/latents/<hookpoint>/config.json and
+    `{start}_{end}.safetensors` per latent range (delphi's split formula), each with locations [N, 3] (sequence,
+    position, latent - start; uint16 when they fit, else uint32; sorted by (sequence, position, latent)),
+    activations (float16) and the token matrix [n_sequences, 2 * radius + 1] (int64, in every split, as delphi
+    writes it). The sequences are the run's kept examples (DELPHI_NOTE): delphi's LatentDataset then yields, per
+    latent, exactly the run's examples of it. Return the files written."""
+    from safetensors.numpy import save_file
+
+    from ..analysis.top import interval_examples, top_examples
+
+    run, manifest, cfg, _, sae_name, group, stats = _opened(run, sae, group)
+    width = stats.height
+    out_cfg = manifest["config"]["output"]
+    radius = int(out_cfg.get("context_radius", 32))
+    from ..analysis.stats import has_kind
+
+    if not has_kind(run, "examples"):
+        raise ValueError(f"{run} holds no example partials (made before saeray kept them, or output.top_k and "
+                         "output.samples_per_bin 0): rerun it to export it for delphi")
+    k, per_bin = int(out_cfg.get("top_k", 0)), int(out_cfg.get("samples_per_bin", 0))
+    parts = []
+    for a in range(0, width, features_at_a_time):
+        feats = list(range(a, min(width, a + features_at_a_time)))
+        if k:
+            parts.append(top_examples(run, feats, sae=sae_name, group=group, k=k, window=(radius, radius)))
+        if per_bin:
+            parts.append(interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals, per_bin=per_bin,
+                                           window=(radius, radius)))
+    cols = ["feature", "doc_id", "window_start", "token_ids", "acts"]
+    ex = pl.concat([p.select(cols) for p in parts]).unique(["feature", "doc_id"], keep="first").sort("feature", "doc_id")
+    ctx = 2 * radius + 1
+    tok = run.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    seqs: dict[tuple[int, int], int] = {}
+    rows: list[list[int]] = []
+    loc_seq, loc_pos, loc_lat, loc_val = [], [], [], []
+    for e in ex.iter_rows(named=True):
+        key = (e["doc_id"], e["window_start"])
+        if key not in seqs:
+            seqs[key] = len(rows)
+            ids = list(e["token_ids"])
+            rows.append(ids + [pad] * (ctx - len(ids)))
+        s = seqs[key]
+        for j, a in enumerate(e["acts"]):
+            if abs(a) > 1e-5:  # what delphi's cache keeps
+                loc_seq.append(s)
+                loc_pos.append(j)
+                loc_lat.append(e["feature"])
+                loc_val.append(a)
+    tokens = np.array(rows, dtype=np.int64).reshape(-1, ctx)
+    seq, pos, lat = np.array(loc_seq, np.int64), np.array(loc_pos, np.int64), np.array(loc_lat, np.int64)
+    val = np.array(loc_val, np.float32)
+    order = np.lexsort((lat, pos, seq))
+    seq, pos, lat, val = seq[order], pos[order], lat[order], val[order]
+    hook = hookpoint or next(s["hook"] for s in manifest["resolved"]["saes"] if s["name"] == sae_name)
+    d = Path(out) / "latents" / hook
+    d.mkdir(parents=True, exist_ok=True)
+    bounds = torch.linspace(0, width, n_splits + 1).long().tolist()
+    written = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        m = (lat >= a) & (lat < b)
+        loc = np.stack([seq[m], pos[m], lat[m] - a], axis=1) if m.any() else np.zeros((0, 3), np.int64)
+        small = not m.any() or (loc[:, 0].max() < 65536 and loc[:, 2].max() < 65536)
+        path = d / f"{a}_{b - 1}.safetensors"
+        save_file({"locations": loc.astype(np.uint16 if small else np.uint32), "activations": val[m].astype(np.float16),
+                   "tokens": tokens}, str(path))
+        written.append(path)
+    (d / "config.json").write_text(json.dumps({
+        "dataset_repo": cfg.data.dataset, "dataset_split": cfg.data.split, "dataset_name": "",
+        "dataset_column": cfg.data.text_column, "batch_size": len(rows), "cache_ctx_len": ctx,
+        "n_tokens": int(tokens.size), "n_splits": n_splits, "model_name": cfg.model.name,
+        "saeray": {"run": str(run), "fingerprint": manifest["fingerprint"], "sae": sae_name, "group": group,
+                   "radius": radius, "sequences": DELPHI_NOTE}}, indent=2))
+    return written

@@ -22,7 +22,7 @@ from saeray.engine.config import DataConfig
 from saeray.engine.plan import prepare
 from saeray.engine.storage import READ
 from saeray.executors import run
-from saeray.executors.driver import unit_stream
+from saeray.executors.tasks import unit_stream
 
 COMPRESS = {"": lambda b: b, ".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress,
             ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}

@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import warnings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 MOVED = {
     **{m: f"engine.{m}" for m in ("config", "plan", "data", "contexts", "models", "embedded", "saes", "extract",
@@ -49,6 +49,10 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):  # noqa: ANN001 - the module is the new one, already executed: its own spec back
         module.__spec__ = module.__dict__.pop("_saeray_spec")
+
+    def get_code(self, name):  # noqa: ANN001 - what `python -m saeray.<old name>` asks for
+        raise ImportError(f"{name} moved to saeray.{MOVED[name.partition('saeray.')[2]]}: run "
+                          f"`python -m saeray.{MOVED[name.partition('saeray.')[2]]}` instead")
 
 
 if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):

@@ -34,3 +34,9 @@ def test_old_from_imports_work_in_a_fresh_interpreter():
 def test_an_unknown_name_is_still_an_import_error():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("saeray.no_such_module")
+
+
+def test_python_m_with_an_old_name_says_where_the_module_went():
+    proc = subprocess.run([sys.executable, "-m", "saeray.categories", "--help"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "run `python -m saeray.assets.categories` instead" in proc.stderr

@@ -1,9 +1,7 @@
-"""Documents -> token ids -> context windows -> padded batches, and which positions count.
+"""Texts (or token ids, or image + text) -> documents: token ids and the positions kept per group.
 
-A document's `token_ids` are its text tokens (no BOS); `pos` indexes them. Each window
-holds up to `context_size` tokens: BOS (when the SAE expects it) plus a slice of the
-document. Every document is its own context: windows never mix documents, and batches are
-right-padded, so a token only ever attends to earlier tokens of its own window.
+A document's `token_ids` are its text tokens (no BOS); `pos` indexes them. Which positions are kept is
+positions.py's; cutting documents into windows and batches is batching.py's (`Tokenization.batches`).
 
 An image document (vision-language models) is the processor's whole sequence instead: image
 tokens, BOS, the text, "\n" (PaliGemma's layout), stored as is in `token_ids` and never split
@@ -14,21 +12,18 @@ tokens attend to each other both ways, as PaliGemma does. Text documents stay ca
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import batching
 from .config import PositionsConfig
+from .positions import PositionSelector, PositionsError
 
 log = logging.getLogger(__name__)
-
-
-class PositionsError(ValueError):
-    """A position marker cannot be tokenized."""
 
 
 @dataclass
@@ -43,58 +38,6 @@ class Document:
     """[3, H, W] for an image document (then `token_ids` is the processor's whole sequence), else None."""
     word_final: np.ndarray | None = None
     """positions.word_final: bool [n_tokens], the tokens that end a whitespace-separated word."""
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    """[B, T] int64, right-padded."""
-    attention_mask: torch.Tensor
-    """[B, T] int64."""
-    sel_row: dict[str, np.ndarray]
-    """group -> row in the batch of each selected position."""
-    sel_col: dict[str, np.ndarray]
-    """group -> column in the batch of each selected position."""
-    sel_doc: dict[str, np.ndarray]
-    """group -> doc_id (int64) of each selected position."""
-    sel_pos: dict[str, np.ndarray]
-    """group -> pos (int32) of each selected position."""
-    n_tokens: int
-    """Real (unpadded) tokens in the batch, BOS included."""
-    pixel_values: torch.Tensor | None = None
-    """[n_images, 3, H, W]: the images of the rows that hold image documents, in row order."""
-    token_type_ids: torch.Tensor | None = None
-    """[B, T] for vision-language models: 0 on image documents' tokens (one bidirectional prefix), 1 elsewhere."""
-    selected: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    """group -> (row, col, doc_id, pos) as int64 tensors on the batch's device (filled by `to`)."""
-
-    def to(self, device: torch.device) -> "Batch":
-        """The batch on `device`, selections included. To a GPU the copies do not block the host: the host
-        tensors are pinned (by `Tokenization.batches(pin=True)`, in the thread that built them) and stay
-        referenced by this batch until the model has read them."""
-        non_blocking = device.type == "cuda"
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            if non_blocking and not t.is_pinned():
-                t = t.pin_memory()
-            return t.to(device, non_blocking=non_blocking)
-
-        host = self.selected or _selection_tensors(self, pin=False)
-        return dataclasses.replace(
-            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
-            pixel_values=move(self.pixel_values), token_type_ids=move(self.token_type_ids),
-            selected={g: tuple(move(t) for t in ts) for g, ts in host.items()})
-
-
-def _selection_tensors(b: Batch, pin: bool) -> dict[str, tuple[torch.Tensor, ...]]:
-    def t(a: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(a)
-        return x.pin_memory() if pin else x
-
-    return {g: (t(b.sel_row[g]), t(b.sel_col[g]), t(b.sel_doc[g]), t(b.sel_pos[g].astype(np.int64)))
-            for g in b.sel_row}
 
 
 class Tokenization:
@@ -116,8 +59,13 @@ class Tokenization:
                                  "set tokens.prepend_bos: false")
         self.bos_id = bos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (bos or 0)
-        self.special_ids = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
-        self.markers = {name: (self._marker_ids(g.marker, name), g.offset) for name, g in positions.groups.items()}
+        self.selector = PositionSelector(positions, tokenizer, exclude_special=exclude_special,
+                                         image_token_id=image_token_id, images=images)
+        self.special_ids = self.selector.special_ids
+        self.select = self.selector.select
+        """Positions per group of a document (PositionSelector.select)."""
+        self.counted = self.selector.counted
+        """Boolean mask of a document's counted tokens (PositionSelector.counted)."""
         if images and (processor is None or image_token_id is None):
             raise PositionsError("data.image_column is set but the model has no processor or image token id: "
                                  "use a vision-language model (model.kind: image_text)")
@@ -131,18 +79,7 @@ class Tokenization:
     @property
     def group_names(self) -> list[str]:
         """The position groups every document is selected into, in output order."""
-        mode = self.positions.mode
-        if mode == "markers":
-            return list(self.markers)
-        if mode == "modality":
-            return ["image", "text"] if self.images else ["text"]
-        return [mode]
-
-    def _marker_ids(self, marker: str, group: str) -> np.ndarray:
-        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise PositionsError(f"positions.groups.{group}.marker {marker!r} tokenizes to nothing")
-        return np.asarray(ids, dtype=np.int64)
+        return self.selector.group_names
 
     def encode(self, text: str) -> np.ndarray:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -151,7 +88,7 @@ class Tokenization:
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         """`encode` of each text, in one call: a fast tokenizer's Rust batch encode (parallel when the
         process allows it: TOKENIZERS_PARALLELISM, RAYON_NUM_THREADS), without building offsets or
-        Python encodings; other tokenizers one text at a time. Same ids as `encode` (tests/test_contexts.py)."""
+        Python encodings; other tokenizers one text at a time. Same ids as `encode` (tests/engine/test_contexts.py)."""
         backend = _batch_backend(self.tokenizer)
         if backend is None:
             return [self.encode(t) for t in texts]
@@ -179,58 +116,6 @@ class Tokenization:
                 nxt = spans[j + 1][0] if j + 1 < len(spans) else len(text)
                 final[j] = (b >= len(text) or text[b].isspace()) and nxt >= b and bool(text[a:b].strip())
             out.append((ids, final))
-        return out
-
-    def _sample(self, token_ids: np.ndarray, doc_id: int, word_final: np.ndarray | None) -> np.ndarray:
-        """mode sample: `per_doc` candidates with the smallest draw (partials.draws_np of (doc_id, pos, seed))."""
-        from .partials import draws_np
-
-        pc = self.positions
-        ok = self.counted(token_ids)
-        if pc.word_final:
-            if word_final is None:
-                raise PositionsError("positions.word_final needs where the document's words end: only text documents "
-                                     "have them (not pre-tokenized or image documents)")
-            ok &= word_final[:len(token_ids)]
-        if pc.within is not None:
-            ok[pc.within:] = False
-        cand = np.flatnonzero(ok)
-        draw = draws_np(np.full(len(cand), doc_id, np.int64), cand, pc.seed)
-        return np.sort(cand[np.lexsort((cand, draw))[:pc.per_doc]]).astype(np.int32)
-
-    def counted(self, token_ids: np.ndarray) -> np.ndarray:
-        """Boolean mask of the tokens that count (special tokens excluded unless configured)."""
-        if not self.exclude_special or len(self.special_ids) == 0:
-            return np.ones(len(token_ids), dtype=bool)
-        return ~np.isin(token_ids, self.special_ids)
-
-    def select(self, token_ids: np.ndarray, doc_id: int = 0, word_final: np.ndarray | None = None
-               ) -> dict[str, np.ndarray]:
-        """Positions per group of a document (`doc_id` and `word_final` matter only to mode sample)."""
-        mode = self.positions.mode
-        if mode == "sample":
-            return {"sample": self._sample(token_ids, doc_id, word_final)}
-        if mode == "all":
-            return {"all": np.flatnonzero(self.counted(token_ids)).astype(np.int32)}
-        if mode == "last":
-            idx = np.flatnonzero(self.counted(token_ids))
-            return {"last": idx[-1:].astype(np.int32)}
-        if mode == "modality":
-            is_image = (token_ids == self.image_token_id if self.image_token_id is not None
-                        else np.zeros(len(token_ids), dtype=bool))
-            text = {"text": np.flatnonzero(self.counted(token_ids) & ~is_image).astype(np.int32)}
-            return {"image": np.flatnonzero(is_image).astype(np.int32), **text} if self.images else text
-        out = {}
-        n = len(token_ids)
-        for name, (marker, offset) in self.markers.items():
-            m = len(marker)
-            if n < m:
-                out[name] = np.empty(0, dtype=np.int32)
-                continue
-            windows = np.lib.stride_tricks.sliding_window_view(token_ids.astype(np.int64), m)
-            anchors = np.flatnonzero((windows == marker).all(axis=1)) + (m - 1)
-            pos = anchors + offset
-            out[name] = np.unique(pos[(pos >= 0) & (pos < n)]).astype(np.int32)
         return out
 
     def document(self, doc_id: int, text: Any, extras: dict[str, Any], max_tokens: int | None = None,
@@ -305,86 +190,19 @@ class Tokenization:
             ids = ids[:self.context_size]
         return Document(doc_id, ids, extras, self.select(ids, doc_id), pixel_values=inputs["pixel_values"][0])
 
-    # ---- windows and batches ----------------------------------------------------------
+    # ---- windows and batches (batching.py) -------------------------------------------
 
-    def windows(self, docs: list[Document]) -> list[tuple[int, int, int]]:
+    def windows(self, docs: list[Document]) -> list[batching.Window]:
         """(doc index, start, length) of every window that holds a selected position."""
-        step = self.context_size - int(self.prepend_bos)
-        out = []
-        for i, d in enumerate(docs):
-            selected = np.concatenate(list(d.groups.values())) if d.groups else np.empty(0, np.int32)
-            if selected.size == 0:
-                continue
-            if d.pixel_values is not None:  # an image document is one window, as the processor made it
-                out.append((i, 0, len(d.token_ids)))
-                continue
-            # Positions are only read from windows that hold them: skip windows with none.
-            for w in np.unique(selected // step):
-                start = int(w) * step
-                out.append((i, start, min(step, len(d.token_ids) - start)))
-        return out
+        return batching.windows(docs, self.context_size, self.prepend_bos)
 
     def batches(self, docs: list[Document], batch_tokens: int, device: torch.device | None = None,
-                pin: bool = False) -> list[Batch]:
-        """Windows sorted by length and packed greedily into right-padded batches, on `device`
-        (None: on the host, for `Batch.to` later; `pin`: in pinned memory, for copies to a GPU).
-
-        Shapes are bucketed (widths and a short batch's rows rounded up in quarter-octave
-        steps) so a long run sees few distinct shapes: kernel caches stay small on CPU and
-        GPU. A batch holds only windows longer than half its width, so padding stays small
-        when long and short documents mix (bench/throughput.py: 84% -> 92% real tokens).
-        """
-        bos = int(self.prepend_bos)
-        offset = [0 if d.pixel_values is not None else bos for d in docs]  # image documents carry their own BOS
-        full = lambda w: w[2] + offset[w[0]]  # noqa: E731  (a window's length in the batch)
-        wins = sorted(self.windows(docs), key=lambda w: (-full(w), w[0], w[1]))
-        vlm = self.processor is not None
-        batches, i = [], 0
-        while i < len(wins):
-            width = _bucket(full(wins[i]), self.context_size)
-            rows = max(1, batch_tokens // width)
-            chunk = wins[i:i + rows]
-            # Length bucketing: the batch ends before a window that would fill half its width or less.
-            chunk = chunk[:next((k for k, w in enumerate(chunk) if k and 2 * full(w) <= width), len(chunk))]
-            i += len(chunk)
-            n_rows = len(chunk) if len(chunk) == rows else min(rows, _bucket_rows(len(chunk)))
-            ids = np.full((n_rows, width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((n_rows, width), dtype=np.int64)
-            mask[len(chunk):, 0] = 1  # filler rows attend to one pad token: no empty softmax
-            types = np.ones((n_rows, width), dtype=np.int64)
-            images = []
-            sel: dict[str, list[tuple[np.ndarray, ...]]] = {}
-            for r, (di, start, length) in enumerate(chunk):
-                d = docs[di]
-                off = offset[di]
-                if off:
-                    ids[r, 0] = self.bos_id
-                ids[r, off:off + length] = d.token_ids[start:start + length]
-                mask[r, :off + length] = 1
-                if d.pixel_values is not None:
-                    types[r, :length] = 0
-                    images.append(d.pixel_values)
-                for g, pos in d.groups.items():
-                    # positions are sorted: a binary search, not a scan of the document per window
-                    lo, hi = np.searchsorted(pos, np.array((start, start + length), dtype=pos.dtype))
-                    p = pos[lo:hi]
-                    sel.setdefault(g, []).append((np.full(len(p), r), p - start + off,
-                                                  np.full(len(p), d.doc_id, dtype=np.int64), p))
-            cat = {g: [np.concatenate(parts) for parts in zip(*v)] for g, v in sel.items()}
-            host = lambda a: torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)  # noqa: E731
-            batch = Batch(
-                input_ids=host(ids), attention_mask=host(mask),
-                sel_row={g: v[0].astype(np.int64) for g, v in cat.items()},
-                sel_col={g: v[1].astype(np.int64) for g, v in cat.items()},
-                sel_doc={g: v[2] for g, v in cat.items()},
-                sel_pos={g: v[3].astype(np.int32) for g, v in cat.items()},
-                n_tokens=int(mask[:len(chunk)].sum()),
-                pixel_values=torch.stack(images) if images else None,
-                token_type_ids=host(types) if vlm else None,
-            )
-            batch.selected = _selection_tensors(batch, pin)
-            batches.append(batch.to(device) if device is not None else batch)
-        return batches
+                pin: bool = False) -> list[batching.Batch]:
+        """The documents' windows in right-padded batches of about `batch_tokens` (batching.batches), on `device`
+        (None: on the host; `pin`: in pinned memory, for copies to a GPU)."""
+        return batching.batches(docs, batch_tokens, context_size=self.context_size,
+                       bos_id=self.bos_id if self.prepend_bos else None, pad_id=self.pad_id,
+                       token_types=self.processor is not None, device=device, pin=pin)
 
 
 def _batch_backend(tokenizer: Any) -> Any:
@@ -394,34 +212,3 @@ def _batch_backend(tokenizer: Any) -> Any:
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return None
     return getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-
-
-def blocks(docs: Iterable[Document], budget: int) -> Iterator[list[Document]]:
-    """Consecutive documents in groups of at least `budget` tokens (the last group may hold fewer):
-    the unit a worker batches, encodes and writes at once."""
-    block: list[Document] = []
-    n = 0
-    for d in docs:
-        block.append(d)
-        n += len(d.token_ids)
-        if n >= budget:
-            yield block
-            block, n = [], 0
-    if block:
-        yield block
-
-
-def _bucket(width: int, cap: int) -> int:
-    """Round up to 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, ... (four steps per octave), at most `cap`."""
-    if width <= 16:
-        return min(16, cap)  # windows never exceed cap, so this is >= width
-    step = 1 << (width.bit_length() - 3)
-    return min(cap, -(-width // step) * step)
-
-
-def _bucket_rows(n: int) -> int:
-    """Round a row count up to 1..8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (four steps per octave)."""
-    if n <= 8:
-        return n
-    step = 1 << (n.bit_length() - 3)
-    return -(-n // step) * step

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from .storage import replacing
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(f".{name}.{uuid.uuid4().hex[:8]}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized now: drop the GGUF quantizer so the model saves (and so
@@ -77,11 +76,8 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(target) as tmp:  # another process that wins the race keeps its folder
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return str(target), {}

@@ -17,176 +17,28 @@ import pyarrow as pa
 import torch
 from torch.profiler import record_function
 
-from .contexts import Batch, Document, Tokenization
+from .batching import Batch
+from .contexts import Document, Tokenization
+from .feature_stats import FeatureStats
 from .models import Hooks, HookSite, run_to_hooks
-from .partials import N_BINS, UnitExamples, hist_table, value_bins
+from .partials import UnitExamples
 from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
-_NO_KEY = torch.iinfo(torch.int64).max
-
-STATS_SCHEMA = pa.schema([
-    ("sae", pa.string()), ("group", pa.string()), ("feature", pa.int32()),
-    ("n_tokens", pa.int64()), ("n_active", pa.int64()), ("n_docs_active", pa.int64()),
-    ("sum", pa.float64()), ("m2", pa.float64()),
-    ("max", pa.float32()), ("max_doc_id", pa.int64()), ("max_pos", pa.int32()),
-    ("n_docs", pa.int64()), ("doc_sum", pa.float64()), ("doc_m2", pa.float64()),
-])
-"""Per-unit statistics; n_docs/doc_sum/doc_m2 (per-document moments, partials.DEFINITIONS) since issue 16."""
 
 
-def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """How often each of 0..n-1 occurs in `idx` (int64 [n])."""
-    return add_counts(torch.zeros(n, dtype=torch.int64, device=idx.device), idx)
-
-
-def add_counts(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """`out` (int64) plus how often each of its indexes occurs in `idx`, in place: bincount on CPU (the fastest
-    there); on a GPU a scatter-add into `out`, since CUDA's bincount reads the input's range back to the host."""
-    if idx.device.type == "cpu":
-        return out.add_(torch.bincount(idx, minlength=len(out)))
-    return out.scatter_add_(0, idx, torch.ones_like(idx))
-
-
-DENSE_PAIR_CELLS = 1 << 23
-"""Blocks of at most this many documents x latents find their (document, feature) pairs on a dense grid (64 MiB of
-float32 at most), larger ones by sorting."""
-
-
-class FeatureStats:
-    """Mergeable per-feature partials for one (SAE, position group), kept on the device.
-
-    mean/m2 are over all counted tokens (inactive tokens count as 0); m2 is the sum of
-    squared deviations from the mean, merged across batches with Chan's formula in float64.
-    max is over active values; ties go to the smallest (doc_id, pos).
-    """
-
-    def __init__(self, d_sae: int, device: torch.device):
-        self.d_sae = d_sae
-        self.n_tokens = 0
-        z = dict(device=device)
-        self.n_active = torch.zeros(d_sae, dtype=torch.int64, **z)
-        self.n_docs = torch.zeros(d_sae, dtype=torch.int64, **z)
-        self.mean = torch.zeros(d_sae, dtype=torch.float64, **z)
-        self.m2 = torch.zeros(d_sae, dtype=torch.float64, **z)
-        self.max = torch.full((d_sae,), float("-inf"), dtype=torch.float32, **z)
-        self.max_doc = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
-        self.max_pos = torch.full((d_sae,), _NO_KEY, dtype=torch.int64, **z)
-        self.hist = torch.zeros(d_sae * N_BINS + 1, dtype=torch.int64, **z)
-        """(feature, value bin) counts, flat, and one spare cell for values <= 0."""
-        self.doc_n = 0
-        self.doc_mean = torch.zeros(d_sae, dtype=torch.float64, **z)
-        self.doc_m2 = torch.zeros(d_sae, dtype=torch.float64, **z)
-
-    def add(self, n: int, feat: torch.Tensor, val: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor) -> None:
-        """Fold in a batch of `n` counted tokens whose active entries are (feat, val) at (doc, pos)."""
-        if n == 0:
-            return
-        v = val.double()
-        count = counts(feat, self.d_sae)
-        s = torch.zeros(self.d_sae, dtype=torch.float64, device=v.device).index_add_(0, feat, v)
-        mean_b = s / n
-        dev = v - mean_b[feat]
-        m2_b = torch.zeros_like(s).index_add_(0, feat, dev * dev) + (n - count) * mean_b * mean_b
-        na, nb = self.n_tokens, n
-        tot = na + nb
-        delta = mean_b - self.mean
-        self.mean += delta * (nb / tot)
-        self.m2 += m2_b + delta * delta * (na * nb / tot)
-        self.n_tokens = tot
-        self.n_active += count
-        # the histogram of positive values, counted into place (others go to the spare cell: no mask indexing)
-        cell = torch.where(val > 0, feat * N_BINS + value_bins(val), len(self.hist) - 1)
-        add_counts(self.hist, cell)
-        if feat.numel() and feat.device.type == "cpu":
-            # Only entries >= their feature's running max can change it (ties included): after the first
-            # batches few are, and the passes below touch only those. (On a GPU the mask would cost a sync.)
-            keep = val >= self.max[feat]
-            feat, val, doc, pos = feat[keep], val[keep], doc[keep], pos[keep]
-        if feat.numel():
-            bmax = torch.full_like(self.max, float("-inf")).scatter_reduce(0, feat, val, "amax")
-            # ties go to the smallest (doc_id, pos): the smallest doc among the maxima, then its smallest pos
-            # (entries that are not candidates carry _NO_KEY, which never lowers a minimum: no mask indexing,
-            # which would cost a host sync on a GPU)
-            hit = val == bmax[feat]
-            bdoc = torch.full_like(self.max_doc, _NO_KEY).scatter_reduce(0, feat, torch.where(hit, doc, _NO_KEY), "amin")
-            hit &= doc == bdoc[feat]
-            bpos = torch.full_like(self.max_pos, _NO_KEY).scatter_reduce(0, feat, torch.where(hit, pos, _NO_KEY), "amin")
-            tie = bmax == self.max
-            better = (bmax > self.max) | (tie & (bdoc < self.max_doc)) | (tie & (bdoc == self.max_doc) & (bpos < self.max_pos))
-            self.max = torch.where(better, bmax, self.max)
-            self.max_doc = torch.where(better, bdoc, self.max_doc)
-            self.max_pos = torch.where(better, bpos, self.max_pos)
-
-    def add_docs(self, feat: torch.Tensor, rank: torch.Tensor, pos: torch.Tensor, val: torch.Tensor,
-                 counted: torch.Tensor, n_counted_docs: int) -> tuple[torch.Tensor, ...]:
-        """Fold in a set of whole documents: the active entries (feature, document's `rank` in the set, pos,
-        value) and `counted` = each document's counted positions. Counts the documents per feature, folds in
-        the per-document moments (doc_value, see partials.DEFINITIONS) and returns the (feature, document)
-        pairs: (feature, rank, position of the document's maximum, that maximum, each entry's pair)."""
-        d = self.d_sae
-        if feat.numel():
-            key = rank * d + feat
-            cells = len(counted) * d
-            if cells <= DENSE_PAIR_CELLS:  # a dense (document x feature) grid: no sort
-                grid = torch.full((cells,), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce_(
-                    0, key, val, "amax")
-                uniq = torch.nonzero(grid != float("-inf")).squeeze(1)  # ascending, as unique's; a host sync on a GPU
-                lookup = torch.empty(cells, dtype=torch.int64, device=key.device)
-                lookup[uniq] = torch.arange(len(uniq), device=key.device)
-                inv = lookup[key]
-                pmax = grid[uniq]
-            else:
-                uniq, inv = torch.unique(key, return_inverse=True)  # a host sync on a GPU
-                pmax = torch.full((len(uniq),), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce(
-                    0, inv, val, "amax")
-            n = len(uniq)
-            psum = torch.zeros(n, dtype=torch.float64, device=feat.device).index_add_(0, inv, val.double())
-            at_max = torch.where(val == pmax[inv], pos, _NO_KEY)
-            ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos.device).scatter_reduce(0, inv, at_max, "amin")
-            pf, pr = uniq % d, uniq // d
-        else:
-            psum = torch.zeros(0, dtype=torch.float64, device=feat.device)
-            pmax, pf, pr, ppos, inv = val, feat, rank, pos, rank
-        docs_per_feature = counts(pf, d)
-        self.n_docs += docs_per_feature
-        if n_counted_docs:
-            x = psum / counted[pr]
-            s = torch.zeros(d, dtype=torch.float64, device=x.device).index_add_(0, pf, x)
-            mean_b = s / n_counted_docs
-            dev = x - mean_b[pf]
-            m2_b = (torch.zeros_like(s).index_add_(0, pf, dev * dev)
-                    + (n_counted_docs - docs_per_feature) * mean_b * mean_b)
-            na, nb = self.doc_n, n_counted_docs
-            delta = mean_b - self.doc_mean
-            self.doc_mean += delta * (nb / (na + nb))
-            self.doc_m2 += m2_b + delta * delta * (na * nb / (na + nb))
-            self.doc_n = na + nb
-        return pf, pr, ppos, pmax, inv
-
-    def to_table(self, sae: str, group: str) -> pa.Table:
-        max_doc = self.max_doc.cpu().numpy()
-        seen = max_doc != _NO_KEY
-        mx = self.max.cpu().numpy()
-        return pa.table({
-            "sae": pa.array([sae] * self.d_sae, pa.string()),
-            "group": pa.array([group] * self.d_sae, pa.string()),
-            "feature": pa.array(np.arange(self.d_sae, dtype=np.int32)),
-            "n_tokens": pa.array(np.full(self.d_sae, self.n_tokens, dtype=np.int64)),
-            "n_active": pa.array(self.n_active.cpu().numpy()),
-            "n_docs_active": pa.array(self.n_docs.cpu().numpy()),
-            "sum": pa.array(self.mean.cpu().numpy() * self.n_tokens),
-            "m2": pa.array(self.m2.cpu().numpy()),
-            "max": pa.array(mx, mask=~seen),
-            "max_doc_id": pa.array(max_doc, mask=~seen),
-            "max_pos": pa.array(np.where(seen, self.max_pos.cpu().numpy(), 0).astype(np.int32), mask=~seen),
-            "n_docs": pa.array(np.full(self.d_sae, self.doc_n, dtype=np.int64)),
-            "doc_sum": pa.array(self.doc_mean.cpu().numpy() * self.doc_n),
-            "doc_m2": pa.array(self.doc_m2.cpu().numpy()),
-        }, schema=STATS_SCHEMA)
-
-    def hist_table(self, sae: str, group: str) -> pa.Table:
-        return hist_table(self.hist[:-1].view(self.d_sae, N_BINS), sae, group)
+def hidden_at_positions(model: Any, sites: list[HookSite], batch: Batch, hooks: Hooks | None = None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+    """Run `batch` (on the model's device) until every hook at `sites` has fired; per hook name and position
+    group, the hidden states at the group's selected positions ([n, d], in the batch's selection order).
+    Groups with no position in the batch are left out. `hooks`: hooks registered on `model` already (a
+    worker's, for its life); None: registered for this pass alone. Extraction, SAE training and probing all
+    read activations through this one path."""
+    forward = hooks or functools.partial(run_to_hooks, model, sites)
+    hidden = forward(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values,
+                     token_type_ids=batch.token_type_ids)
+    chosen = [g for g in batch.selected if len(batch.sel_row[g])]
+    return {name: {g: hs[batch.selected[g][0], batch.selected[g][1]] for g in chosen} for name, hs in hidden.items()}
 
 
 @dataclass
@@ -320,18 +172,15 @@ class Extractor:
     def _launch(self, batch: Batch, block: "_Block") -> "_InFlight":
         """Queue the batch's forward pass and dense encodes on the device (no host sync)."""
         self.forward_tokens += batch.n_tokens
-        forward = self.hooks or functools.partial(run_to_hooks, self.model, self.sites)
-        hidden = forward(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values,
-                         token_type_ids=batch.token_type_ids)
+        hidden = hidden_at_positions(self.model, self.sites, batch, self.hooks)
         item = _InFlight(batch, block)
         with record_function("saeray.sae"):
             for h in self.saes:
-                hs = hidden[h.site.name]
+                at = hidden[h.site.name]
                 for g in self.groups:
-                    if g not in batch.selected or len(batch.sel_row[g]) == 0:
+                    if g not in at:
                         continue
-                    rows, cols = batch.selected[g][:2]
-                    args = (h.sae, hs[rows, cols], h.threshold, self.chunks[h.name], self.recon.get((h.name, g)))
+                    args = (h.sae, at[g], h.threshold, self.chunks[h.name], self.recon.get((h.name, g)))
                     # nothing in flight (CPU): encode when read, one chunk's code in memory at a time
                     item.codes[(h.name, g)] = encode_dense(*args) if self.ahead else functools.partial(encode_sparse, *args)
         return item

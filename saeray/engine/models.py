@@ -328,9 +328,12 @@ class Hooks:
 @contextlib.contextmanager
 def capture(model: nn.Module, sites: list[HookSite]) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, a forward pass fills the dict {hook name: [batch, seq, d]} and stops right
-    after the deepest hook (raising _StopForward, which the caller catches)."""
+    after the deepest hook: the early stop ends the block, which then returns normally."""
     with Hooks(model, sites) as hooks:
-        yield hooks.captured
+        try:
+            yield hooks.captured
+        except _StopForward:
+            pass
 
 
 def _takes_token_types(model: nn.Module) -> bool:

@@ -92,7 +92,7 @@ DEFINITIONS = {
                       "(squared L2 error per token, summed over dimensions); explained_variance = 1 - sum |x - x_hat|^2 / "
                       "sum |x - mean(x)|^2 (centred on the run's mean activation); l0 = mean active latents per token",
     "activations_order": "output.row_order document: within a file, rows are sorted by (sae, group, doc_id, pos, "
-                         "feature) per row group; feature: rows are written in runs of up to worker.FeatureOrder."
+                         "feature) per row group; feature: rows are written in runs of up to writing.FeatureOrder."
                          "FLUSH_ROWS, each sorted by (sae, group, feature, doc_id, pos) and cut into row groups of "
                          "FeatureOrder.ROW_GROUP_ROWS, so a row group spans few features",
 }
@@ -146,25 +146,21 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
 
     files, fmt = reading.list_dataset(cfg.data)  # what the store says about each file: no data is read
     identity = {
-        "model": _without_defaults(cfg.model.__dict__, {"kind": "auto", "attn_implementation": "auto"}),
+        "model": cfg.model.__dict__,
         "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
-        "data": {**_without_defaults(cfg.data.__dict__, {"image_column": None, "token_column": None}),
-                 "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
+        "data": {**cfg.data.__dict__, "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
         "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,
                    "exclude_special": cfg.tokens.exclude_special},
-        "positions": _without_defaults(cfg.to_dict()["positions"], {"per_doc": 1, "word_final": False, "within": None,
-                                                                    "seed": 0}),
+        "positions": cfg.to_dict()["positions"],
         "activations": cfg.output.activations,
         "reconstruction": cfg.output.reconstruction,
-        # what each unit keeps beside its statistics (issue 16): out of the fingerprint at their defaults
-        **_without_defaults({k: getattr(cfg.output, k) for k in ("top_k", "samples_per_bin", "docs", "context_radius",
-                                                                  "last_values", "row_order")},
-                            {"top_k": 20, "samples_per_bin": 5, "docs": "all", "context_radius": 32,
-                             "last_values": "auto", "row_order": "document"}),
-        **({"tf32": True} if cfg.worker.tf32 else {}),  # the other worker settings never change results
+        # what each unit keeps beside its statistics
+        **{k: getattr(cfg.output, k) for k in ("top_k", "samples_per_bin", "docs", "context_radius", "last_values",
+                                                "row_order")},
+        "tf32": cfg.worker.tf32,  # the other worker settings never change results
     }
     fp = fingerprint(identity)
-    if reuse is not None and reuse.get("fingerprint") == fp and "unit_bytes" in reuse.get("plan", {}):
+    if reuse is not None and reuse.get("fingerprint") == fp:
         plan = DataPlan.from_dict(reuse["plan"])  # a resume: the plan is in the run directory
         log.info("resuming: the data plan comes from the run directory's manifest")
     else:
@@ -172,8 +168,3 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
     image_token = models.image_token_id(model_config) if kind == "image_text" else None
     return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fp,
                     model_kind=kind, image_token_id=image_token)
-
-
-def _without_defaults(values: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
-    """Leave keys added later out of the fingerprint while they hold their default: older runs still resume."""
-    return {k: v for k, v in values.items() if not (k in later and v == later[k])}

@@ -9,21 +9,24 @@
   it was, with exponential backoff: a decompressor reading from it never notices a dropped
   connection. Persistent errors (missing file, no permission) raise at once.
 - `write_atomic(fs, path, data)`: a whole file appears at once or not at all (local: temporary
-  name + rename; object stores: one PUT).
+  name + rename, `write_local`; object stores: one PUT). `replacing(path)`: the same for a local
+  file or folder that something else writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob as globlib
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
@@ -266,14 +269,43 @@ def open_raw(url: str, *, block_size: int = 4 << 20, retries: int = RETRIES) -> 
 
 
 def write_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write a whole file at once: temporary name + fsync + rename on local disk, one PUT on an object store."""
+    """Write a whole file at once: `write_local` (temporary name + fsync + rename) on local disk, one PUT on an
+    object store."""
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         fs.pipe_file(path, data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_local(path, data)
+
+
+def write_local(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    """A whole local file at once: written to a temporary name beside `path` (flushed to disk when `fsync`), then
+    renamed over it, so a reader sees the old file or the new one, never part of it."""
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary name beside local `path` (`.<name>.<random>.tmp`) to write a file or a folder into; when the
+    block ends it is renamed to `path` in one step, and removed if the block raised. A folder that another
+    process put at `path` meanwhile (the rename fails: it is not empty) is kept and this one dropped."""
+    path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (os.path.isdir(tmp) and os.path.isdir(path)):
+                raise
+            log.info("%s was written by another process meanwhile: keeping it", path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)

@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from .folder import Folder, OutputWriteError, writing
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ class RunDirError(ValueError):
     """The run directory belongs to another run, or is not a saeray run directory."""
 
 
-class OutputWriteError(OSError):
-    """Writing a unit's output failed (disk full, permission, an object store's refusal) after the retries a
-    transient error gets; the unit is not committed and nothing of it is visible to readers."""
-
-
 class OutputNotShared(RuntimeError):
     """A worker cannot see or write the run directory its driver prepared (a node-local path on a multi-node
     cluster, or missing object-store credentials on a node)."""
@@ -78,36 +73,11 @@ class OutputNotShared(RuntimeError):
 SHARED_HINT = "output.dir must be a filesystem every node shares, or s3://..."
 
 
-def _writing(where: str, fn: Any) -> Any:
-    """fn() with transient errors retried (storage.retrying); a lasting failure names `where`."""
-    try:
-        return storage.retrying(f"writing {where}", fn)
-    except OutputWriteError:
-        raise
-    except OSError as e:
-        raise OutputWriteError(f"writing {where} failed: {type(e).__name__}: {e}") from e
-
-
 def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path | str, obj: Any) -> None:
-    """A JSON file written at once (storage.write_atomic), on local disk or in an object store."""
-    fs, key = storage.filesystem(str(path))
-    storage.write_atomic(fs, key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def shard_name(index: int) -> str:
-    return f"{index:05d}"
-
-
-def is_remote(root: str | Path) -> bool:
-    """True for object-store URIs (s3://, gs://, ...); plain paths and file:// are local."""
-    return storage.is_remote(str(root))
-
-
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,64 +87,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class RunDir:
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+class RunDir(Folder):
     """A run directory on local disk or in an object store; all paths inside are relative keys.
 
-    Every read, write, listing and deletion goes through one fsspec filesystem (storage.py), local
+    Every read, write, listing and deletion goes through one fsspec filesystem (folder.Folder), local
     or remote alike. Only the commit differs: local disk renames a finished attempt into place;
     object stores, which cannot rename, take attempt-unique names (see the module docstring).
     """
 
     def __init__(self, root: str | Path):
-        s = str(root)
-        if s.startswith("file://"):
-            s = s[len("file://"):]
-        self.remote = is_remote(s)
-        self.root: Path | str = s.rstrip("/") if self.remote else Path(s)
-        try:  # no listing cache: markers are written by other processes
-            self.fs, base = storage.filesystem(s)
+        try:
+            super().__init__(root)
         except (OSError, ImportError, ValueError) as e:
             hint = " (pip install 'saeray[s3]' for s3://)" if "s3" in str(e) and "s3fs" not in str(e) else ""
-            raise RunDirError(f"cannot open run directory {s}: {e}{hint}") from None
-        self._base = base.rstrip("/")
+            raise RunDirError(f"cannot open run directory {root}: {e}{hint}") from None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
-
-    # ---- storage primitives on relative keys ----------------------------------------
-    def uri(self, rel: str) -> str:
-        """The path (local) or URI (remote) of `rel`, as Polars and pyarrow readers take it."""
-        return f"{self.root}/{rel}" if self.remote else str(self.root / rel)
-
-    def _key(self, rel: str) -> str:
-        return f"{self._base}/{rel}" if rel else self._base
-
-    def exists(self, rel: str) -> bool:
-        return self.fs.isfile(self._key(rel))
-
-    def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._key(rel))
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file atomically (storage.write_atomic: temporary name + rename, or one PUT)."""
-        _writing(self.uri(rel), lambda: storage.write_atomic(self.fs, self._key(rel), data))
-
-    def list_files(self, prefix: str = "") -> list[str]:
-        """Relative keys of every file under `prefix` (recursive)."""
-        key = self._key(prefix).rstrip("/")
-        if not self.fs.isdir(key):
-            return []
-        skip = len(self._base) + 1
-        return sorted(k[skip:] for k, info in self.fs.find(key, detail=True, withdirs=False).items()
-                      if info.get("type") != "directory" and not k.endswith("/"))
-
-    def _delete(self, rels: list[str]) -> None:
-        if rels:
-            self.fs.rm([self._key(r) for r in rels])
-
-    def _upload(self, local: Path, rel: str) -> None:
-        """One object, whole or not at all (large files: a multipart upload, visible once completed)."""
-        _writing(self.uri(rel), lambda: self.fs.put_file(str(local), self._key(rel)))
 
     # ---- is it the same directory on every node? -------------------------------------
     def write_probe(self) -> tuple[str, str]:
@@ -255,9 +188,13 @@ class RunDir:
                 old = json.loads(self.read_bytes(MANIFEST))
                 if old.get("fingerprint") != fp:
                     if not overwrite:
+                        was, now = old.get("saeray_version"), manifest.get("saeray_version")
+                        why = (f"it was written by saeray {was}, whose fingerprints saeray {now} does not reproduce; "
+                               "its committed units still read with the analyses" if was != now else
+                               "model, SAEs, data or token settings differ")
                         raise RunDirError(
                             f"{self.root} holds a run with fingerprint {old.get('fingerprint')}, this config has {fp} "
-                            f"(model, SAEs, data or token settings differ): use another --out, or --overwrite to replace it")
+                            f"({why}): use another --out, or --overwrite to replace it")
                     self._clear()
         if not self.remote:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +202,7 @@ class RunDir:
                 (self.root / sub).mkdir(exist_ok=True)
         if not self.exists(MANIFEST):
             manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-            self.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+            self.write_json(MANIFEST, manifest)
         self.clean_tmp()
         return len(self.committed())
 
@@ -289,26 +226,25 @@ class RunDir:
             return dict(zip(shards, pool.map(self.completion, shards)))
 
     def shard_files(self, shard: int, kind: str, marker: dict[str, Any] | None = None) -> list[str]:
-        """Paths/URIs of the `kind` files (store.KINDS) of a committed shard.
-
-        Only the files its marker lists; a marker written before markers listed files falls
-        back to the local layout. A listed name outside the shard's own files is refused, so
-        a doctored marker cannot make readers open files outside the run directory.
+        """Paths/URIs of the `kind` files (store.KINDS) of a committed shard: only the files its marker lists.
+        A listed name outside the shard's own files is refused, so a doctored marker cannot make readers open
+        files outside the run directory.
         """
-        marker = marker if marker is not None else self.completion(shard)
-        files = marker.get("files")
-        if files is None:
-            if self.remote:
-                raise RunDirError(f"{self.uri(self.marker_key(shard))} lists no files: it was not written by this saeray")
-            p = self.final_paths(shard)[kind]
-            return [str(f) for f in sorted(p.glob("*.parquet"))] if p.is_dir() else ([str(p)] if p.is_file() else [])
         out = []
-        for rel in files.get(kind, []):
+        for rel in self._listed(shard, marker if marker is not None else self.completion(shard)).get(kind, []):
             if _shard_of(rel) != (kind, shard):
                 raise RunDirError(f"{self.uri(self.marker_key(shard))} lists {rel!r}, which is not a {kind} file of shard "
                                   f"{shard}: the run directory was changed by something other than saeray")
             out.append(self.uri(rel))
         return out
+
+    def _listed(self, shard: int, marker: dict[str, Any]) -> dict[str, list[str]]:
+        """The files a shard's marker lists, by kind; a marker without them is refused (saeray writes them)."""
+        files = marker.get("files")
+        if not isinstance(files, dict):
+            raise RunDirError(f"{self.uri(self.marker_key(shard))} lists no files: it was not written by this "
+                              "version of saeray. Rerun into another --out (or --overwrite this one)")
+        return files
 
     def new_attempt(self, shard: int) -> Path:
         """A private local folder for one attempt at `shard`, named `<shard>-<attempt id>`."""
@@ -342,7 +278,7 @@ class RunDir:
         attempt = tmp.name.rsplit("-", 1)[-1]
         files = self._place_remote(shard, tmp, attempt) if self.remote else self._place_local(shard, tmp)
         summary.update(attempt=attempt, files=files)
-        self.write_bytes(self.marker_key(shard), json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
+        self.write_json(self.marker_key(shard), summary)
         shutil.rmtree(tmp, ignore_errors=True)
 
     def _place_local(self, shard: int, tmp: Path) -> dict[str, list[str]]:
@@ -363,7 +299,7 @@ class RunDir:
             files[kind] = [f"{kind}/shard={s}/{n}" for n in names]
         for kind in SINGLE_KINDS:
             if (tmp / f"{kind}.parquet").is_file():
-                _writing(str(final[kind]), lambda k=kind: os.replace(tmp / f"{k}.parquet", final[k]))
+                writing(str(final[kind]), lambda k=kind: os.replace(tmp / f"{k}.parquet", final[k]))
                 files[kind] = [f"{kind}/{s}.parquet"]
         return files
 
@@ -407,74 +343,12 @@ class RunDir:
             if owner is None:
                 continue  # not a shard output (features.parquet, reports, someone's notes): not ours to delete
             kind, shard = owner
-            if shard in markers:
-                listed = markers[shard].get("files")
-                if listed is None or rel in listed.get(kind, []):
-                    continue
+            if shard in markers and rel in self._listed(shard, markers[shard]).get(kind, []):
+                continue
             stale.append(rel)
         for rel in stale:
             log.info("removing %s, left by an unfinished attempt", self.uri(rel))
         self._delete(stale)
-
-
-class Run(RunDir):
-    """A run directory opened for reading: its manifest, completion markers (with the file lists readers
-    use), config and tokenizer are read once and kept, local and object-store runs alike. Analyses open a run
-    once (`open_run`) and hand the handle down, so none re-reads markers or rebuilds a tokenizer on its own.
-    For finished runs: markers committed after opening are not seen (open it again)."""
-
-    def __init__(self, root: str | Path):
-        super().__init__(root)
-        self._manifest: dict[str, Any] | None = None
-        self._markers: dict[int, dict[str, Any]] | None = None
-        self._tokenizer: Any = None
-
-    def __str__(self) -> str:
-        return str(self.root)
-
-    def __fspath__(self) -> str:
-        return str(self.root)
-
-    def __repr__(self) -> str:
-        return f"Run({str(self.root)!r})"
-
-    def read_manifest(self) -> dict[str, Any]:
-        if self._manifest is None:
-            self._manifest = super().read_manifest()
-        return self._manifest
-
-    def completions(self) -> dict[int, dict[str, Any]]:
-        if self._markers is None:
-            shards = sorted(RunDir.committed(self))
-            with ThreadPoolExecutor(max_workers=16 if self.remote else 1) as pool:
-                self._markers = dict(zip(shards, pool.map(lambda i: RunDir.completion(self, i), shards)))
-        return self._markers
-
-    def committed(self) -> set[int]:
-        return set(self.completions())
-
-    def completion(self, shard: int) -> dict[str, Any]:
-        return self.completions()[shard] if shard in self.completions() else RunDir.completion(self, shard)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer of the run's model (only the tokenizer, not the weights)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from .models import resolve_source
-
-            model = self.read_manifest()["config"]["model"]
-            source, kwargs = resolve_source(model["name"])
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                source, revision=model.get("revision"), trust_remote_code=bool(model.get("trust_remote_code", False)),
-                **kwargs)
-        return self._tokenizer
-
-
-def open_run(run: "str | Path | Run") -> Run:
-    """`run` opened for reading (itself when it is open already)."""
-    return run if isinstance(run, Run) else Run(run)
 
 
 def _shard_of(rel: str) -> tuple[str, int] | None:
@@ -493,7 +367,7 @@ def _remove_dead_attempts(staging: Path) -> None:
     for d in staging.iterdir():
         try:
             pid, owner = (d / "worker.pid").read_text(), (d / "worker.host").read_text()
-            if owner == host and not _pid_alive(int(pid)):
+            if owner == host and not pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
         except (OSError, ValueError):
             continue

@@ -81,7 +81,7 @@ class DataPlan:
             raise ValueError("this run directory was written by an older saeray (shards of canonical row ranges); "
                              "its outputs stay readable, but to extend it rerun into a new --out")
         return cls(format=d["format"], files=tuple(PlanFile(**f) for f in d["files"]), unit_bytes=d["unit_bytes"],
-                   units=tuple(Task(**u) for u in d["units"]), keep_schema=d.get("keep_schema", ""))
+                   units=tuple(Task(**u) for u in d["units"]), keep_schema=d["keep_schema"])
 
     def keep_arrow_schema(self) -> pa.Schema:
         if not self.keep_schema:

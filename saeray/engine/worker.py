@@ -5,113 +5,37 @@ Ray-free; the Ray executor wraps it in an actor and the local executor calls it 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import gc
 import logging
 import os
-import resource
 import shutil
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from . import config as config_mod
 from . import models, saes
-from .contexts import Document, Tokenization, blocks
-from .extract import STATS_SCHEMA, Extractor, SAEHandle, recon_table
+from .batching import blocks
+from .contexts import Document, Tokenization
+from .extract import Extractor, SAEHandle
+from .folder import OutputWriteError
 from .images import load_image
-from .partials import last_values_table
 from .pipeline import Prefetch
 from .reading import check_token_ids, unit_rows
+from .resources import bound_malloc, default_threads, peak_rss_mb, pick_device, tokenizer_threads
 from .storage import READ, forwarded_env
-from .store import ACTIVATIONS_SCHEMA, OutputWriteError, RunDir
+from .store import RunDir
 from .units import DataPlan, Task
+from .writing import UnitFiles, docs_schema, write_partials
 
 log = logging.getLogger(__name__)
 
-POSITIONS_TYPE = pa.list_(pa.struct([("group", pa.string()), ("n", pa.int32()), ("last", pa.int32())]))
-"""docs.positions: per position group, how many positions of the document count and the last one."""
-WINDOWS_TYPE = pa.list_(pa.struct([("start", pa.int32()), ("token_ids", pa.list_(pa.int32()))]))
-"""docs.windows (output.docs: examples): the document's token ids around its kept examples, as disjoint spans
-(start, ids) in position order; token_ids is then null."""
-
 BLOCK_BATCHES = 4
 """Documents are processed in blocks of about this many forward batches of tokens."""
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def bound_malloc() -> None:
-    """Keep glibc from fragmenting memory across threads' arenas (RSS would creep up shard after
-    shard): at most 2 arenas. Tensor buffers come from the heap and are reused, never mmapped
-    and unmapped per tensor: fresh pages fault on first touch, and on CPU those faults cost
-    more than the elementwise ops that touch them (bench/throughput.py measured sys time at a
-    third of the worker's CPU time). Batch shapes are bucketed, so the heap stops growing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_arena_max, 2)
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss can carry a parent's peak across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _assigned_cpus() -> float | None:
-    """The CPUs Ray reserved for this actor, None outside a Ray actor."""
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    except ImportError:
-        pass
-    return None
-
-
-def _default_threads() -> int:
-    """Torch threads: the CPUs Ray gave this actor (GPU actors: the node's CPUs per GPU), else all."""
-    cpus = os.cpu_count() or 1
-    assigned = _assigned_cpus()
-    if assigned is not None:
-        if torch.cuda.is_available():
-            return max(1, cpus // max(1, torch.cuda.device_count()))
-        return max(1, int(assigned))
-    return cpus
-
-
-def tokenizer_threads(setting: int | str, device: torch.device) -> int:
-    """worker.tokenizer_threads resolved: auto is a GPU worker's CPUs but one (the model's thread keeps
-    one), and 1 on CPU, where the model needs every core and tokenizing is <1% of its time."""
-    if setting != "auto":
-        return int(setting)
-    if device.type != "cuda":
-        return 1
-    assigned = _assigned_cpus()
-    cpus = assigned if assigned is not None else (os.cpu_count() or 1) / max(1, torch.cuda.device_count())
-    return max(1, int(cpus) - 1)
-
 
 TOKENIZE_CHARS = 1 << 18
 """Texts are tokenized in batches of about this many characters (one call into the Rust tokenizer)."""
@@ -127,7 +51,7 @@ class ShardWorker:
 
     def __init__(self, manifest: dict[str, Any], run_dir: str, threads: int | None = None):
         bound_malloc()
-        torch.set_num_threads(threads or _default_threads())
+        torch.set_num_threads(threads or default_threads())
         self.manifest = manifest
         self.cfg = config_mod.from_dict(manifest["config"])
         self.plan = DataPlan.from_dict(manifest["plan"])
@@ -165,9 +89,7 @@ class ShardWorker:
                                 processor=processor, images=self.cfg.data.image_column is not None,
                                 image_token_id=models.image_token_id(self.model.config) if processor else None)
         self.keep_schema = self.plan.keep_arrow_schema()
-        self.docs_schema = pa.schema([("doc_id", pa.int64()), ("n_tokens", pa.int32()),
-                                      ("token_ids", pa.list_(pa.int32())), ("positions", POSITIONS_TYPE),
-                                      ("windows", WINDOWS_TYPE), *self.keep_schema])
+        self.docs_schema = docs_schema(self.keep_schema)
         self._cache: dict[int, list[Document]] = {}
         self._ahead: dict[int, UnitInput] = {}
         """Units whose reading started before their `process` call (`then`)."""
@@ -292,42 +214,11 @@ class ShardWorker:
 
     def _process(self, task: Task, source: "UnitInput", tmp: Path) -> dict[str, Any]:
         out = self.cfg.output
-        keep_rows = out.activations
         ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                                    device=self.device, reconstruction=out.reconstruction, hooks=self.hooks,
                                    top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius,
                                    last_values=out.keeps_last_values(self.cfg.data))
-        held: list[pa.Table] = []  # output.docs other than all: the unit's docs, written once the examples are known
-        token_ids: dict[int, np.ndarray] = {}
-        act_writer = pq.ParquetWriter(tmp / "activations" / "part-0.parquet", ACTIVATIONS_SCHEMA, compression="zstd") if keep_rows else None
-        docs_writer = pq.ParquetWriter(tmp / "docs" / "part-0.parquet", self.docs_schema, compression="zstd")
-        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeray-writer")
-        pending: list[Future] = []
-        n_rows = 0
-        order = FeatureOrder() if keep_rows and out.row_order == "feature" else None
-        row_group = FeatureOrder.ROW_GROUP_ROWS if order is not None else 1 << 20
-
-        def write(block: list[Document], rows: dict) -> None:
-            nonlocal n_rows
-            docs_table = self._docs_table(block, with_tokens=out.docs == "all")
-            if out.docs != "all":
-                held.append(docs_table)
-                docs_table = None
-                if out.docs == "examples":
-                    token_ids.update((d.doc_id, d.token_ids) for d in block)
-            act_table = None
-            if keep_rows:  # feature order: the held rows' sort runs in the writer's thread, not the model's
-                act_table = order.add(rows) if order is not None else _rows_table(rows)
-                n_rows += sum(len(r["doc_id"]) for r in rows.values())
-            for f in pending:
-                f.result()  # at most one block waits on disk while the next one computes
-            pending.clear()
-            pending.append(io.submit(_write, docs_writer, act_writer, docs_table, act_table, row_group))
-
-        def flush(block: list[Document], batches: list) -> None:
-            for done in ext.push(block, keep_rows, batches):
-                write(*done)
-
+        files = UnitFiles(tmp, out, self.docs_schema, self.keep_schema)
         wait = 0.0  # seconds the model's thread spent getting its next block (prefetch: waiting for it)
         try:
             items = iter(source.blocks)
@@ -337,57 +228,23 @@ class ShardWorker:
                 wait += time.perf_counter() - t0
                 if item is None:
                     break
-                flush(*item)
+                block, batches = item
+                for done in ext.push(block, out.activations, batches):
+                    files.write(*done)
             for done in ext.drain():
-                write(*done)
-            for f in pending:
-                f.result()
-            if order is not None and order.n:
-                _write(docs_writer, act_writer, None, order.take(), row_group)
-            if held:
-                docs = pa.concat_tables(held)
-                if out.docs == "examples":
-                    docs = _with_windows(docs, token_ids, ext.examples.values(), out.context_radius)
-                docs_writer.write_table(docs)
+                files.write(*done)
+            files.finish(ext.examples.values())
         finally:
             if isinstance(source.blocks, Prefetch):
                 source.blocks.close()
-            io.shutdown(wait=True)
-            docs_writer.close()
-            if act_writer is not None:
-                act_writer.close()
-        stats = pa.concat_tables([st.to_table(sae, g) for (sae, g), st in ext.stats.items()])
-        pq.write_table(stats.cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
-        hist = pa.concat_tables([st.hist_table(sae, g) for (sae, g), st in ext.stats.items()])
-        pq.write_table(hist, tmp / "hist.parquet", compression="zstd")
-        if ext.examples:
-            examples = pa.concat_tables([e.to_table(sae, g) for (sae, g), e in ext.examples.items()])
-            pq.write_table(examples, tmp / "examples.parquet", compression="zstd", row_group_size=1 << 18)
-        if ext.last is not None:
-            last = pa.concat_tables([last_values_table(parts, sae, g) for (sae, g), parts in ext.last.items()])
-            pq.write_table(last, tmp / "lastvals.parquet", compression="zstd", row_group_size=1 << 20)
-        if ext.recon:
-            pq.write_table(recon_table(ext.recon), tmp / "recon.parquet", compression="zstd")
+            files.close()
+        write_partials(ext, tmp)
         counted_tokens = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
         if self.tok.truncated:
             log.warning("unit %d: %d image documents were cut to tokens.context_size", task.uid, self.tok.truncated)
             self.tok.truncated = 0
-        return {"rows": n_rows, "docs": source.n_docs, "tokens": source.n_tokens, "forward_tokens": ext.forward_tokens,
-                "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
-
-    def _docs_table(self, block: list[Document], with_tokens: bool = True) -> pa.Table:
-        cols: dict[str, Any] = {
-            "doc_id": pa.array([d.doc_id for d in block], pa.int64()),
-            "n_tokens": pa.array([len(d.token_ids) for d in block], pa.int32()),
-            "token_ids": (pa.array([d.token_ids for d in block], pa.list_(pa.int32())) if with_tokens
-                          else pa.nulls(len(block), pa.list_(pa.int32()))),
-            "positions": pa.array([[{"group": g, "n": len(p), "last": int(p[-1])} for g, p in d.groups.items() if len(p)]
-                                   for d in block], POSITIONS_TYPE),
-            "windows": pa.nulls(len(block), WINDOWS_TYPE),
-        }
-        for field in self.keep_schema:
-            cols[field.name] = pa.array([d.extras.get(field.name) for d in block], field.type)
-        return pa.table(cols, schema=self.docs_schema)
+        return {"rows": files.n_rows, "docs": source.n_docs, "tokens": source.n_tokens,
+                "forward_tokens": ext.forward_tokens, "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
 
 
 class UnitInput:
@@ -406,106 +263,6 @@ class UnitInput:
             self.n_docs += 1
             self.n_tokens += len(doc.token_ids)
             yield doc
-
-
-def _rows_table(rows: dict[tuple[str, str], dict[str, np.ndarray]]) -> pa.Table:
-    parts = []
-    for (sae, group), r in rows.items():
-        n = len(r["doc_id"])
-        if n == 0:
-            continue
-        parts.append(pa.table({
-            "sae": pa.repeat(pa.scalar(sae, pa.string()), n), "group": pa.repeat(pa.scalar(group, pa.string()), n),
-            "doc_id": r["doc_id"], "pos": r["pos"], "feature": r["feature"], "value": r["value"],
-        }, schema=ACTIVATIONS_SCHEMA))
-    return pa.concat_tables(parts) if parts else ACTIVATIONS_SCHEMA.empty_table()
-
-
-def _with_windows(docs: pa.Table, token_ids: dict[int, np.ndarray], examples: Iterable[Any], radius: int) -> pa.Table:
-    """`docs` with column windows: per document, the merged spans pos - radius .. pos + radius of its kept
-    examples (every SAE's and group's), clipped to the document; documents without examples get none."""
-    kept = [e.kept_positions() for e in examples]
-    doc = np.concatenate([d for d, _ in kept]) if kept else np.empty(0, np.int64)
-    pos = np.concatenate([p for _, p in kept]) if kept else np.empty(0, np.int64)
-    # each (document, position) once (many features' examples share one), in (doc_id, pos) order
-    pairs = np.unique(np.stack([doc.astype(np.int64), pos.astype(np.int64)], axis=1), axis=0)
-    spans: dict[int, list[list[int]]] = {}
-    for d, p in pairs.tolist():
-        ids = token_ids.get(d)
-        if ids is None:
-            continue
-        lo, hi = max(0, p - radius), min(len(ids), p + radius + 1)
-        mine = spans.setdefault(d, [])
-        if mine and lo <= mine[-1][1]:  # overlapping or touching the previous span: one span
-            mine[-1][1] = max(mine[-1][1], hi)
-        else:
-            mine.append([lo, hi])
-    windows = [[{"start": lo, "token_ids": token_ids[d][lo:hi]} for lo, hi in spans.get(d, [])] or None
-               for d in docs.column("doc_id").to_pylist()]
-    i = docs.schema.get_field_index("windows")
-    return docs.set_column(i, docs.schema.field(i), pa.array(windows, WINDOWS_TYPE))
-
-
-def _write(docs_writer: pq.ParquetWriter, act_writer: pq.ParquetWriter | None,
-           docs_table: pa.Table | None, act_table: pa.Table | Callable[[], pa.Table] | None,
-           row_group: int = 1 << 20) -> None:
-    if docs_table is not None:
-        docs_writer.write_table(docs_table)
-    if callable(act_table):  # FeatureOrder's held rows, sorted here
-        act_table = act_table()
-    if act_writer is not None and act_table is not None and act_table.num_rows:
-        act_writer.write_table(act_table, row_group_size=row_group)
-
-
-class FeatureOrder:
-    """output.row_order: feature. Blocks' rows are held until FLUSH_ROWS, then go out sorted by (sae, group,
-    feature, doc_id, pos) in row groups of ROW_GROUP_ROWS: each row group's `feature` statistics span about
-    ROW_GROUP_ROWS / FLUSH_ROWS of the SAE's features, and Parquet readers (Polars' scan, pyarrow's filters)
-    skip the row groups a feature filter excludes. Memory: FLUSH_ROWS x 20 bytes (160 MiB), and its sort."""
-
-    FLUSH_ROWS = 1 << 23
-    ROW_GROUP_ROWS = 1 << 16
-
-    def __init__(self) -> None:
-        self.parts: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
-        self.n = 0
-
-    def add(self, rows: dict[tuple[str, str], dict[str, np.ndarray]]) -> Callable[[], pa.Table] | None:
-        """Hold a block's rows; once FLUSH_ROWS are held, `take()` (else None)."""
-        for key, r in rows.items():
-            if len(r["doc_id"]):
-                self.parts.setdefault(key, []).append(r)
-                self.n += len(r["doc_id"])
-        return self.take() if self.n >= self.FLUSH_ROWS else None
-
-    def take(self) -> Callable[[], pa.Table]:
-        """A call that sorts the held rows by (sae, group, feature, doc_id, pos); they are no longer held."""
-        parts, self.parts, self.n = self.parts, {}, 0
-
-        def sort() -> pa.Table:
-            merged = {}
-            for key in sorted(parts):
-                # each block's rows are in (doc_id, pos) order; blocks hold disjoint runs of documents
-                ps = sorted(parts[key], key=lambda q: (q["doc_id"][0], q["pos"][0]))
-                ordered = all((a["doc_id"][-1], a["pos"][-1]) <= (b["doc_id"][0], b["pos"][0]) for a, b in zip(ps, ps[1:]))
-                r = {c: np.concatenate([q[c] for q in ps]) for c in ("doc_id", "pos", "feature", "value")}
-                at = _feature_major(r, ordered)
-                merged[key] = {c: v[at] for c, v in r.items()}
-            return _rows_table(merged)
-
-        return sort
-
-
-def _feature_major(r: dict[str, np.ndarray], ordered: bool) -> np.ndarray:
-    """The permutation that sorts rows by (feature, doc_id, pos): a stable sort by feature, after stable sorts by pos
-    and doc_id unless the rows are `ordered` by (doc_id, pos) already. torch's stable CPU sort: 0.25 s for 8M rows,
-    against 3 s for numpy's three-key lexsort."""
-    f = torch.from_numpy(r["feature"])
-    if ordered:
-        return torch.sort(f, stable=True).indices.numpy()
-    at = torch.sort(torch.from_numpy(r["pos"]), stable=True).indices
-    at = at[torch.sort(torch.from_numpy(r["doc_id"])[at], stable=True).indices]
-    return at[torch.sort(f[at], stable=True).indices].numpy()
 
 
 def _out_of_room(e: OSError) -> bool:

@@ -7,8 +7,8 @@ import logging
 from typing import Any, Iterable, Iterator
 
 from ..engine import sources
-from ..engine.pipeline import Prefetch
 from ..engine.folder import OutputWriteError
+from ..engine.pipeline import Prefetch
 from ..engine.units import Task
 from .base import Executor, Job, register
 from .tasks import all_tasks

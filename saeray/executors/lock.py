@@ -28,7 +28,7 @@ import time
 import uuid
 from typing import Any
 
-from ..engine.store import LOCK, MANIFEST, RunDir, RunDirError, _pid_alive
+from ..engine.store import LOCK, MANIFEST, RunDir, RunDirError, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class DriverLock:
                 return True
         except (KeyError, ValueError, TypeError):
             return True
-        return holder.get("host") == self.me["host"] and not _pid_alive(int(holder.get("pid", -1)))
+        return holder.get("host") == self.me["host"] and not pid_alive(int(holder.get("pid", -1)))
 
     def _write_remote(self) -> None:
         self.rd.write_bytes(LOCK, json.dumps({**self.me, "heartbeat": _now()}).encode())

@@ -244,7 +244,7 @@ def test_reconstruction_partials_equal_a_direct_computation(tiny, tmp_path):
 def test_docs_record_counted_positions_per_group(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    from saeray.analysis.diff import doc_positions
+    from saeray.analysis.significance import doc_positions
 
     out = _run(tiny, tmp_path, "llama", [("a", "sae_standard")])
     special = set(AutoTokenizer.from_pretrained(tiny["llama"]).all_special_ids)

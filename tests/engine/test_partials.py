@@ -1,4 +1,4 @@
-"""Row-free partials (saeray/partials.py): every partial-based result against the row-based computation on
+"""Row-free partials (saeray/engine/partials.py): every partial-based result against the row-based computation on
 the same run, and against plain loops over the raw rows; 1 vs 7 units; statistics-only runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import base_config
 
-from saeray.analysis.diff import doc_moments, partial_doc_moments
+from saeray.analysis.significance import doc_moments, partial_doc_moments
 from saeray.analysis.stats import features
 from saeray.analysis.top import interval_examples, top_examples
 from saeray.engine import config
@@ -200,12 +200,13 @@ def test_config_errors(tiny, tmp_path):
 
 
 def test_an_open_run_reads_its_markers_and_tokenizer_once(runs, monkeypatch):
-    """Analyses handed an open run (store.open_run) share its manifest, markers and tokenizer."""
+    """Analyses handed an open run (run.open_run) share its manifest, markers and tokenizer."""
     import transformers
 
     from saeray.analysis.diff import diff_runs
     from saeray.analysis.top import load_tokenizer
-    from saeray.engine.store import RunDir, open_run
+    from saeray.engine.run import open_run
+    from saeray.engine.store import RunDir
 
     reads, loads = [], []
     completion, manifest = RunDir.completion, RunDir.read_manifest

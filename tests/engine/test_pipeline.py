@@ -145,8 +145,8 @@ def test_batches_in_flight_give_the_same_rows_and_statistics(tiny, sae_key):
     """The GPU's schedule (batches queued ahead, codes read by size with nonzero_static) run on CPU equals the
     one-batch-at-a-time path exactly: rows, statistics, per-document counts, reconstruction partials."""
     from saeray.engine import models, saes
+    from saeray.engine.batching import blocks
     from saeray.engine.config import ModelConfig, SAEConfig
-    from saeray.engine.contexts import blocks
     from saeray.engine.extract import Extractor, SAEHandle
 
     cpu = torch.device("cpu")

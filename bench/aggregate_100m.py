@@ -18,7 +18,7 @@ its own subprocess (peak RSS from resource.getrusage is per process):
     diff_partials      diff.diff_runs(run, run, source="partials")   (Welch + BH from per-document moments)
     top, interval      the same from the activation rows (the reference path)
     by_feature         the run copied with its rows rewritten as output.row_order: feature writes them
-                       (worker.FeatureOrder: runs of 8M rows sorted by feature, row groups of 64k rows)
+                       (writing.FeatureOrder: runs of 8M rows sorted by feature, row groups of 64k rows)
     top_by_feature     top_examples(100 features, source="rows") on that copy
     top1, top1_by_feature  `top --feature F` (one feature, rows) on each layout
     diff               diff from the rows (pass --steps ...,diff: ~40 minutes at 100M rows)
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from saeray.engine.store import ACTIVATIONS_SCHEMA, RunDir, shard_name, write_json_atomic  # noqa: E402
+from saeray.engine.store import ACTIVATIONS_SCHEMA, RunDir, shard_name  # noqa: E402
 
 PER_TOKEN = 24          # feature draws per token (duplicates removed: ~23.5 rows per token)
 CHUNK_ROWS = 2_000_000  # rows generated and written at a time (one parquet row group per 1M rows)
@@ -69,9 +69,9 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
     the synthetic rows chunk by chunk of whole documents); return the next doc_id."""
     import torch
 
-    from saeray.engine.extract import STATS_SCHEMA, FeatureStats
+    from saeray.engine.feature_stats import STATS_SCHEMA, FeatureStats
     from saeray.engine.partials import UnitExamples
-    from saeray.engine.worker import POSITIONS_TYPE, WINDOWS_TYPE
+    from saeray.engine.writing import POSITIONS_TYPE, WINDOWS_TYPE
 
     final = rd.final_paths(shard)
     for kind in ("activations", "docs"):
@@ -124,15 +124,15 @@ def write_shard(rd: RunDir, shard: int, n_rows: int, first_doc: int, d_sae: int,
     s = shard_name(shard)
     files = {"activations": [f"activations/shard={s}/part-0.parquet"], "docs": [f"docs/shard={s}/part-0.parquet"],
              **{k: [f"{k}/{s}.parquet"] for k in ("stats", "hist", "examples")}}
-    write_json_atomic(rd.marker(shard), {"shard": shard, "rows": written, "docs": doc - first_doc,
+    rd.write_json(rd.marker_key(shard), {"shard": shard, "rows": written, "docs": doc - first_doc,
                                          "tokens": n_tokens, "fingerprint": "synthetic0000000", "files": files})
     return doc
 
 
 def by_feature(root: Path) -> dict:
     """Copy the run to root.parent/by_feature with each unit's rows rewritten in feature order by the worker's own
-    FeatureOrder and _write, fed the document-order rows 1M at a time as a worker feeds it blocks."""
-    from saeray.engine.worker import FeatureOrder, _write
+    FeatureOrder and write_block, fed the document-order rows 1M at a time as a worker feeds it blocks."""
+    from saeray.engine.writing import FeatureOrder, write_block
 
     dest = root.parent / "by_feature"
     shutil.rmtree(dest, ignore_errors=True)
@@ -148,9 +148,9 @@ def by_feature(root: Path) -> dict:
             rows += len(cols["doc_id"])
             full = order.add({("res", "all"): cols})
             if full is not None:
-                _write(None, writer, None, full, FeatureOrder.ROW_GROUP_ROWS)
+                write_block(None, writer, None, full, FeatureOrder.ROW_GROUP_ROWS)
         if order.n:
-            _write(None, writer, None, order.take(), FeatureOrder.ROW_GROUP_ROWS)
+            write_block(None, writer, None, order.take(), FeatureOrder.ROW_GROUP_ROWS)
         writer.close()
     size = sum(p.stat().st_size for p in (dest / "activations").rglob("*.parquet"))
     return {"rows": rows, "activations_bytes": size}

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from saeray.assets import tiny  # noqa: E402
 from saeray.engine import config  # noqa: E402
-from saeray.engine.worker import peak_rss_mb  # noqa: E402
+from saeray.engine.resources import peak_rss_mb  # noqa: E402
 from saeray.executors import run  # noqa: E402
 
 WORDS = tiny.WORDS

@@ -39,8 +39,9 @@ def hidden_states(model_name: str, hook: str, texts: list[str], max_tokens: int,
     import torch
 
     from saeray.engine import models
+    from saeray.engine.batching import blocks
     from saeray.engine.config import ModelConfig, PositionsConfig
-    from saeray.engine.contexts import Tokenization, blocks
+    from saeray.engine.contexts import Tokenization
 
     device = torch.device("cpu")
     model, tok = models.load_model(ModelConfig(name=model_name), device)

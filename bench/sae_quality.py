@@ -4,7 +4,7 @@ For each SAE under saeray/assets/saes/ (or the directories given), load it with 
 `sae_lens.SAE.load_from_disk`, stream activations at its hook from the documents its
 `saeray_training.json` says were held out (never seen in training), and measure, over all of
 them, per corpus kind (code, docstring, documentation, manual, quotation) and on saeray's texts
-of kinds absent from the corpus (saeray/outside_texts.py: a harbour town, a bridge's history,
+of kinds absent from the corpus (saeray/assets/outside_texts.py: a harbour town, a bridge's history,
 router instructions, a conversation, a letter):
 
 - explained variance, centred: 1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over counted tokens

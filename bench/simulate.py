@@ -263,7 +263,7 @@ def step(spec: dict) -> dict:
         return out
 
     worker.RunDir.commit = commit
-    worker._default_threads = lambda: 1  # torch's own threads would hide the model thread's CPU time
+    worker.default_threads = lambda: 1  # torch's own threads would hide the model thread's CPU time
     t0 = time.perf_counter()
     result = executors.run(cfg, executor="local", overwrite=True)
     wall_all = time.perf_counter() - t0

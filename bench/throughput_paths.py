@@ -261,7 +261,7 @@ def model_forward(w: Any, spec: dict) -> tuple[Any, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from saeray.engine.contexts import blocks
+    from saeray.engine.batching import blocks
     from saeray.engine.models import run_to_hooks
 
     docs = [w.tok.document(i, t, {}) for i, t in enumerate(read_texts(spec["data"]))]
@@ -476,7 +476,7 @@ def gpu_sized(spec: dict) -> dict:
     from saeray.engine.config import PositionsConfig
     from saeray.engine.contexts import Document, Tokenization
     from saeray.engine.extract import Extractor, SAEHandle
-    from saeray.engine.worker import bound_malloc
+    from saeray.engine.resources import bound_malloc
 
     bound_malloc()
     device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")

@@ -12,22 +12,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from ..engine.store import open_run
-from .stats import features, scan_activations, scan_docs
+from ..engine.run import open_run
+from .significance import KEYS, doc_ttest, moments_source
+from .stats import features, scan_activations
+from .tables import check_same_saes, with_neuronpedia, write_parquet_with_meta
 
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, float | None]] = {
     # active = fires on any token; "shifted" is everything active in both runs with rho <= 0.7.
     "default": {"active_value": None, "active_fraction": 0.0, "new_ratio": 3.0, "stable_rho": 0.7, "shifted_rho": 0.0},
-    # WORKFLOWS.md workflow 1: active = fraction of tokens with value > 0.1 exceeds 0.01.
+    # text model vs its VLM (saeray transfer): active = fraction of tokens with value > 0.1 exceeds 0.01.
     "vlm_transfer": {"active_value": 0.1, "active_fraction": 0.01, "new_ratio": 3.0, "stable_rho": 0.7,
                      "shifted_rho": 0.3},
 }
-KEYS = ["sae", "group", "feature"]
 CLASSES = ("dead_in_both", "new_in_b", "lost_from_a", "stable", "shifted", "other")
 METRICS = ("density", "mean", "mean_active")
 
@@ -66,87 +66,6 @@ def _token_table(run: str | Path, active_value: float | None) -> pl.LazyFrame:
             .drop("_n_above"))
 
 
-def doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per (sae, group, feature) mean and sample variance (ddof=1) of doc_value; n_docs per group).
-
-    Documents never span shards, so the moments are computed exactly shard by shard (two
-    passes in float64; documents where the feature never fires contribute x = 0) and merged
-    across shards with Chan's formula: memory is bounded by one shard, not by the run.
-    """
-    from .stats import _scan
-
-    rd = open_run(run)
-    parts = []
-    for shard, marker in sorted(rd.completions().items()):  # the files each marker lists (local and s3:// alike)
-        acts = rd.shard_files(shard, "activations", marker)
-        docs = rd.shard_files(shard, "docs", marker)
-        if not docs:
-            continue
-        pos = _positions(_scan(docs)).collect()
-        n = pos.group_by("group").agg(pl.len().alias("n"))
-        if not acts:
-            continue
-        x = (_scan(acts).group_by([*KEYS, "doc_id"]).agg(pl.col("value").cast(pl.Float64).sum())
-             .join(pos.lazy().select("group", "doc_id", "n_counted"), on=["group", "doc_id"])
-             .select(*KEYS, (pl.col("value") / pl.col("n_counted")).alias("x"))
-             .collect(engine="streaming"))
-        mean = (x.group_by(KEYS).agg(pl.col("x").sum().alias("s"), pl.len().alias("nz"))
-                .join(n, on="group").with_columns((pl.col("s") / pl.col("n")).alias("mean")))
-        ss = (x.join(mean.select(*KEYS, "mean"), on=KEYS).group_by(KEYS)
-              .agg(((pl.col("x") - pl.col("mean")) ** 2).sum().alias("ss")))
-        parts.append(mean.join(ss, on=KEYS).select(
-            *KEYS, "n", "mean", (pl.col("ss") + (pl.col("n") - pl.col("nz")) * pl.col("mean") ** 2).alias("m2")))
-    n_docs = doc_positions(run).group_by("group").agg(pl.len().alias("n_docs")).collect()
-    if not parts:
-        return pl.DataFrame(schema={"sae": pl.String, "group": pl.String, "feature": pl.Int32,
-                                    "doc_mean": pl.Float64, "doc_var": pl.Float64}), n_docs
-    allp = pl.concat(parts)
-    # Shards where a feature never fired hold n docs at x = 0: they enter with mean 0, m2 0.
-    totals = allp.group_by(KEYS).agg((pl.col("mean") * pl.col("n")).sum().alias("_s")).join(n_docs, on="group")
-    totals = totals.with_columns((pl.col("_s") / pl.col("n_docs")).alias("doc_mean"))
-    spread = (allp.join(totals.select(*KEYS, "doc_mean"), on=KEYS)
-              .group_by(KEYS).agg((pl.col("m2") + pl.col("n") * (pl.col("mean") - pl.col("doc_mean")) ** 2).sum()
-                                  .alias("_m2"), pl.col("n").sum().alias("_n_seen")))
-    moments = (totals.join(spread, on=KEYS)
-               .with_columns(((pl.col("_m2") + (pl.col("n_docs") - pl.col("_n_seen")) * pl.col("doc_mean") ** 2)
-                              / (pl.col("n_docs") - 1)).alias("doc_var"))
-               .select(*KEYS, "doc_mean", "doc_var"))
-    return moments, n_docs
-
-
-def partial_doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """`doc_moments` from the units' per-document moments (stats.doc_moments): no pass over rows; raises
-    LookupError for runs whose units predate them."""
-    from .stats import doc_moments as merged
-
-    m = merged(run)
-    n_docs = m.group_by("group").agg(pl.col("n_docs").max())
-    return m.select(*KEYS, "doc_mean", "doc_var"), n_docs
-
-
-def run_doc_moments(run: str | Path, source: str = "auto") -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Per-document moments from the partials (auto, when every unit has them) or the rows (the reference)."""
-    return partial_doc_moments(run) if _moments_source(run, source) == "partials" else doc_moments(run)
-
-
-def _significance(run_a: str | Path, run_b: str | Path, frame: pl.DataFrame, source: str = "auto") -> pl.DataFrame:
-    (ma, n_a), (mb, n_b) = run_doc_moments(run_a, source), run_doc_moments(run_b, source)
-    out = (frame.join(n_a.rename({"n_docs": "n_docs_a"}), on="group", how="left")
-           .join(n_b.rename({"n_docs": "n_docs_b"}), on="group", how="left")
-           .join(ma.rename({"doc_mean": "doc_mean_a", "doc_var": "doc_var_a"}), on=KEYS, how="left")
-           .join(mb.rename({"doc_mean": "doc_mean_b", "doc_var": "doc_var_b"}), on=KEYS, how="left")
-           .with_columns(pl.col("^doc_(mean|var)_[ab]$").fill_null(0.0)))
-    t, p = t_pvalues(out["doc_mean_b"].to_numpy(), out["doc_var_b"].to_numpy(), out["n_docs_b"].to_numpy(),
-                     out["doc_mean_a"].to_numpy(), out["doc_var_a"].to_numpy(), out["n_docs_a"].to_numpy())
-    out = out.with_columns(pl.Series("t", t), pl.Series("p", p)).with_columns(pl.col("t", "p").fill_nan(None))
-    q = np.empty(out.height)
-    p_filled = out["p"].fill_null(1.0).to_numpy()
-    for idx in out.with_row_index("_i").group_by("sae", "group").agg("_i")["_i"]:
-        idx = idx.to_numpy()
-        q[idx] = benjamini_hochberg(p_filled[idx])
-    return out.with_columns(pl.Series("q", q))
-
-
 def diff_runs(run_a: str | Path, run_b: str | Path, *, preset: str = "default", pseudo: float = 1.0,
               active_value: float | None = None, active_fraction: float | None = None,
               new_ratio: float | None = None, stable_rho: float | None = None, shifted_rho: float | None = None,
@@ -182,7 +101,7 @@ def diff_runs(run_a: str | Path, run_b: str | Path, *, preset: str = "default", 
             "active_a", "active_b", "class", "n_tokens_a", "n_tokens_b", "n_active_a", "n_active_b"]
     frame = frame.select(cols)
     if significance:
-        frame = _significance(run_a, run_b, frame, source)
+        frame = doc_ttest(run_a, run_b, frame, source)
     return with_neuronpedia(frame, run_a).sort(KEYS)
 
 
@@ -244,16 +163,8 @@ def diff_metadata(run_a: str | Path, run_b: str | Path, **options: Any) -> dict[
             "fingerprint_b": open_run(run_b).read_manifest()["fingerprint"],
             "preset": preset, "thresholds": th, "pseudo": options.get("pseudo", 1.0),
             "significance": options.get("significance", True), "definitions": DEFINITIONS,
-            "doc_moments_from": {r: _moments_source(run, options.get("source", "auto"))
+            "doc_moments_from": {r: moments_source(run, options.get("source", "auto"))
                                  for r, run in (("a", run_a), ("b", run_b))}}
-
-
-def _moments_source(run: str | Path, source: str) -> str:
-    """Where the per-document moments of `run` come from under `source` (rows or partials; they came with the
-    units' hist partials)."""
-    from .stats import source_for
-
-    return source_for(run, source, "hist")
 
 
 def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, k: int = 100,
@@ -271,127 +182,3 @@ def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, k: 
         for m in METRICS:
             top_changes(d, m, k).write_csv(out / f"top_{group}_{m}.csv")
     return out / "diff.parquet"
-
-
-# ---- helpers shared with separate.py ---------------------------------------------------
-
-
-def check_same_saes(run_a: str | Path, run_b: str | Path) -> None:
-    """Refuse to compare runs whose SAEs (names and weight/config digests) differ."""
-    def saes(run: str | Path) -> dict[str, str]:
-        return {s["name"]: s["digest"] for s in open_run(run).read_manifest()["resolved"]["saes"]}
-
-    sa, sb = saes(run_a), saes(run_b)
-    if sa != sb:
-        diffs = [f"{n}: {sa.get(n, 'absent')[:12]} vs {sb.get(n, 'absent')[:12]}"
-                 for n in sorted(set(sa) | set(sb)) if sa.get(n) != sb.get(n)]
-        raise ValueError(f"runs {run_a} and {run_b} used different SAEs ({'; '.join(diffs)}; digests of config and "
-                         "weights): features are only comparable under the same SAE. Extract both runs with the same "
-                         "`saes:` entries")
-
-
-def _tokenization(run: Any) -> Any:
-    """The run's own Tokenization (its tokenizer + position rules, from its manifest)."""
-    from ..engine import config as config_mod
-    from ..engine.contexts import Tokenization
-
-    run = open_run(run)
-    manifest = run.read_manifest()
-    cfg = config_mod.from_dict(manifest["config"])
-    try:
-        tok = run.tokenizer
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load the tokenizer of model {cfg.model.name!r} (needed to count each "
-                                f"document's positions): {e}") from None
-    r = manifest["resolved"]
-    return Tokenization(tok, cfg.positions, prepend_bos=r["prepend_bos"], context_size=r["context_size"],
-                        exclude_special=cfg.tokens.exclude_special)
-
-
-def _positions(docs: pl.LazyFrame) -> pl.LazyFrame:
-    return (docs.select("doc_id", "positions").explode("positions").drop_nulls("positions").unnest("positions")
-            .select("group", "doc_id", pl.col("n").cast(pl.UInt32).alias("n_counted"), pl.col("last").alias("last_pos")))
-
-
-def doc_positions(run: str | Path) -> pl.LazyFrame:
-    """Per (group, doc_id) with at least one counted position: n_counted and last_pos.
-
-    Read from docs.positions (written by the engine); for runs made before that column
-    existed, recomputed from docs.token_ids with the run's own tokenizer and position rules.
-    Documents without counted positions are absent.
-    """
-    if "positions" in scan_docs(run).collect_schema():
-        return _positions(scan_docs(run))
-    tok = _tokenization(run)
-    docs = scan_docs(run).select("doc_id", "token_ids")
-    mode = tok.positions.mode
-    if mode in ("all", "last"):
-        special = tok.special_ids.tolist() if tok.exclude_special else []
-        counted = (docs.explode("token_ids").with_columns(pl.int_range(pl.len()).over("doc_id").alias("pos"))
-                   .filter(pl.col("token_ids").is_not_null() & ~pl.col("token_ids").is_in(special))
-                   .group_by("doc_id").agg(pl.len().alias("n_counted"), pl.col("pos").max().alias("last_pos")))
-        if mode == "last":
-            counted = counted.with_columns(pl.lit(1, pl.UInt32).alias("n_counted"))
-        return counted.select(pl.lit(mode).alias("group"), "doc_id", "n_counted",
-                              pl.col("last_pos").cast(pl.Int32))
-    out: list[tuple[str, int, int, int]] = []
-    for doc_id, ids in docs.collect().iter_rows():
-        for g, pos in tok.select(np.asarray(ids or [], dtype=np.int64), doc_id).items():
-            if len(pos):
-                out.append((g, doc_id, len(pos), int(pos[-1])))
-    return pl.LazyFrame(out, schema={"group": pl.String, "doc_id": pl.Int64, "n_counted": pl.UInt32,
-                                     "last_pos": pl.Int32}, orient="row")
-
-
-def t_pvalues(m1: np.ndarray, v1: np.ndarray, n1: np.ndarray, m0: np.ndarray, v0: np.ndarray,
-              n0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Welch's t and two-sided p of group 1 vs group 0 from means, sample variances (ddof=1) and sizes.
-
-    Both variances 0: NaN if the means are equal, else t = +-inf and p = 0 (as scipy.stats.ttest_ind).
-    """
-    from scipy import stats as st
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a, b = v1 / n1, v0 / n0
-        se2 = a + b
-        t = (m1 - m0) / np.sqrt(se2)
-        df = se2 ** 2 / (a ** 2 / (n1 - 1) + b ** 2 / (n0 - 1))
-        p = 2 * st.t.sf(np.abs(t), df)
-    flat = ~(se2 > 0)  # both groups constant: identical means give no test, different ones separate perfectly
-    same = flat & (m1 == m0)
-    t = np.where(same, np.nan, np.where(flat, np.copysign(np.inf, m1 - m0), t))
-    return t, np.where(same, np.nan, np.where(flat, 0.0, p))
-
-
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values: q_(i) = min_{j >= i} m p_(j) / j, capped at 1."""
-    p = np.asarray(p, dtype=np.float64)
-    m = len(p)
-    if m == 0:
-        return p.copy()
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    q = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    out = np.empty(m)
-    out[order] = q
-    return out
-
-
-def with_neuronpedia(frame: pl.DataFrame, run: str | Path) -> pl.DataFrame:
-    """Add column `neuronpedia` (feature page URL) where the SAE config names a neuronpedia_id."""
-    ids = {s["name"]: s.get("neuronpedia_id") for s in open_run(run).read_manifest()["resolved"]["saes"]}
-    prefix = pl.DataFrame({"sae": list(ids), "_np": [f"https://www.neuronpedia.org/{v}/" if v else None
-                                                    for v in ids.values()]}, schema={"sae": pl.String, "_np": pl.String})
-    return (frame.join(prefix, on="sae", how="left")
-            .with_columns((pl.col("_np") + pl.col("feature").cast(pl.String)).alias("neuronpedia")).drop("_np"))
-
-
-def write_parquet_with_meta(frame: pl.DataFrame, path: Path, key: str, meta: dict[str, Any]) -> None:
-    """Write `frame` atomically with `meta` as JSON under Parquet key-value metadata `key`."""
-    import pyarrow.parquet as pq
-
-    table = frame.to_arrow()
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), key: json.dumps(meta, sort_keys=True)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)

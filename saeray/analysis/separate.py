@@ -1,4 +1,4 @@
-"""Separation of labelled groups of documents by SAE features (WORKFLOWS.md workflow 2).
+"""Separation of labelled groups of documents by SAE features (e.g. correct from incorrect code).
 
 One position per document: the last counted position of each group (extract with
 `positions.mode: last`; in other modes the last selected position of the document is read,
@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..engine.store import open_run
-from .diff import KEYS, benjamini_hochberg, doc_positions, t_pvalues, with_neuronpedia, write_parquet_with_meta
-from .stats import _committed_files, _scan, features, has_kind, scan_activations, scan_docs, source_for
+from ..engine.run import open_run
+from .significance import KEYS, doc_positions, with_q, with_t
+from .stats import committed_files, features, has_kind, scan_activations, scan_docs, scan_files, source_for
+from .tables import with_neuronpedia, write_parquet_with_meta
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Separation:
     metadata: dict[str, Any]
 
 
-def _labels(run: str | Path, label: str, positive: Any) -> tuple[pl.DataFrame, Any]:
+def read_labels(run: str | Path, label: str, positive: Any) -> tuple[pl.DataFrame, Any]:
     """(doc_id, y) of documents with a non-null label, and the positive value used."""
     schema = scan_docs(run).collect_schema()
     if label not in schema:
@@ -127,8 +128,7 @@ def _scores(x: pl.DataFrame, docs: pl.DataFrame, keys: pl.DataFrame) -> pl.DataF
         ((pl.col("_rsum") + (pl.col("n_pos") - pl.col("nz_pos")) * zero_rank
           - pl.col("n_pos") * (pl.col("n_pos") + 1) / 2) / (pl.col("n_pos") * pl.col("n_neg"))).alias("auroc"),
     ).with_columns((pl.col("f_pos") - pl.col("f_neg")).alias("f_diff"))
-    t, p = t_pvalues(*(s[c].to_numpy() for c in ("mean_pos", "var_pos", "n_pos", "mean_neg", "var_neg", "n_neg")))
-    s = s.with_columns(pl.Series("t", t), pl.Series("p", p)).with_columns(pl.col("t", "p").fill_nan(None))
+    s = with_t(s, "mean_pos", "var_pos", "n_pos", "mean_neg", "var_neg", "n_neg")
     return s.select(*KEYS, "n_pos", "n_neg", "f_pos", "f_neg", "f_diff", "mean_pos", "mean_neg", "cohens_d",
                     "t", "p", "auroc")
 
@@ -140,7 +140,7 @@ def last_values(run: str | Path, labels: pl.DataFrame, source: str = "auto") -> 
     when every unit has them): the same values."""
     docs = doc_positions(run).collect().join(labels, on="doc_id")
     if _source(run, source) == "partials":
-        x = (_scan(_committed_files(run, "lastvals"))
+        x = (scan_files(committed_files(run, "lastvals"))
              .join(docs.lazy().select("group", "doc_id", "y"), on=["group", "doc_id"]))
     else:
         x = (scan_activations(run).filter(pl.col("value") != 0)
@@ -270,7 +270,7 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
     if mode != "last":
         log.warning("%s was extracted with positions.mode %r: reading each document's last selected position "
                     "(positions.mode: last extracts only what separation needs)", run, mode)
-    labels, positive = _labels(run, label, positive)
+    labels, positive = read_labels(run, label, positive)
     x, docs = last_values(run, labels, source)
     keys = features(run).select(KEYS).collect()
     dropped: dict[str, int] = {}
@@ -282,12 +282,7 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
         dropped = {f"{s}/{g}": n for s, g, n in gone.group_by("sae", "group").len().sort("sae", "group").iter_rows()}
         keys = keys.filter(~(pl.col("ref_density") > max_density).fill_null(False))
         log.info("dropped %d features with reference density > %g", gone.height, max_density)
-    scores = _scores(x, docs, keys.select(KEYS))
-    q = np.empty(scores.height)
-    p = scores["p"].fill_null(1.0).to_numpy()
-    for idx in scores.with_row_index("_i").group_by("sae", "group").agg("_i")["_i"]:
-        q[idx.to_numpy()] = benjamini_hochberg(p[idx.to_numpy()])
-    scores = scores.with_columns(pl.Series("q", q))
+    scores = with_q(_scores(x, docs, keys.select(KEYS)))
     if ref is not None:
         scores = scores.join(ref, on=["sae", "feature"], how="left")
     scores = with_neuronpedia(scores, run).sort(["sae", "group", "auroc", "feature"], descending=[False, False, True, False])

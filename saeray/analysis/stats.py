@@ -12,10 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
-from ..engine.store import open_run
+from ..engine.run import open_run
 
 
-def _committed_files(run: str | Path, kind: str) -> list[str]:
+def committed_files(run: str | Path, kind: str) -> list[str]:
     """Parquet files (paths or URIs) of `kind` (activations | docs | stats | recon) of committed shards.
 
     Only the files each shard's completion marker lists: files of unfinished or concurrent
@@ -50,7 +50,7 @@ def source_for(run: str | Path, source: str, kind: str) -> str:
     return source
 
 
-def _scan(files: list[str]) -> pl.LazyFrame:
+def scan_files(files: list[str]) -> pl.LazyFrame:
     """Scan parquet files; object-store URIs use the standard AWS_* / cloud variables for credentials."""
     return pl.scan_parquet(files, storage_options=storage_options(files[0]) if files else None)
 
@@ -69,28 +69,28 @@ def storage_options(uri: str) -> dict[str, str] | None:
 
 
 def scan_partials(run: str | Path) -> pl.LazyFrame:
-    return _scan(_committed_files(run, "stats"))
+    return scan_files(committed_files(run, "stats"))
 
 
 def scan_activations(run: str | Path) -> pl.LazyFrame:
     """Activation rows (sae, group, doc_id, pos, feature, value) of committed shards."""
-    files = _committed_files(run, "activations")
+    files = committed_files(run, "activations")
     if not files:
         manifest = open_run(run).read_manifest()
         if not manifest["config"]["output"]["activations"]:
             raise FileNotFoundError(f"{run} is a statistics-only run (output.activations: false): it has no activation rows")
         from ..engine.store import ACTIVATIONS_SCHEMA
         return pl.LazyFrame(schema=pl.from_arrow(ACTIVATIONS_SCHEMA.empty_table()).schema)
-    return _scan(files)
+    return scan_files(files)
 
 
 def scan_docs(run: str | Path) -> pl.LazyFrame:
     """Documents (doc_id, n_tokens, token_ids, kept columns) of committed shards."""
-    return _scan(_committed_files(run, "docs"))
+    return scan_files(committed_files(run, "docs"))
 
 
 def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
-    """Per (sae, group, feature) statistics from per-shard partials (see DESIGN definitions)."""
+    """Per (sae, group, feature) statistics from per-shard partials (merged as the module docstring says)."""
     keys = ["sae", "group", "feature"]
     with_mean = partials.with_columns(
         (pl.col("sum") / pl.col("n_tokens")).fill_nan(0.0).alias("_mean_i"))
@@ -136,7 +136,7 @@ def histograms(run: str | Path, features: list[int], *, sae: str, group: str) ->
     if not has_kind(run, "hist"):
         raise LookupError(f"{run}: its units predate the histogram partials (saeray before issue 16)")
     pred = (pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
-    return (_scan(_committed_files(run, "hist")).filter(pred).group_by("feature", "bin").agg(pl.col("count").sum())
+    return (scan_files(committed_files(run, "hist")).filter(pred).group_by("feature", "bin").agg(pl.col("count").sum())
             .sort("feature", "bin").collect())
 
 
@@ -180,10 +180,10 @@ def reconstruction(run: str | Path) -> pl.DataFrame:
     """
     import numpy as np
 
-    files = _committed_files(run, "recon")
+    files = committed_files(run, "recon")
     if not files:
         raise FileNotFoundError(f"{run} has no reconstruction partials: extract with output.reconstruction: true")
-    parts = _scan(files).collect()
+    parts = scan_files(files).collect()
     rows = []
     for (sae, group), g in parts.group_by(["sae", "group"], maintain_order=True):
         n = int(g["n_tokens"].sum())
@@ -209,7 +209,7 @@ def training_gaps(run: str | Path, margin: float = EV_MARGIN) -> list[dict]:
     run (digest), are skipped. Empty when the run has no reconstruction partials."""
     import json
 
-    if not _committed_files(run, "recon"):
+    if not committed_files(run, "recon"):
         return []
     manifest = open_run(run).read_manifest()
     paths = {s["name"]: s.get("path") for s in manifest["config"].get("saes", [])}

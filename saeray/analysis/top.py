@@ -23,7 +23,7 @@ from typing import Any
 
 import polars as pl
 
-from ..engine.store import open_run
+from ..engine.run import open_run
 from ..engine.tokenstr import token_strings
 from .stats import scan_activations, scan_docs
 
@@ -106,7 +106,7 @@ def _source(run: str | Path, k: int, window: tuple[int, int], kind: str, source:
 def scan_examples(run: str | Path, features: list[int], kind: str, *, sae: str | None = None,
                   group: str | None = None) -> pl.LazyFrame:
     """The units' example partials (partials.EXAMPLES_SCHEMA) of `features`, `kind` top or sample."""
-    from .stats import _committed_files, _scan
+    from .stats import committed_files, scan_files
 
     _check_sae(run, sae)
     if not features:
@@ -116,7 +116,7 @@ def scan_examples(run: str | Path, features: list[int], kind: str, *, sae: str |
         pred &= pl.col("sae") == sae
     if group is not None:
         pred &= pl.col("group") == group
-    return _scan(_committed_files(run, "examples")).filter(pred)
+    return scan_files(committed_files(run, "examples")).filter(pred)
 
 
 def top_examples(run: str | Path, features: list[int], *, sae: str | None = None, group: str | None = None,
@@ -128,7 +128,7 @@ def top_examples(run: str | Path, features: list[int], *, sae: str | None = None
     doc_id, value, pos, n_tokens, window_start, token_ids, acts (+ tokens when a tokenizer
     is given); token_ids/acts/tokens cover positions window_start .. pos+after, clipped to
     the document. `source`: rows (the activation rows), partials (the units' top documents,
-    saeray/partials.py) or auto (partials when they can answer, else rows): both give the same.
+    saeray/engine/partials.py) or auto (partials when they can answer, else rows): both give the same.
     """
     run = open_run(run)
     if k < 1:

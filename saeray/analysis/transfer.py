@@ -1,4 +1,4 @@
-"""Feature transfer from a text model to its vision-language variant (WORKFLOWS.md workflow 1).
+"""Feature transfer from a text model to its vision-language variant.
 
 Three runs under the same SAE(s): the base text model on text, the VLM on the same text, the
 VLM on image+text documents. Per SAE, feature and condition, all position groups of a run
@@ -16,9 +16,10 @@ from typing import Any
 
 import polars as pl
 
-from ..engine.store import open_run
-from .diff import PRESETS, check_same_saes, with_neuronpedia, write_parquet_with_meta
+from ..engine.run import open_run
+from .diff import PRESETS
 from .stats import features, reconstruction, scan_activations
+from .tables import check_same_saes, with_neuronpedia, write_parquet_with_meta
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def transfer(base_run: str | Path, vlm_text_run: str | Path, vlm_image_run: str 
 
 
 def reconstruction_by_condition(runs: dict[str, str | Path]) -> pl.DataFrame | None:
-    """saeray.stats.reconstruction of each run made with output.reconstruction, with a `condition` column."""
+    """saeray.analysis.stats.reconstruction of each run made with output.reconstruction, with a `condition` column."""
     parts = []
     for c, run in runs.items():
         try:

@@ -17,7 +17,7 @@ from .. import __version__
 from ..analysis.diff import CLASSES, METRICS, top_changes, write_diff
 from ..analysis.diff import DEFINITIONS as DIFF_DEFINITIONS
 from ..analysis.stats import features as run_features
-from ..engine.store import open_run
+from ..engine.run import open_run
 from . import interactive as iv
 from . import png
 from .data import (
@@ -171,7 +171,7 @@ def _definitions(d: dict[str, str]) -> pl.DataFrame:
 
 def write_report(run: str | Path, out_dir: str | Path, *, vs: str | Path | None = None,
                  separation: str | Path | None = None, features: list[int] | None = None, top: int = 6, k: int = 5,
-                 category: str | None = None, sae: str | None = None, group: str | None = None, logits: bool = True,
+                 category: str | None = None, sae: str | None = None, group: str | None = None, logits: bool = False,
                  preset: str = "default", window: tuple[int, int] = (12, 6)) -> Path:
     """Write out_dir/index.html (offline, interactive) and out_dir/figures/*.png; return the page's path.
 
@@ -179,7 +179,9 @@ def write_report(run: str | Path, out_dir: str | Path, *, vs: str | Path | None 
     the largest mean changes (with `vs`), the best separators (with `separation`), or the features
     with the highest mean. `category` (a docs column) adds a heatmap of those features across
     documents. Cards and heatmap use one (sae, group): the given one, else the first. `window` is
-    the tokens of context (before, after) each card shows around a document's maximum.
+    the tokens of context (before, after) each card shows around a document's maximum. Logit effects
+    are those saved with the run (saeray.tools.logits.save_logit_effects); `logits=True` computes the
+    others, loading the model's weights (no model is loaded otherwise).
     """
     run, vs = open_run(run), (open_run(vs) if vs is not None else None)  # opened once: markers, tokenizer
     if top < 1 or k < 1:

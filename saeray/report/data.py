@@ -19,7 +19,8 @@ import polars as pl
 from ..analysis.stats import features as run_features
 from ..analysis.stats import reconstruction, summary
 from ..analysis.top import scan_feature_rows, top_examples
-from ..engine.store import open_run
+from ..engine.run import open_run
+from .style import pair_label
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,15 @@ def overview(run: str | Path) -> Overview:
 def pairs(frame: pl.DataFrame) -> list[tuple[str, str]]:
     """The (sae, group) pairs of a per-feature frame, sorted."""
     return [tuple(r) for r in frame.select("sae", "group").unique().sort("sae", "group").rows()]  # type: ignore[misc]
+
+
+def series(frame: pl.DataFrame, rows: pl.DataFrame | None = None) -> list[tuple[int, str, pl.DataFrame]]:
+    """Per (sae, group) of `frame`, sorted: its index (colour, marker, line style), its legend label (the group,
+    prefixed by the SAE when `frame` has several) and its rows of `rows` (default: `frame`)."""
+    several = frame["sae"].n_unique() > 1
+    rows = frame if rows is None else rows
+    return [(i, pair_label(sae, group, several), rows.filter((pl.col("sae") == sae) & (pl.col("group") == group)))
+            for i, (sae, group) in enumerate(pairs(frame))]
 
 
 def choose_pair(frame: pl.DataFrame, sae: str | None, group: str | None) -> tuple[str, str]:
@@ -160,18 +170,19 @@ def has_histograms(run: str | Path) -> bool:
 
 
 def _tokenizer(run: str | Path) -> tuple[Any, str | None]:
-    from ..analysis.top import load_tokenizer
-
     try:
-        return load_tokenizer(run), None
+        return open_run(run).tokenizer, None
     except Exception as e:  # a hub model not cached here: show token ids instead
         log.warning("cannot load the tokenizer of %s (%s): contexts show token ids", run, e)
         return None, f"tokenizer unavailable ({type(e).__name__}): token ids shown"
 
 
 def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *, sae: str, group: str,
-          k: int = 5, window: tuple[int, int] = (12, 6), logits: bool = True) -> list[Card]:
-    """Feature cards for `picks` = (run, feature, why), with statistics from `frames[run]` (features())."""
+          k: int = 5, window: tuple[int, int] = (12, 6), logits: bool = False) -> list[Card]:
+    """Feature cards for `picks` = (run, feature, why), with statistics from `frames[run]` (features()).
+
+    Logit effects come from the run's saved ones (analysis.saved_logits); with `logits`, those not saved are
+    computed, loading the model's weights."""
     out: list[Card] = []
     by_run: dict[str, list[tuple[int, str]]] = {}
     for run, f, why in picks:
@@ -189,7 +200,7 @@ def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *,
         else:
             ex = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int32})
         hists = activation_histograms(run, feats, sae=sae, group=group) if has_histograms(run) else {}
-        effects, effects_note = _logits(run, feats, sae) if logits else (None, "logit effects not computed (--no-logits)")
+        effects, effects_note = _logits(run, feats, sae, compute=logits)
         prefix = neuronpedia_prefix(run, sae)
         for f, why in chosen:
             row = stats.filter(pl.col("feature") == f).row(0, named=True)
@@ -207,14 +218,33 @@ def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *,
     return out
 
 
-def _logits(run: str | Path, feats: list[int], sae: str) -> tuple[pl.DataFrame | None, str | None]:
+LOGIT_RANKS = 8
+"""Promoted and suppressed tokens a card shows."""
+
+
+def _logits(run: str | Path, feats: list[int], sae: str, *, compute: bool) -> tuple[pl.DataFrame | None, str | None]:
+    """(logit effects of `feats`: the run's saved ones, and with `compute` the others computed; a note on the
+    features without any)."""
+    from ..analysis.saved_logits import saved_effects
+
+    try:
+        saved, missing = saved_effects(run, feats, sae=sae, k=LOGIT_RANKS)
+    except ValueError as e:  # a file saved for another run
+        log.warning("saved logit effects not used: %s", e)
+        saved, missing = None, list(feats)
+    if not missing:
+        return saved, None
+    if not compute:
+        return saved, ("logit effects not computed: they load the model's weights (saeray report --logits, "
+                       "or save them with the run first: saeray logits RUN --feature F --save)")
     from ..tools.logits import logit_effects_for_run
 
     try:
-        return logit_effects_for_run(run, feats, sae=sae, k=8), None
+        got = logit_effects_for_run(run, missing, sae=sae, k=LOGIT_RANKS)
     except Exception as e:  # the model's weights are not here (a hub model), or its norm is unusual
         log.warning("logit effects not computed for %s: %s", run, e)
-        return None, f"logit effects not computed: {type(e).__name__}: {e}"
+        return saved, f"logit effects not computed: {type(e).__name__}: {e}"
+    return (got if saved is None else pl.concat([saved, got.select(saved.columns)])), None
 
 
 def read_separation(path: str | Path, *, top: int = 4, sae: str | None = None,
@@ -222,7 +252,7 @@ def read_separation(path: str | Path, *, top: int = 4, sae: str | None = None,
     """A `saeray separate` output directory, plus per-document values of its `top` features."""
     import pyarrow.parquet as pq
 
-    from ..analysis.separate import _labels, last_values
+    from ..analysis.separate import last_values, read_labels
 
     d = Path(path)
     file = d / "separation.parquet"
@@ -241,7 +271,7 @@ def read_separation(path: str | Path, *, top: int = 4, sae: str | None = None,
     fires = (pl.col("f_pos") > 0) | (pl.col("f_neg") > 0)
     best = (scores.filter((pl.col("sae") == s) & (pl.col("group") == g) & fires)
             .sort([(pl.col("auroc") - 0.5).abs(), "feature"], descending=[True, False], nulls_last=True).head(top))
-    labels, _ = _labels(run, meta["label"], meta["positive"])
+    labels, _ = read_labels(run, meta["label"], meta["positive"])
     x, docs = last_values(run, labels)
     docs = docs.filter(pl.col("group") == g)
     grid = docs.join(best.select("sae", "group", "feature"), on="group")

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from ..engine.store import open_run
+from ..engine.run import open_run
 
 DIFFERENCES = {
     "frac_nonzero": "exact n_active / n_tokens over the run's counted tokens (special tokens excluded from both)",
@@ -97,28 +97,17 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
     `features`: only these (default: all), still cut into the batches of the whole SAE (NeuronpediaRunner's
     np.array_split of 0..d_sae-1 into ceil(d_sae / features_per_batch) chunks)."""
     from ..analysis.top import interval_examples, top_examples
-    from ..engine.models import load_model
-    from ..engine.partials import value_bins_np
-    from ..engine.saes import load
-    from ..tools.logits import final_norm, norm_gain
     from .data import activation_histograms
 
-    rd, manifest, cfg, sae_cfg, sae_name, group, stats = _opened(run, sae, group)
-    run = rd
+    run, manifest, cfg, sae_cfg, sae_name, group, stats = _opened(run, sae, group)
     d_sae = stats.height
     radius = int(manifest["config"]["output"].get("context_radius", 32))
-    info = next(s for s in manifest["resolved"]["saes"] if s["name"] == sae_name)
-    hook = info["hook"]
+    hook = next(s for s in manifest["resolved"]["saes"] if s["name"] == sae_name)["hook"]
     layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else 0
-    n_docs = sum(int(m.get("docs", 0)) for m in rd.completions().values())
-
-    device = torch.device("cpu")
-    model, tokenizer = load_model(cfg.model, device)
-    w_u = model.get_output_embeddings().weight.detach().float()
-    norm = final_norm(model)
-    gain = norm_gain(norm, w_u.shape[1], w_u.device, next(norm.parameters(), w_u).dtype)
-    w_dec = load(sae_cfg, device).W_dec.detach().float()
-    strings = vocab_strings(tokenizer, w_u.shape[0])
+    n_docs = sum(int(m.get("docs", 0)) for m in run.completions().values())
+    w_u, gain, w_dec, strings = _weights(cfg, sae_cfg)
+    corpus = {"n_prompts_total": n_docs, "n_tokens_in_prompt": int(manifest["resolved"]["context_size"]),
+              "dataset": cfg.data.dataset}
     chunks = np.array_split(np.arange(d_sae), math.ceil(d_sae / features_per_batch))
     wanted = set(features) if features is not None else None
     out_dir = Path(out)
@@ -135,52 +124,9 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
                                 window=window)
         hists = activation_histograms(run, feats, sae=sae_name, group=group)
         logits = (w_dec[feats] * gain) @ w_u.T
-        batch = []
-        for i, f in enumerate(feats):
-            row = stats.row(f, named=True)
-            n_tok = int(row["n_tokens"])
-            edges, counts = hists.get(f, (None, None))
-            lv = logits[i].numpy()
-            order = np.argsort(-lv, kind="stable")
-            w = w_dec[f].numpy()
-            align = np.argsort(-w, kind="stable")[:3]
-            l1 = float(np.abs(w).sum()) or 1.0
-            lh, lc = _histc(lv)
-            examples = []
-            for e in tops.filter(pl.col("feature") == f).iter_rows(named=True):
-                examples.append(_example(e, strings, -1, float(e["value"]), -1))
-            mine = ivs.filter(pl.col("feature") == f)
-            for b in sorted(mine["bin"].unique().to_list(), reverse=True):
-                part = mine.filter(pl.col("bin") == b)
-                lo, hi = float(part["bin_lo"][0]), float(part["bin_hi"][0])
-                contains = 0.0
-                if counts is not None and n_tok:
-                    vb = value_bins_np(np.array([np.nextafter(np.float32(max(lo, 0.0)), np.float32(np.inf)), hi],
-                                                dtype=np.float32))
-                    first_bin = int(value_bins_np(np.array([edges[0] * 1.0001], dtype=np.float32))[0])
-                    idx = np.arange(first_bin, first_bin + len(counts))
-                    contains = float(counts[(idx >= vb[0]) & (idx <= vb[1])].sum()) / n_tok
-                for e in part.iter_rows(named=True):
-                    examples.append(_example(e, strings, lo, hi, contains))
-            batch.append({
-                "feature_index": f,
-                "neuron_alignment_indices": align.tolist(),
-                "neuron_alignment_values": w[align].astype(float).round(5).tolist(),
-                "neuron_alignment_l1": (np.abs(w[align]) / l1).astype(float).round(5).tolist(),
-                "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
-                "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
-                "neg_str": [strings[j] for j in order[::-1][:10]],
-                "neg_values": lv[order[::-1][:10]].astype(float).round(5).tolist(),
-                "pos_str": [strings[j] for j in order[:10]],
-                "pos_values": lv[order[:10]].astype(float).round(5).tolist(),
-                "frac_nonzero": float(row["density"]),
-                "freq_hist_data_bar_values": ([] if edges is None else
-                                              np.sqrt(edges[:-1] * edges[1:]).round(5).tolist()),
-                "freq_hist_data_bar_heights": [] if counts is None else counts.tolist(),
-                "logits_hist_data_bar_heights": lh, "logits_hist_data_bar_values": lc,
-                "n_prompts_total": n_docs, "n_tokens_in_prompt": int(manifest["resolved"]["context_size"]),
-                "dataset": cfg.data.dataset, "decoder_weights_dist": [], "activations": examples, "vector": [],
-            })
+        batch = [_feature(f, stats.row(f, named=True), logits[i].numpy(), w_dec[f].numpy(), hists.get(f, (None, None)),
+                          tops.filter(pl.col("feature") == f), ivs.filter(pl.col("feature") == f), strings, corpus)
+                 for i, f in enumerate(feats)]
         path = out_dir / f"batch-{n}.json"
         path.write_text(json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name, "sae_id_suffix": None,
                                     "features": batch}))
@@ -190,10 +136,78 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
     (out_dir / "run_settings.json").write_text(json.dumps(
         {"exporter": "saeray", "run": str(run), "fingerprint": manifest["fingerprint"], "sae": sae_name, "group": group,
          "hook": hook, "model_id": model_id, "layer": layer, "d_sae": d_sae, "n_features_at_a_time": features_per_batch,
-         "n_prompts_total": n_docs, "n_tokens_in_prompt": int(manifest["resolved"]["context_size"]),
+         "n_prompts_total": n_docs, "n_tokens_in_prompt": corpus["n_tokens_in_prompt"],
          "top_acts_group_size": top, "n_quantiles": n_intervals, "quantile_group_size": per_interval,
          "context_radius": radius, "differences_from_saedashboard": DIFFERENCES}, indent=2))
     return written
+
+
+def _weights(cfg: Any, sae_cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(unembedding [vocab, d_model], the final norm's gain [d_model], decoder [d_sae, d_model], token strings),
+    float32 on CPU: what the logits and decoder alignment of the batch files need."""
+    from ..engine.models import load_model
+    from ..engine.saes import load
+    from ..tools.logits import final_norm, norm_gain
+
+    device = torch.device("cpu")
+    model, tokenizer = load_model(cfg.model, device)
+    w_u = model.get_output_embeddings().weight.detach().float()
+    norm = final_norm(model)
+    gain = norm_gain(norm, w_u.shape[1], w_u.device, next(norm.parameters(), w_u).dtype)
+    w_dec = load(sae_cfg, device).W_dec.detach().float()
+    return w_u, gain, w_dec, vocab_strings(tokenizer, w_u.shape[0])
+
+
+def _feature(f: int, row: dict[str, Any], lv: np.ndarray, w: np.ndarray, hist: tuple[Any, Any], tops: pl.DataFrame,
+             ivs: pl.DataFrame, strings: list[str], corpus: dict[str, Any]) -> dict[str, Any]:
+    """Feature f's entry of a batch file: `row` its statistics, `lv` its logits [vocab], `w` its decoder row,
+    `hist` its (edges, counts), `tops` and `ivs` its top and interval examples."""
+    edges, counts = hist
+    order = np.argsort(-lv, kind="stable")
+    align = np.argsort(-w, kind="stable")[:3]
+    l1 = float(np.abs(w).sum()) or 1.0
+    lh, lc = _histc(lv)
+    examples = [_example(e, strings, -1, float(e["value"]), -1) for e in tops.iter_rows(named=True)]
+    examples += _interval_examples(ivs, edges, counts, int(row["n_tokens"]), strings)
+    return {
+        "feature_index": f,
+        "neuron_alignment_indices": align.tolist(),
+        "neuron_alignment_values": w[align].astype(float).round(5).tolist(),
+        "neuron_alignment_l1": (np.abs(w[align]) / l1).astype(float).round(5).tolist(),
+        "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
+        "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+        "neg_str": [strings[j] for j in order[::-1][:10]],
+        "neg_values": lv[order[::-1][:10]].astype(float).round(5).tolist(),
+        "pos_str": [strings[j] for j in order[:10]],
+        "pos_values": lv[order[:10]].astype(float).round(5).tolist(),
+        "frac_nonzero": float(row["density"]),
+        "freq_hist_data_bar_values": [] if edges is None else np.sqrt(edges[:-1] * edges[1:]).round(5).tolist(),
+        "freq_hist_data_bar_heights": [] if counts is None else counts.tolist(),
+        "logits_hist_data_bar_heights": lh, "logits_hist_data_bar_values": lc,
+        "n_prompts_total": corpus["n_prompts_total"], "n_tokens_in_prompt": corpus["n_tokens_in_prompt"],
+        "dataset": corpus["dataset"], "decoder_weights_dist": [], "activations": examples, "vector": [],
+    }
+
+
+def _interval_examples(ivs: pl.DataFrame, edges: np.ndarray | None, counts: np.ndarray | None, n_tok: int,
+                       strings: list[str]) -> list[dict[str, Any]]:
+    """A feature's interval examples, highest interval first; bin_contains = the fraction of counted tokens whose
+    value lies in the interval (from the feature's histogram)."""
+    from ..engine.partials import value_bins_np
+
+    out = []
+    for b in sorted(ivs["bin"].unique().to_list(), reverse=True):
+        part = ivs.filter(pl.col("bin") == b)
+        lo, hi = float(part["bin_lo"][0]), float(part["bin_hi"][0])
+        contains = 0.0
+        if counts is not None and n_tok:
+            vb = value_bins_np(np.array([np.nextafter(np.float32(max(lo, 0.0)), np.float32(np.inf)), hi],
+                                        dtype=np.float32))
+            first_bin = int(value_bins_np(np.array([edges[0] * 1.0001], dtype=np.float32))[0])
+            idx = np.arange(first_bin, first_bin + len(counts))
+            contains = float(counts[(idx >= vb[0]) & (idx <= vb[1])].sum()) / n_tok
+        out.extend(_example(e, strings, lo, hi, contains) for e in part.iter_rows(named=True))
+    return out
 
 
 def _example(e: dict[str, Any], strings: list[str], bin_min: float, bin_max: float, bin_contains: float) -> dict[str, Any]:
@@ -204,7 +218,7 @@ def _example(e: dict[str, Any], strings: list[str], bin_min: float, bin_max: flo
 
 
 DELPHI_NOTE = ("each example `saeray top` shows (its output.top_k top documents and its interval examples, 5 intervals "
-               "x output.samples_per_bin documents; saeray/partials.py) is one "
+               "x output.samples_per_bin documents; saeray/engine/partials.py) is one "
                "sequence: the tokens pos - radius .. pos + radius of its document (clipped, padded on the right with "
                "the pad token, which never activates) with the feature's values there; load with delphi's "
                "ConstructorConfig(example_ctx_len=cache_ctx_len) so each sequence is one example")

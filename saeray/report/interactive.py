@@ -15,8 +15,8 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from ..analysis.diff import CLASSES, METRICS
-from .data import Card, pairs
-from .style import METRIC_LABELS, METRIC_TITLES, NEG_COLOR, PLOTLY_SYMBOLS, POS_COLOR, SEQUENTIAL, color, pair_label
+from .data import Card, series
+from .style import METRIC_LABELS, METRIC_TITLES, NEG_COLOR, PLOTLY_SYMBOLS, POS_COLOR, SEQUENTIAL, color
 
 WEBGL_ABOVE = 5000
 """Scatter plots with more points than this use WebGL."""
@@ -74,14 +74,13 @@ def density_histogram(features: pl.DataFrame) -> go.Figure:
     logd = np.log10(alive["density"].to_numpy()) if alive.height else np.array([0.0])
     edges = np.linspace(np.floor(logd.min() * 4) / 4, max(np.ceil(logd.max() * 4) / 4, np.floor(logd.min() * 4) / 4 + 0.25),
                         41)
-    several = features["sae"].n_unique() > 1
     notes = []
-    for i, (sae, group) in enumerate(pairs(features)):
-        mine = features.filter((pl.col("sae") == sae) & (pl.col("group") == group))
+    ps = series(features)
+    for i, label, mine in ps:
         live = mine.filter(pl.col("n_active") > 0)
         counts, _ = np.histogram(np.log10(live["density"].to_numpy()), bins=edges)
-        name = escape(pair_label(sae, group, several))
-        _add_hist(fig, edges, counts, name, i, len(pairs(features)) > 1, "log10 density %{x:.2f}<br>%{y} features")
+        name = escape(label)
+        _add_hist(fig, edges, counts, name, i, len(ps) > 1, "log10 density %{x:.2f}<br>%{y} features")
         notes.append(f"{name}: {live.height:,} alive, {mine.height - live.height:,} dead (not shown)")
     _style(fig, "Feature density<br><sup>" + "; ".join(notes) + "</sup>", barmode="overlay")
     fig.update_xaxes(title="log10 density (fraction of counted tokens where the feature is active)")
@@ -92,12 +91,11 @@ def density_histogram(features: pl.DataFrame) -> go.Figure:
 def mean_vs_density(features: pl.DataFrame) -> go.Figure:
     """Mean activation against density (log-log), one marker series per (sae, group); hover: feature id."""
     fig = go.Figure()
-    several = features["sae"].n_unique() > 1
     shown = features.filter((pl.col("density") > 0) & (pl.col("mean") > 0))
     kind = _scatter(shown.height)
-    for i, (sae, group) in enumerate(pairs(features)):
-        mine = shown.filter((pl.col("sae") == sae) & (pl.col("group") == group))
-        name = escape(pair_label(sae, group, several))
+    ps = series(features, shown)
+    for i, label, mine in ps:
+        name = escape(label)
         fig.add_trace(kind(x=_f32(mine["density"]), y=_f32(mine["mean"]), mode="markers", name=name,
                            customdata=np.stack([mine["feature"].to_numpy(), mine["max"].to_numpy()], axis=1)
                            .astype(np.float32), marker=_marker(i, shown.height),
@@ -105,7 +103,7 @@ def mean_vs_density(features: pl.DataFrame) -> go.Figure:
                                          "<br>max %{customdata[1]:.3g}<extra>" + name + "</extra>"))
     hidden = features.height - shown.height
     _style(fig, f"Mean activation vs density<br><sup>{shown.height:,} features; {hidden:,} dead or with mean <= 0 "
-                "not shown (log axes)</sup>", height=480, showlegend=len(pairs(features)) > 1)
+                "not shown (log axes)</sup>", height=480, showlegend=len(ps) > 1)
     fig.update_xaxes(type="log", title=METRIC_LABELS["density"], **_log_ticks(shown["density"].to_numpy()))
     fig.update_yaxes(type="log", title="mean per counted token (SAE units)", **_log_ticks(shown["mean"].to_numpy()))
     return fig
@@ -127,7 +125,6 @@ def activation_histogram(card: Card) -> go.Figure:
 
 def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str) -> go.Figure:
     """Per metric, B against A with the y = x line, one colour per (sae, group); buttons switch to log axes."""
-    several = diff["sae"].n_unique() > 1
     fig = make_subplots(rows=1, cols=3, subplot_titles=[METRIC_TITLES[m] for m in METRICS],
                         horizontal_spacing=0.08)
     hidden = {}
@@ -136,9 +133,8 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str) -> go.Figure:
         shown = diff.filter((xa != 0) | (xb != 0))
         hidden[m] = diff.height - shown.height
         kind = _scatter(shown.height)
-        for i, (sae, group) in enumerate(pairs(diff)):
-            mine = shown.filter((pl.col("sae") == sae) & (pl.col("group") == group))
-            name = escape(pair_label(sae, group, several))
+        for i, label, mine in series(diff, shown):
+            name = escape(label)
             # many points: numeric customdata only (base64 in the page), class left to the tables
             big = shown.height > WEBGL_ABOVE
             custom = (mine["feature"].to_numpy()[:, None] if big
@@ -174,11 +170,9 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str) -> go.Figure:
 def class_counts(diff: pl.DataFrame) -> go.Figure:
     """Features per class, one bar series per (sae, group)."""
     fig = go.Figure()
-    several = diff["sae"].n_unique() > 1
-    for i, (sae, group) in enumerate(pairs(diff)):
-        mine = diff.filter((pl.col("sae") == sae) & (pl.col("group") == group))
+    for i, label, mine in series(diff):
         counts = dict(mine.group_by("class").len().iter_rows())
-        name = escape(pair_label(sae, group, several))
+        name = escape(label)
         fig.add_bar(x=list(CLASSES), y=[counts.get(c, 0) for c in CLASSES], name=name, text=[counts.get(c, 0) for c in CLASSES],
                     textposition="outside", marker={"color": color(i)},
                     hovertemplate="%{x}: %{y} features<extra>" + name + "</extra>")
@@ -191,13 +185,11 @@ def class_counts(diff: pl.DataFrame) -> go.Figure:
 def rho_histogram(diff: pl.DataFrame) -> go.Figure:
     """Histogram of rho = min(mean_A, mean_B) / max(mean_A, mean_B) over features alive in either run."""
     fig = go.Figure()
-    several = diff["sae"].n_unique() > 1
     edges = np.linspace(0, 1, 41)
-    for i, (sae, group) in enumerate(pairs(diff)):
-        rho = diff.filter((pl.col("sae") == sae) & (pl.col("group") == group))["rho"].drop_nulls().drop_nans()
-        counts, _ = np.histogram(rho.to_numpy().clip(0, 1), bins=edges)
-        name = escape(pair_label(sae, group, several))
-        _add_hist(fig, edges, counts, name, i, len(pairs(diff)) > 1, "rho %{x:.3f}<br>%{y} features")
+    ps = series(diff)
+    for i, label, mine in ps:
+        counts, _ = np.histogram(mine["rho"].drop_nulls().drop_nans().to_numpy().clip(0, 1), bins=edges)
+        _add_hist(fig, edges, counts, escape(label), i, len(ps) > 1, "rho %{x:.3f}<br>%{y} features")
     _style(fig, "Ratio of means rho = min(A, B) / max(A, B)", barmode="overlay", height=360)
     fig.update_xaxes(title="rho (1 = same mean in both runs; negative clipped to 0)", range=[0, 1])
     fig.update_yaxes(title="features")
@@ -208,12 +200,12 @@ def separation_scores(scores: pl.DataFrame) -> go.Figure:
     """Distributions of AUROC, f_pos - f_neg and Cohen's d over the kept features."""
     cols = [("auroc", "AUROC"), ("f_diff", "f_pos - f_neg (firing fractions)"), ("cohens_d", "Cohen's d (pooled s.d.)")]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in cols], horizontal_spacing=0.08)
-    several = scores["sae"].n_unique() > 1
+    ps = series(scores)
     units = {"auroc": "AUROC (0.5 = no separation)", "f_diff": "difference of fractions", "cohens_d": "d (pooled s.d. units)"}
     for j, (c, title) in enumerate(cols, start=1):
-        for i, (sae, group) in enumerate(pairs(scores)):
-            v = scores.filter((pl.col("sae") == sae) & (pl.col("group") == group))[c].drop_nulls().drop_nans()
-            name = escape(pair_label(sae, group, several))
+        for i, label, mine in ps:
+            v = mine[c].drop_nulls().drop_nans()
+            name = escape(label)
             fig.add_trace(go.Histogram(x=v, nbinsx=40, name=name, legendgroup=name, showlegend=j == 1,
                                        marker={"color": color(i)}, opacity=0.75,
                                        hovertemplate=f"{title} %{{x}}<br>%{{y}} features<extra>{name}</extra>"),
@@ -221,7 +213,7 @@ def separation_scores(scores: pl.DataFrame) -> go.Figure:
         fig.update_xaxes(title=units[c], row=1, col=j)
         fig.update_yaxes(title="features", row=1, col=j)
     _style(fig, "Separation scores of all kept features", barmode="overlay", height=400,
-           showlegend=len(pairs(scores)) > 1, margin={"l": 70, "r": 30, "t": 80, "b": 60})
+           showlegend=len(ps) > 1, margin={"l": 70, "r": 30, "t": 80, "b": 60})
     return fig
 
 

@@ -8,6 +8,7 @@ drawn with a fallback chain of wide-coverage fonts (`fonts.py`): tokens in any s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -16,7 +17,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from ..analysis.diff import CLASSES, METRICS
 from . import fonts
-from .data import Card, pairs
+from .data import Card, pairs, series
 from .style import (
     MARKERS,
     METRIC_LABELS,
@@ -66,6 +67,20 @@ def _log_axes(ax) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
+def _step(ax: Any, values: np.ndarray, bins: np.ndarray, i: int, label: str) -> None:
+    """Series i's histogram as a step outline in its colour and line style."""
+    ax.hist(values, bins=bins, histtype="step", linewidth=1.8, color=color(i), linestyle=["-", "--", ":", "-."][i % 4],
+            label=_text(label))
+
+
+def _counts(fig: Figure, ax: Any, path: Path, **labels: Any) -> Path:
+    """Finish and save a one-axes histogram of feature counts: labels, integer y ticks, legend."""
+    ax.set(ylabel="features", **labels)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
 @fonts.wide
 def density_histogram(features: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4.2))
@@ -73,30 +88,22 @@ def density_histogram(features: pl.DataFrame, path: Path) -> Path:
     alive = features.filter(pl.col("n_active") > 0)
     logd = np.log10(alive["density"].to_numpy()) if alive.height else np.zeros(1)
     edges = np.linspace(logd.min() - 0.05, logd.max() + 0.05, 41)
-    several = features["sae"].n_unique() > 1
-    for i, (sae, group) in enumerate(pairs(features)):
-        mine = features.filter((pl.col("sae") == sae) & (pl.col("group") == group))
+    for i, label, mine in series(features):
         live = mine.filter(pl.col("n_active") > 0)
-        ax.hist(np.log10(live["density"].to_numpy()), bins=edges, histtype="step", linewidth=1.8, color=color(i),
-                linestyle=["-", "--", ":", "-."][i % 4],
-                label=_text(f"{pair_label(sae, group, several)}: {live.height:,} alive, {mine.height - live.height:,} dead"))
-    ax.set(title="Feature density (alive features)", xlabel="log10 density (fraction of counted tokens active)",
-           ylabel="features")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(frameon=False, fontsize=9)
-    return _save(fig, path)
+        _step(ax, np.log10(live["density"].to_numpy()), edges, i,
+              f"{label}: {live.height:,} alive, {mine.height - live.height:,} dead")
+    return _counts(fig, ax, path, title="Feature density (alive features)",
+                   xlabel="log10 density (fraction of counted tokens active)")
 
 
 @fonts.wide
 def mean_vs_density(features: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4.8))
     ax = _axes(fig)[0]
-    several = features["sae"].n_unique() > 1
     shown = features.filter((pl.col("density") > 0) & (pl.col("mean") > 0))
-    for i, (sae, group) in enumerate(pairs(features)):
-        mine = shown.filter((pl.col("sae") == sae) & (pl.col("group") == group))
+    for i, label, mine in series(features, shown):
         ax.scatter(mine["density"], mine["mean"], s=12, alpha=0.7, color=color(i), marker=MARKERS[i % len(MARKERS)],
-                   label=_text(pair_label(sae, group, several)), linewidths=0)
+                   label=_text(label), linewidths=0)
     _log_axes(ax)
     ax.set(title="Mean activation vs density (log-log)", xlabel=METRIC_LABELS["density"], ylabel=METRIC_LABELS["mean"])
     ax.legend(frameon=False, fontsize=9)
@@ -166,15 +173,14 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str, path: Path, *, 
 def class_counts(diff: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(8, 4.2))
     ax = _axes(fig)[0]
-    ps = pairs(diff)
-    several = diff["sae"].n_unique() > 1
+    ps = series(diff)
     width = 0.8 / max(len(ps), 1)
     x = np.arange(len(CLASSES))
-    for i, (sae, group) in enumerate(ps):
-        counts = dict(diff.filter((pl.col("sae") == sae) & (pl.col("group") == group)).group_by("class").len().iter_rows())
+    for i, label, mine in ps:
+        counts = dict(mine.group_by("class").len().iter_rows())
         ys = [counts.get(c, 0) for c in CLASSES]
         bars = ax.bar(x + (i - (len(ps) - 1) / 2) * width, ys, width=width, color=color(i),
-                      hatch=["", "//", "..", "xx"][i % 4], edgecolor="white", label=_text(pair_label(sae, group, several)))
+                      hatch=["", "//", "..", "xx"][i % 4], edgecolor="white", label=_text(label))
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(x, [c.replace("_", " ") for c in CLASSES])
     ax.set(title="Features per class", xlabel="class (thresholds in diff.json)", ylabel="features")
@@ -186,28 +192,21 @@ def class_counts(diff: pl.DataFrame, path: Path) -> Path:
 def rho_histogram(diff: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7, 4))
     ax = _axes(fig)[0]
-    several = diff["sae"].n_unique() > 1
-    for i, (sae, group) in enumerate(pairs(diff)):
-        rho = diff.filter((pl.col("sae") == sae) & (pl.col("group") == group))["rho"].drop_nulls().drop_nans()
-        ax.hist(rho.to_numpy().clip(0, 1), bins=np.linspace(0, 1, 41), histtype="step", linewidth=1.8, color=color(i),
-                linestyle=["-", "--", ":", "-."][i % 4], label=_text(pair_label(sae, group, several)))
-    ax.set(title="Ratio of means rho = min(A, B) / max(A, B)", xlabel="rho (1 = same mean in both runs)",
-           ylabel="features", xlim=(0, 1))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(frameon=False, fontsize=9)
-    return _save(fig, path)
+    for i, label, mine in series(diff):
+        rho = mine["rho"].drop_nulls().drop_nans()
+        _step(ax, rho.to_numpy().clip(0, 1), np.linspace(0, 1, 41), i, label)
+    return _counts(fig, ax, path, title="Ratio of means rho = min(A, B) / max(A, B)",
+                   xlabel="rho (1 = same mean in both runs)", xlim=(0, 1))
 
 
 @fonts.wide
 def separation_scores(scores: pl.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(15, 4.2))
     axes = _axes(fig, 1, 3)
-    several = scores["sae"].n_unique() > 1
     for ax, (c, title) in zip(axes, [("auroc", "AUROC"), ("f_diff", "f_pos - f_neg"), ("cohens_d", "Cohen's d")]):
-        for i, (sae, group) in enumerate(pairs(scores)):
-            v = scores.filter((pl.col("sae") == sae) & (pl.col("group") == group))[c].drop_nulls().drop_nans()
-            ax.hist(v.to_numpy(), bins=40, histtype="step", linewidth=1.8, color=color(i),
-                    label=_text(pair_label(sae, group, several)))
+        for i, label, mine in series(scores):
+            v = mine[c].drop_nulls().drop_nans()
+            ax.hist(v.to_numpy(), bins=40, histtype="step", linewidth=1.8, color=color(i), label=_text(label))
         ax.set(title=f"{title} over kept features", xlabel=title, ylabel="features")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(frameon=False, fontsize=9)

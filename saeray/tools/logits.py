@@ -20,6 +20,7 @@ turn it into logits
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,8 @@ def logit_effects_for_run(run: str | Path, features: list[int], *, sae: str | No
     """`logit_effects` for the model and SAE named in a run's manifest, loaded on CPU; adds column `sae`."""
     from ..engine import config as config_mod
     from ..engine.models import load_model
+    from ..engine.run import open_run
     from ..engine.saes import load
-    from ..engine.store import open_run
     from .probe import pick_sae
 
     cfg = config_mod.from_dict(open_run(run).read_manifest()["config"])
@@ -154,3 +155,36 @@ def logit_effects_for_run(run: str | Path, features: list[int], *, sae: str | No
     model, tokenizer = load_model(cfg.model, device)
     frame = logit_effects(model, load(sae_cfg, device), features, k=k, tokenizer=tokenizer)
     return frame.insert_column(0, pl.lit(sae_cfg.name, pl.String).alias("sae"))
+
+
+def save_logit_effects(run: str | Path, features: list[int], *, sae: str | None = None, k: int = 10) -> str:
+    """Compute `logit_effects_for_run` (this loads the model's weights) and save them with the run
+    (`write_logit_effects`). Returns the file's path or URI."""
+    from ..engine.run import open_run
+
+    rd = open_run(run)
+    return write_logit_effects(rd, logit_effects_for_run(rd, features, sae=sae, k=k))
+
+
+def write_logit_effects(run: str | Path, frame: pl.DataFrame) -> str:
+    """Save `frame` (from `logit_effects_for_run`: one SAE) with the run in RUN/logits.parquet
+    (analysis.saved_logits), replacing its features' earlier rows; reports then show them without loading
+    the model. Returns the file's path or URI."""
+    from ..analysis.saved_logits import LOGITS_FILE, META_KEY, identity, read_logits
+    from ..engine.run import open_run
+    from ..engine.store import parquet_bytes
+
+    rd = open_run(run)
+    try:
+        old = read_logits(rd)
+    except ValueError:  # saved for another run or other SAEs: replaced
+        old = None
+    if old is not None:
+        name = frame["sae"][0]
+        keep = ~((pl.col("sae") == name) & pl.col("feature").is_in(frame["feature"].unique().cast(pl.Int32)))
+        frame = pl.concat([old.filter(keep), frame])
+    frame = frame.sort("sae", "feature", pl.col("direction").replace_strict({"promoted": 0, "suppressed": 1}), "rank")
+    table = frame.to_arrow()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(identity(rd))})
+    rd.write_bytes(LOGITS_FILE, parquet_bytes(table))
+    return rd.uri(LOGITS_FILE)

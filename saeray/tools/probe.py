@@ -3,8 +3,9 @@
 `probe` shows one or several features on every token of a few texts (zeros included) so a
 person can read them; `concept_features` ranks features for a concept given example texts.
 Both reuse the run's own path: its tokenizer, BOS and context windows (`Tokenization`),
-the forward pass stopped at the hook (`run_to_hooks`) and the SAE's own `encode`, so a
-probed value equals the row `saeray run` wrote for the same document.
+the forward pass stopped at the hook and gathered at the selected positions (`hidden_at_positions`,
+as extraction does) and the SAE's own `encode`, so a probed value equals the row `saeray run`
+wrote for the same document.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch
 from ..engine import config as config_mod
 from ..engine.config import PositionsConfig, RunConfig, SAEConfig
 from ..engine.contexts import Tokenization
-from ..engine.models import load_model, n_layers_of, parse_hook, run_to_hooks
+from ..engine.extract import hidden_at_positions
+from ..engine.models import load_model, n_layers_of, parse_hook
 from ..engine.plan import token_settings
+from ..engine.resources import pick_device
+from ..engine.run import open_run
 from ..engine.saes import describe, load
-from ..engine.store import open_run
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class Prober:
 
     def __init__(self, setup: Setup, *, device: torch.device | None = None):
         self.setup = setup
-        self.device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.device = device or pick_device()
         self.model, self.tokenizer = load_model(setup.config.model, self.device)
         self.sae = load(setup.sae, self.device)
         self.site = parse_hook(setup.hook, n_layers_of(self.model.config))
@@ -113,12 +116,9 @@ class Prober:
         """Per forward batch: (text index [n], pos [n], codes [n, d_sae] float32 on the device), every token."""
         docs = [self.tok.document(i, t, {}) for i, t in enumerate(texts)]
         for batch in self.tok.batches(docs, self.setup.config.tokens.batch_tokens_on(self.device.type), self.device):
-            if "all" not in batch.sel_row:
+            x = hidden_at_positions(self.model, [self.site], batch)[self.site.name].get("all")
+            if x is None:
                 continue
-            hidden = run_to_hooks(self.model, [self.site], batch.input_ids, batch.attention_mask)[self.site.name]
-            rows = torch.from_numpy(batch.sel_row["all"]).to(self.device)
-            cols = torch.from_numpy(batch.sel_col["all"]).to(self.device)
-            x = hidden[rows, cols]
             codes = torch.cat([self.sae.encode(x[a:a + ENCODE_CHUNK].to(self.sae.dtype)).float()
                                for a in range(0, x.shape[0], ENCODE_CHUNK)])
             yield batch.sel_doc["all"], batch.sel_pos["all"], codes

@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 from torch import nn
 
-from ..engine.models import HookSite, ModelError, _StopForward, capture, run_to_hooks
+from ..engine.models import HookSite, ModelError, capture, run_to_hooks
+from .options import option, seed_option
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,14 @@ VOCAB_CHUNK = 32768
 
 @dataclass(frozen=True)
 class SynthOptions:
-    seq_len: int = 8
-    """Free positions per sequence (a BOS is put in front when the SAE expects one)."""
-    steps: int = 200
-    """Adam steps."""
-    lr: float = 0.1
-    """Adam step size, as a fraction of the embeddings' typical coordinate (rms norm / sqrt(d_model))."""
-    norm_quantile: float = 0.99
-    """Soft vectors are kept within this quantile of the real token embeddings' norms."""
-    batch_features: int = 32
-    """Features optimized together in one forward/backward pass."""
-    seed: int = 0
-    """Seed of the initial sequences (random real tokens)."""
+    """How `synth` optimizes; each field is also a `saeray synth` option (`seq_len` is `--seq-len`)."""
+
+    seq_len: int = option(8, "free positions per sequence (after a BOS when the SAE expects one)")
+    steps: int = option(200, "Adam steps")
+    lr: float = option(0.1, "Adam step as a fraction of the embeddings' typical coordinate (rms norm / sqrt(d_model))")
+    norm_quantile: float = option(0.99, "soft vectors stay within this quantile of the real token embeddings' norms")
+    batch_features: int = option(32, "features optimized together (one forward/backward pass)")
+    seed: int = seed_option("the initial sequences (random real tokens)")
 
 
 SCHEMA = {"feature": pl.Int32, "synth_activation": pl.Float32, "hard_token_ids": pl.List(pl.Int32),
@@ -162,10 +158,7 @@ class _Objective:
             emb = torch.cat([self.bos.expand(z.shape[0], 1, -1), emb], dim=1)
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
         with capture(self.model, [self.site]) as captured:
-            try:
-                self.model(inputs_embeds=emb, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
+            self.model(inputs_embeds=emb, attention_mask=mask, use_cache=False)
         if self.site.name not in captured:
             raise ModelError(f"hook {self.site.name} never fired during the forward pass")
         x = captured[self.site.name][:, -1].to(self.sae.dtype)
@@ -309,7 +302,7 @@ def real_maxima(run: str | Path, sae_name: str, digest: str, features: list[int]
                 group: str | None = None) -> pl.DataFrame:
     """feature, real_max (null where never active), real_group: each feature's maximum in a run of the same SAE."""
     from ..analysis.stats import features as run_features
-    from ..engine.store import open_run
+    from ..engine.run import open_run
 
     saes = open_run(run).read_manifest()["resolved"]["saes"]
     same = [s["name"] for s in saes if s["digest"] == digest]
@@ -358,68 +351,3 @@ def synth(run_or_config: Any, features: list[int], *, sae: str | None = None, re
                           pl.when(positive).then(pl.col("hard_activation") / pl.col("real_max")).alias("hard_ratio"))
             .select(pl.lit(setup.sae.name).alias("sae"), pl.lit(setup.hook).alias("hook"), pl.all())
             .sort("feature"))
-
-
-def plot(frame: pl.DataFrame, path: str | Path) -> Path:
-    """PNG: synthetic (soft and hard) vs real maximum per feature with y = x, or bars without real maxima."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    sae, hook = frame["sae"][0], frame["hook"][0]
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    real = frame.filter(pl.col("real_max").is_not_null())
-    if real.height:
-        x = real["real_max"].to_numpy()
-        ax.scatter(x, real["synth_activation"].to_numpy(), label="soft sequence (synthetic)", color="tab:red")
-        ax.scatter(x, real["hard_activation"].to_numpy(), label="nearest hard tokens", color="tab:blue", marker="x")
-        for fx, fy, feat in zip(x, real["synth_activation"].to_numpy(), real["feature"].to_list()):
-            ax.annotate(str(feat), (fx, fy), fontsize=7, xytext=(2, 2), textcoords="offset points")
-        top = float(np.nanmax(np.concatenate([x, real["synth_activation"].to_numpy(),
-                                              real["hard_activation"].to_numpy(), [0.0]])))
-        ax.plot([0, top * 1.05], [0, top * 1.05], color="gray", linestyle="--", label="y = x")
-        beat = int((real["synth_activation"] > real["real_max"]).sum())
-        ax.set_xlabel("real maximum over the run")
-        ax.set_ylabel("activation at the last position")
-        ax.set_title(f"Synthetic vs real maxima, {sae} @ {hook}\nsynthetic > real for {beat}/{real.height} features")
-    else:
-        idx = np.arange(frame.height)
-        ax.bar(idx - 0.2, frame["synth_activation"].to_numpy(), 0.4, label="soft sequence (synthetic)", color="tab:red")
-        ax.bar(idx + 0.2, frame["hard_activation"].to_numpy(), 0.4, label="nearest hard tokens", color="tab:blue")
-        ax.set_xticks(idx, [str(f) for f in frame["feature"].to_list()], rotation=90, fontsize=7)
-        ax.set_xlabel("feature")
-        ax.set_ylabel("activation at the last position")
-        ax.set_title(f"Synthetic maxima, {sae} @ {hook}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_synth(frame: pl.DataFrame, out: str | Path, options: SynthOptions | None = None) -> dict[str, Path]:
-    """DIR/synth.parquet (options in its metadata), synth.csv (tokens joined by '|') and synth.png."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = frame.to_arrow()
-    meta = {"options": asdict(options) if options else None,
-            "definitions": "synth_activation: best activation of the soft sequence at its last position; "
-                           "hard_activation: the same for its nearest real tokens (cosine similarity, "
-                           "special tokens excluded; hard_cosine per position); ratio = synth / real_max, "
-                           "hard_ratio = hard / real_max; real_max: the feature's max over the reference run"}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"saeray.synth": json.dumps(meta).encode()})
-    paths = {"parquet": out / "synth.parquet", "csv": out / "synth.csv", "png": out / "synth.png"}
-    pq.write_table(table, paths["parquet"])
-    frame.with_columns(pl.col("hard_token_ids").cast(pl.List(pl.String)).list.join("|"),
-                       pl.col("hard_tokens").list.join("|"),
-                       pl.col("hard_cosine").list.eval(pl.element().round(3).cast(pl.String)).list.join("|")
-                       ).write_csv(paths["csv"])
-    plot(frame, paths["png"])
-    return paths

@@ -22,10 +22,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..engine import data, models, saes
+from ..engine import data, models
+from ..engine.batching import blocks
 from ..engine.config import PositionsConfig, RunConfig
-from ..engine.contexts import Tokenization, blocks
-from ..engine.worker import pick_device
+from ..engine.contexts import Tokenization
+from ..engine.extract import hidden_at_positions
+from ..engine.resources import pick_device
+from .options import option, seed_option
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +39,35 @@ class TrainError(ValueError):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    hook: str
-    arch: str = "topk"
-    """topk | jumprelu"""
-    d_sae: int = 4096
-    k: int = 32
-    """TopK: active latents per token."""
-    l0_coefficient: float = 1.0
-    """JumpReLU: sparsity penalty coefficient."""
-    train_tokens: int = 1_000_000
-    epochs: float = 4.0
-    batch_size: int = 4096
-    lr: float = 4e-4
-    eval_tokens: int = 1_000_000
-    held_out_fraction: float = 0.5
-    """Fraction of documents (the last ones in dataset order) held out for evaluation."""
-    seed: int = 0
-    dead_window: int = 25
-    """Steps without firing after which a latent is dead (TopK: the AuxK loss then trains it)."""
-    aux_coefficient: float = 1.0
-    """TopK: weight of the AuxK loss, which reconstructs the residual error from dead latents."""
-    normalize: str = "expected_average_only_in"
-    """Input normalization during training (sae-lens): expected_average_only_in | covariance_whitening | none.
-    Whitening is folded into the saved weights, so the saved SAE takes raw activations."""
-    label_column: str = "kind"
-    """Held-out figures are also reported per value of this dataset column, when the dataset has it."""
-    activation_cache: str | None = None
-    """Directory where collected training activations are kept, keyed by everything that
-    determines them, so a second run with other SAE options skips the forward passes."""
-    max_norm_ratio: float | None = None
-    """Train without the activations whose norm exceeds this multiple of the median norm (models with rare
-    massive-norm tokens, whose squared errors otherwise dominate the loss). Evaluation keeps every token."""
+    """How `train` trains an SAE; each field is also a `saeray train-sae` option (`d_sae` is `--d-sae`)."""
+
+    hook: str = option(help="the hook whose activations the SAE learns, e.g. blocks.6.hook_resid_post")
+    arch: str = option("topk", "SAE architecture", choices=("topk", "jumprelu"))
+    d_sae: int = option(4096, "latents (the SAE's width)")
+    k: int = option(32, "TopK: active latents per token")
+    l0_coefficient: float = option(1.0, "JumpReLU: sparsity penalty coefficient")
+    train_tokens: int = option(1_000_000, "activations collected for training")
+    epochs: float = option(4.0, "passes over the collected activations")
+    batch_size: int = option(4096, "activations per training step")
+    lr: float = option(4e-4, "learning rate")
+    eval_tokens: int = option(1_000_000, "held-out tokens for the evaluation")
+    held_out_fraction: float = option(0.5, "last fraction of documents (in dataset order) held out for the evaluation")
+    dead_window: int = option(25, "training steps without firing after which a latent counts as dead and the "
+                                  "auxiliary loss (TopK's AuxK) starts pulling it back")
+    aux_coefficient: float = option(1.0, "TopK: weight of the AuxK loss, which reconstructs the residual error from "
+                                         "dead latents")
+    normalize: str = option("expected_average_only_in", "input normalization while training (sae-lens; folded into "
+                            "the saved weights, so the saved SAE takes raw activations)",
+                            choices=("expected_average_only_in", "covariance_whitening", "none"))
+    label_column: str = option("kind", "held-out figures are also reported per value of this dataset column, when "
+                               "the dataset has it", cli=False)
+    activation_cache: str | None = option(None, "keep the collected training activations here, keyed by everything "
+                                          "that determines them; a rerun with other SAE options reuses them",
+                                          metavar="DIR")
+    max_norm_ratio: float | None = option(None, "train without activations whose norm exceeds R x the median (rare "
+                                          "massive-norm tokens, whose squared errors would dominate the loss); the "
+                                          "evaluation keeps them", metavar="R")
+    seed: int = seed_option("the SAE's initialization and the batch order")
 
 
 class Streamer:
@@ -121,12 +122,10 @@ class Streamer:
 
     def _run(self, docs: list, labels: dict[int, str]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         for batch in self.tok.batches(docs, self.cfg.tokens.batch_tokens_on(self.device.type), self.device):
-            if "all" not in batch.sel_row:
+            x = hidden_at_positions(self.model, [self.site], batch)[self.site.name].get("all")
+            if x is None:
                 continue
-            h = models.run_to_hooks(self.model, [self.site], batch.input_ids, batch.attention_mask)[self.site.name]
-            rows = torch.from_numpy(batch.sel_row["all"]).to(self.device)
-            cols = torch.from_numpy(batch.sel_col["all"]).to(self.device)
-            yield h[rows, cols].float(), np.array([labels[int(d)] for d in batch.sel_doc["all"]], dtype=object)
+            yield x.float(), np.array([labels[int(d)] for d in batch.sel_doc["all"]], dtype=object)
 
 
 def _training_activations(st: Streamer, cfg: RunConfig, opts: TrainOptions, n_train_docs: int, context_size: int,
@@ -237,7 +236,7 @@ def evaluate(sae: Any, batches: Iterator[Any]) -> dict[str, Any]:
 
 
 def evaluate_outside(sae: Any, st: Streamer) -> dict[str, Any]:
-    """The figures on saeray's texts of kinds absent from the corpus (saeray/outside_texts.py)."""
+    """The figures on saeray's texts of kinds absent from the corpus (saeray/assets/outside_texts.py)."""
     from ..assets.outside_texts import TEXTS
 
     figures = evaluate(sae, st.stream_texts(list(TEXTS.values())))

@@ -13,7 +13,8 @@ import torch
 from helpers import base_config, corpus, make_model, make_sae, write_dataset
 from scipy import stats as st
 
-from saeray.analysis.diff import benjamini_hochberg, diff_runs, top_changes, write_diff
+from saeray.analysis.diff import diff_runs, top_changes, write_diff
+from saeray.analysis.significance import benjamini_hochberg
 from saeray.engine import config
 from saeray.executors import run
 
@@ -206,3 +207,15 @@ def test_bad_options(runs):
         diff_runs(runs["a1"], runs["b1"], preset="nope")
     with pytest.raises(ValueError, match="unknown metric"):
         top_changes(pl.DataFrame(), "max")
+
+
+def test_refuses_runs_without_doc_positions(runs, tmp_path):
+    """A run whose docs lack `positions` (written by an older saeray) gets a clear error, not a recount."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["a1"], old)
+    for f in (old / "docs").rglob("*.parquet"):
+        pq.write_table(pq.read_table(f).drop_columns(["positions"]), f)
+    with pytest.raises(ValueError, match="older saeray"):
+        diff_runs(old, runs["b1"], source="rows")

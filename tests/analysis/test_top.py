@@ -131,11 +131,11 @@ def test_feature_order_layout(tiny, run_dir, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
     from polars.testing import assert_frame_equal
 
-    from saeray.engine import worker
+    from saeray.engine import writing
 
     # small enough that the tiny run's units flush several times and cut many row groups
-    monkeypatch.setattr(worker.FeatureOrder, "FLUSH_ROWS", 2048)
-    monkeypatch.setattr(worker.FeatureOrder, "ROW_GROUP_ROWS", 128)
+    monkeypatch.setattr(writing.FeatureOrder, "FLUSH_ROWS", 2048)
+    monkeypatch.setattr(writing.FeatureOrder, "ROW_GROUP_ROWS", 128)
     out = tmp_path / "by_feature"
     cfg = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], tiny["data"], out,
                       data__shards=4, output__row_order="feature")
@@ -168,7 +168,7 @@ def test_feature_order_sort(blocks):
     however the blocks arrive (blocks whose documents interleave take the full sort)."""
     import numpy as np
 
-    from saeray.engine.worker import FeatureOrder
+    from saeray.engine.writing import FeatureOrder
 
     rng = np.random.default_rng(len(blocks))
     parts, first = [], 0

@@ -26,11 +26,24 @@ HOOK = "blocks.1.hook_resid_post"
 FEATURES = list(range(96))  # the whole SAE
 
 
+def _tl_config(*args):
+    """tests/engine/test_transformerlens.py's TransformerLens config (that folder is on sys.path only when
+    pytest collects a test in it)."""
+    import sys
+    from pathlib import Path
+
+    engine_tests = str(Path(__file__).resolve().parents[1] / "engine")
+    if engine_tests not in sys.path:
+        sys.path.insert(0, engine_tests)
+    from test_transformerlens import _tl_config as tl_config
+
+    return tl_config(*args)
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory) -> dict:
     import transformer_lens.loading_from_pretrained as loading
     from sae_lens import SAE
-    from test_transformerlens import _tl_config
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -262,7 +262,7 @@ def test_bad_choices_are_one_line_errors(runs, tmp_path, capsys):
     assert "has (sae/group) s/all" in capsys.readouterr().err
     assert cli.main(["report", str(runs["a"]), "--separation", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no separation.parquet" in capsys.readouterr().err
-    assert cli.main(["report", str(runs["a"]), "--features", "500", "--no-logits", "--out", str(tmp_path)]) == 2
+    assert cli.main(["report", str(runs["a"]), "--features", "500", "--out", str(tmp_path)]) == 2
     assert "out of range" in capsys.readouterr().err
 
 
@@ -301,3 +301,42 @@ def test_feature_card_draws_any_script_without_warnings(tmp_path):
         assert _text("\U0001F600") == "<f0 9f 98 80>"
     if "Noto Sans CJK JP" in fonts.families():  # the set-up's fonts are installed: CJK, Hangul, Thai draw as text
         assert all(_text(t) == t for t in tokens[:4])
+
+
+def test_report_loads_no_model_unless_asked(runs, tmp_path, monkeypatch):
+    """By default a report loads no model weights: cards show the logit effects saved with the run
+    (save_logit_effects) and a note for the others; logits=True computes those; a file saved for another
+    run is refused, not shown."""
+    from saeray.analysis.saved_logits import read_logits
+    from saeray.engine import models
+    from saeray.report import write_report
+    from saeray.tools import logits
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["a"], run)
+    logits.save_logit_effects(run, [3, 5], k=8)
+    logits.save_logit_effects(run, [3], k=8)  # replaces feature 3's rows
+    saved = read_logits(run)
+    assert saved.height == 2 * 2 * 8 and saved.filter(pl.col("feature") == 3).equals(
+        logits.logit_effects_for_run(run, [3], k=8))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the report loaded the model")
+
+    with monkeypatch.context() as m:
+        for name in ("load_model", "load_model_and_processor"):
+            m.setattr(models, name, no_model)
+        m.setattr(logits, "logit_effects_for_run", no_model)
+        html = write_report(run, tmp_path / "out", features=[3, 4], top=2).read_text()
+    assert html.count("Direct logit effects") == 1
+    assert "logit effects not computed: they load the model" in html
+    html = write_report(run, tmp_path / "out", features=[3, 4], logits=True).read_text()
+    assert html.count("Direct logit effects") == 2 and "logit effects not computed" not in html
+
+    other = tmp_path / "other"
+    shutil.copytree(runs["b"], other)
+    shutil.copy(run / "logits.parquet", other / "logits.parquet")
+    with pytest.raises(ValueError, match="computed for another run"):
+        read_logits(other)
+    html = write_report(other, tmp_path / "out_other", features=[3]).read_text()
+    assert "Direct logit effects" not in html and "logit effects not computed" in html

@@ -1,0 +1,56 @@
+"""Logit effects saved with a run (RUN/logits.parquet), read without loading the model.
+
+`saeray.tools.logits.save_logit_effects` computes them (that loads the model's weights) and writes
+the file; reports read it. Columns: those of `saeray.tools.logits.logit_effects` with `sae` first;
+the run's fingerprint and the SAEs' digests are kept in the file's metadata, so a file left from
+another run (an overwritten run directory, a copied file) is not shown as this run's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ..engine.run import open_run
+
+LOGITS_FILE = "logits.parquet"
+META_KEY = b"saeray.logits"
+
+
+def identity(run: str | Path) -> dict[str, Any]:
+    """What saved logit effects are valid for: the run's fingerprint and each SAE's digest."""
+    manifest = open_run(run).read_manifest()
+    return {"fingerprint": manifest["fingerprint"],
+            "saes": {s["name"]: s["digest"] for s in manifest["resolved"]["saes"]}}
+
+
+def read_logits(run: str | Path) -> pl.DataFrame | None:
+    """The run's saved logit effects, or None when it has none. Raises ValueError when the file was written
+    for another run (fingerprint or SAE digests differ)."""
+    import pyarrow.parquet as pq
+
+    rd = open_run(run)
+    if not rd.exists(LOGITS_FILE):
+        return None
+    table = pq.read_table(io.BytesIO(rd.read_bytes(LOGITS_FILE)))
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    if {k: meta.get(k) for k in ("fingerprint", "saes")} != identity(run):
+        raise ValueError(f"{rd.uri(LOGITS_FILE)} was computed for another run or other SAEs (fingerprint or SAE "
+                         "digests differ): delete it, or compute it again with saeray.tools.logits.save_logit_effects")
+    return pl.from_arrow(table)  # type: ignore[return-value]
+
+
+def saved_effects(run: str | Path, features: list[int], *, sae: str, k: int) -> tuple[pl.DataFrame | None, list[int]]:
+    """(the saved top-k promoted and suppressed tokens of `features` of `sae`, or None when none are saved;
+    the features with none saved)."""
+    saved = read_logits(run)
+    if saved is None:
+        return None, list(features)
+    mine = saved.filter((pl.col("sae") == sae) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
+                        & (pl.col("rank") < k))
+    have = set(mine["feature"].to_list())
+    return (mine if mine.height else None), [f for f in features if f not in have]

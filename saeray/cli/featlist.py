@@ -7,7 +7,9 @@ de-duplicated, so overlapping ranges are allowed.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Any, Iterable
+
+from ..tools.options import option
 
 _ITEM = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
 
@@ -57,3 +59,11 @@ def parse_features(spec: str | int | Iterable[str | int], *, n_features: int | N
 
 def _show(items: list[str]) -> str:
     return repr(",".join(items))
+
+
+FEATURES_HELP = "features: 0,5,10 | 0-20 | 0-10,50-60 (repeatable)"
+
+
+def feature_lists(flag: str = "--feature") -> Any:
+    """A required, repeatable `FLAG/-f LIST` option field; `parse_features` reads what it collects."""
+    return option(help=FEATURES_HELP, flags=(flag, "-f"), metavar="LIST")

@@ -1,0 +1,75 @@
+"""Commands that present runs (saeray/report): the HTML report and exports for other tools.
+
+    saeray report RUN [--vs RUN_B] [--separation DIR] [--category COL] [--features LIST] [--logits] --out DIR
+    saeray export neuronpedia|delphi RUN --out DIR
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .analyses import ONLY_PAIR, run_dir
+from .options import Command, option
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportArgs:
+    run: str = option(help="the run (A when --vs is given)", positional=True)
+    vs: str | None = option(None, "diff this run (B) against RUN; tables go to OUT/diff/", metavar="RUN_B")
+    separation: str | None = option(None, "the --out directory of `saeray separate`", metavar="DIR")
+    category: str | None = option(None, "a docs column: heatmap of the card features across documents by category")
+    features: str | None = option(None, "features for the cards: 0,5,10 | 0-20 (default: top changes / separators "
+                                  "/ highest means)")
+    top: int = option(6, "cards when --features is not given")
+    k: int = option(5, "top contexts per card")
+    before: int = option(12, "tokens of context before a document's maximum")
+    after: int = option(6, "tokens of context after it")
+    sae: str | None = option(None, "SAE for cards and heatmap (default: the first)")
+    group: str | None = option(None, "position group for cards and heatmap (default: the first)")
+    preset: str = option("default", "diff classification", choices=("default", "vlm_transfer"))
+    logits: bool = option(False, "compute the logit effects of card features not saved with the run (loads the "
+                                 "model's weights)")
+    out: str = option(help="directory for index.html, figures/ and diff/")
+
+
+def report(a: ReportArgs) -> int:
+    from ..report import write_report
+    from .featlist import parse_features
+
+    index = write_report(a.run, a.out, vs=a.vs, separation=a.separation,
+                         features=parse_features(a.features) if a.features else None, top=a.top, k=a.k,
+                         category=a.category, sae=a.sae, group=a.group, logits=a.logits,
+                         preset=a.preset, window=(a.before, a.after))
+    print(f"wrote {index} and PNG figures in {index.parent / 'figures'} (open {index.resolve().as_uri()})")
+    return 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportArgs:
+    format: str = option(help="neuronpedia: SAEDashboard's batch-N.json files; delphi: its latent cache",
+                         positional=True, choices=("neuronpedia", "delphi"))
+    run: str = run_dir()
+    out: str = option(help="directory for the exported files")
+    sae: str | None = option(None, f"which SAE of the run {ONLY_PAIR}")
+    group: str | None = option(None, f"which position group {ONLY_PAIR}")
+    features_per_batch: int = option(128, "neuronpedia: features per batch-N.json")
+    splits: int = option(5, "delphi: latent ranges (safetensors files)")
+
+
+def export(a: ExportArgs) -> int:
+    from ..report.export import delphi, neuronpedia
+
+    if a.format == "neuronpedia":
+        files = neuronpedia(a.run, a.out, sae=a.sae, group=a.group, features_per_batch=a.features_per_batch)
+    else:
+        files = delphi(a.run, a.out, sae=a.sae, group=a.group, n_splits=a.splits)
+    print(f"wrote {len(files)} files to {a.out} ({files[0].name} ... {files[-1].name})" if files else "nothing written")
+    return 0
+
+
+COMMANDS = (
+    Command("export", "a run for other tools: Neuronpedia dashboards (SAEDashboard's batch files) or delphi's latent "
+            "cache", (ExportArgs,), export),
+    Command("report", "offline HTML dashboard (index.html) and PNG figures for a run, a diff, a separation",
+            (ReportArgs,), report),
+)

@@ -1,4 +1,4 @@
-"""A small categorized text set for exploring features (WORKFLOWS.md workflow 4), written for saeray.
+"""A small categorized text set for exploring features, written for saeray.
 
 Seven categories of short texts: code, math, legal, recipe, chat, url, french. Each text
 is a template of its category filled from word lists with a seeded `random.Random`, so

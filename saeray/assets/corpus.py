@@ -3,7 +3,7 @@ pages and quotation collections, all from what a Python install and a few Debian
 
 Each top-level function or class of a stdlib module becomes a `code` document (its source)
 and, if it has one, a `docstring` document; module docstrings are `docstring` documents too.
-Beside them (saeray/textsources.py): `documentation` (Python's tutorial, HOWTOs, reference),
+Beside them (saeray/assets/textsources.py): `documentation` (Python's tutorial, HOWTOs, reference),
 `manual` (the Linux man-pages) and `quotation` (the BSD fortune collections: quotations,
 jokes, verse, short dialogues). Each kind is capped at a character budget (`BUDGETS`), chosen
 by a seeded shuffle, and the documents of all kinds are shuffled together, so any prefix of

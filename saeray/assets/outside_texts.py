@@ -1,6 +1,6 @@
 """Texts of kinds absent from the corpus, written for saeray: how a shipped SAE does on a user's own text.
 
-The corpus (saeray/corpus.py) holds code, docstrings, Python's documentation, manual pages and
+The corpus (saeray/assets/corpus.py) holds code, docstrings, Python's documentation, manual pages and
 quotation collections. These are none of those: narrative and descriptive prose (a harbour
 town, a bridge's history), step-by-step instructions for a household device, an everyday
 conversation and a personal letter. They were written for this project and are never used for

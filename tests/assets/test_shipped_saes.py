@@ -102,7 +102,7 @@ def test_quality_recomputed_on_held_out_text(sae_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sae_dir", _outside_or_xfail(), ids=[d.name for d in SAES])
 def test_quality_on_texts_outside_the_corpus_recomputed_with_plain_transformers(sae_dir):
-    """The training report's figure on saeray/outside_texts.py, recomputed with a plain Hugging Face forward
+    """The training report's figure on saeray/assets/outside_texts.py, recomputed with a plain Hugging Face forward
     (output_hidden_states, windows of context_size - 1 tokens after BOS) instead of saeray's streamer."""
     from sae_lens import SAE
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,13 +5,13 @@
     saeray top RUN --feature F [--k 10]
     saeray probe RUN --feature F --text "..."
     saeray concept RUN --example "..." [--counter "..."]
-    saeray logits RUN --feature F
+    saeray logits RUN --feature F [--save]
     saeray explore RUN [--category COL] [--features LIST] --out DIR
     saeray synth RUN_OR_CONFIG --features LIST --out DIR [--reference RUN] [--steps 200] [--seq-len 8]
     saeray diff RUN_A RUN_B --out DIR [--preset default|vlm_transfer] ...
     saeray transfer BASE VLM_TEXT VLM_IMAGE --out DIR [--active-value 0.1 ...]
     saeray separate RUN --label COL [--reference REF_RUN] [--max-density 0.02] --out DIR
-    saeray report RUN [--vs RUN_B] [--separation DIR] [--category COL] [--features LIST] --out DIR
+    saeray report RUN [--vs RUN_B] [--separation DIR] [--category COL] [--features LIST] [--logits] --out DIR
     saeray train-sae CONFIG --hook HOOK --out DIR [--arch topk|jumprelu] [--d-sae N] [--k K] ...
     saeray export neuronpedia|delphi RUN --out DIR
     saeray corpus [--out DIR] [--chat MODEL]

@@ -62,6 +62,9 @@ def test_second_driver_refused_then_rerun_after_sigkill(seven_units, tmp_path, r
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "completions").glob("*.json")) and first.poll() is None:
         time.sleep(0.05)
+    # the holder stops (SIGSTOP) once it has committed a unit: it keeps its lock, and cannot finish the run while the
+    # second driver starts up (a whole interpreter and torch), which on a loaded machine took longer than 6 units
+    first.send_signal(signal.SIGSTOP)
     second = subprocess.run([sys.executable, "-m", "saeray.cli", "run", str(cfg), "--local"],
                             capture_output=True, text=True, timeout=300)
     still_running = first.poll() is None

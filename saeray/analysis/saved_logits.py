@@ -1,7 +1,7 @@
 """Logit effects saved with a run (RUN/logits.parquet), read without loading the model.
 
-`saeray.tools.logits.save_logit_effects` computes them (that loads the model's weights) and writes
-the file; reports read it. Columns: those of `saeray.tools.logits.logit_effects` with `sae` first;
+`saeray.tools.logits.save_logit_effects` (or `saeray logits RUN --feature F --save`) computes them,
+which loads the model's weights, and `write_logits` writes the file; reports read it. Columns: those of `saeray.tools.logits.logit_effects` with `sae` first;
 the run's fingerprint and the SAEs' digests are kept in the file's metadata, so a file left from
 another run (an overwritten run directory, a copied file) is not shown as this run's.
 """
@@ -38,19 +38,40 @@ def read_logits(run: str | Path) -> pl.DataFrame | None:
         return None
     table = pq.read_table(io.BytesIO(rd.read_bytes(LOGITS_FILE)))
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    if {k: meta.get(k) for k in ("fingerprint", "saes")} != identity(run):
+    if {k: meta.get(k) for k in ("fingerprint", "saes")} != identity(rd):
         raise ValueError(f"{rd.uri(LOGITS_FILE)} was computed for another run or other SAEs (fingerprint or SAE "
-                         "digests differ): delete it, or compute it again with saeray.tools.logits.save_logit_effects")
+                         "digests differ): delete it, or compute it again with saeray logits RUN --feature F --save")
     return pl.from_arrow(table)  # type: ignore[return-value]
 
 
 def saved_effects(run: str | Path, features: list[int], *, sae: str, k: int) -> tuple[pl.DataFrame | None, list[int]]:
     """(the saved top-k promoted and suppressed tokens of `features` of `sae`, or None when none are saved;
-    the features with none saved)."""
+    the features without k of each saved: none, or fewer, saved with a smaller k)."""
     saved = read_logits(run)
     if saved is None:
         return None, list(features)
     mine = saved.filter((pl.col("sae") == sae) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
                         & (pl.col("rank") < k))
-    have = set(mine["feature"].to_list())
+    counts = mine.group_by("feature").len()
+    have = set(counts.filter(pl.col("len") == 2 * k)["feature"].to_list())
+    mine = mine.filter(pl.col("feature").is_in(pl.Series(sorted(have), dtype=pl.Int32)))
     return (mine if mine.height else None), [f for f in features if f not in have]
+
+
+def write_logits(run: str | Path, frame: pl.DataFrame) -> str:
+    """Save `frame` (from `saeray.tools.logits.logit_effects_for_run`: one SAE) with the run in RUN/logits.parquet,
+    replacing its features' earlier rows. Returns the file's path or URI."""
+    from ..engine.store import parquet_bytes
+
+    rd = open_run(run)
+    try:
+        old = read_logits(rd)
+    except ValueError:  # saved for another run or other SAEs: replaced
+        old = None
+    if old is not None:
+        name = frame["sae"][0]
+        keep = ~((pl.col("sae") == name) & pl.col("feature").is_in(frame["feature"].unique().cast(pl.Int32)))
+        frame = pl.concat([old.filter(keep), frame])
+    frame = frame.sort("sae", "feature", pl.col("direction").replace_strict({"promoted": 0, "suppressed": 1}), "rank")
+    rd.write_bytes(LOGITS_FILE, parquet_bytes(frame.to_arrow(), {META_KEY.decode(): identity(rd)}))
+    return rd.uri(LOGITS_FILE)

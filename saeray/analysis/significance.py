@@ -14,8 +14,7 @@ import numpy as np
 import polars as pl
 
 from ..engine.run import open_run
-from .stats import doc_moments as merged_doc_moments
-from .stats import scan_docs, scan_files, source_for
+from .stats import merged_doc_moments, scan_docs, scan_files, source_for
 
 KEYS = ["sae", "group", "feature"]
 
@@ -136,7 +135,7 @@ def _shard_moments(acts: pl.LazyFrame, pos: pl.DataFrame) -> pl.DataFrame:
 
 
 def partial_doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """`doc_moments` from the units' per-document moments (stats.doc_moments): no pass over rows; raises
+    """`doc_moments` from the units' per-document moments (stats.merged_doc_moments): no pass over rows; raises
     LookupError for a run whose units lack them."""
     m = merged_doc_moments(run)
     n_docs = m.group_by("group").agg(pl.col("n_docs").max())

@@ -113,7 +113,7 @@ def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
             .sort(keys))
 
 
-def doc_moments(run: str | Path) -> pl.DataFrame:
+def merged_doc_moments(run: str | Path) -> pl.DataFrame:
     """Per (sae, group, feature) from the units' per-document moments (stats n_docs, doc_sum, doc_m2; see
     partials.DEFINITIONS): n_docs, doc_mean and doc_var (sample variance, ddof=1) of doc_value, merged with
     Chan's formula. Raises LookupError for runs whose units predate these columns."""
@@ -146,17 +146,11 @@ def features(run: str | Path) -> pl.LazyFrame:
 
 def write_features(run: str | Path) -> Path | str:
     """Write RUN/features.parquet (atomically) and return its path (its URI in an object store)."""
-    rd = open_run(run)
-    if rd.remote:
-        from ..engine.store import parquet_bytes
+    from ..engine.store import parquet_bytes
 
-        rd.write_bytes("features.parquet", parquet_bytes(features(run).collect().to_arrow()))
-        return rd.uri("features.parquet")
-    out = Path(run) / "features.parquet"
-    tmp = out.with_name(".features.parquet.tmp")
-    features(run).collect().write_parquet(tmp)
-    tmp.replace(out)
-    return out
+    rd = open_run(run)
+    rd.write_bytes("features.parquet", parquet_bytes(features(rd).collect().to_arrow()))
+    return rd.uri("features.parquet") if rd.remote else Path(rd.uri("features.parquet"))
 
 
 def summary(frame: pl.DataFrame) -> pl.DataFrame:

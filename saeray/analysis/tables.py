@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from ..engine.run import open_run
+from ..engine.storage import write_local
+from ..engine.store import parquet_bytes
 
 
 def check_same_saes(run_a: str | Path, run_b: str | Path) -> None:
@@ -35,11 +36,5 @@ def with_neuronpedia(frame: pl.DataFrame, run: str | Path) -> pl.DataFrame:
 
 
 def write_parquet_with_meta(frame: pl.DataFrame, path: Path, key: str, meta: dict[str, Any]) -> None:
-    """Write `frame` atomically with `meta` as JSON under Parquet key-value metadata `key`."""
-    import pyarrow.parquet as pq
-
-    table = frame.to_arrow()
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), key: json.dumps(meta, sort_keys=True)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    """Write local `path` atomically: `frame` with `meta` as JSON under Parquet key-value metadata `key`."""
+    write_local(path, parquet_bytes(frame.to_arrow(), {key: meta}))

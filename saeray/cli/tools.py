@@ -140,14 +140,15 @@ class LogitsArgs:
 
 
 def logits(a: LogitsArgs) -> int:
-    from ..tools.logits import logit_effects_for_run, write_logit_effects
+    from ..analysis.saved_logits import write_logits
+    from ..tools.logits import logit_effects_for_run
     from .featlist import parse_features
 
     frame = logit_effects_for_run(a.run, parse_features(a.feature), sae=a.sae, k=a.k)
     for (feature, direction), g in frame.group_by(["feature", "direction"], maintain_order=True):
         print(f"feature {feature} {direction}: " + ", ".join(f"{t!r} {v:+.3g}" for t, v in zip(g["token"], g["logit"])))
     if a.save:
-        print(f"saved with the run: {write_logit_effects(a.run, frame)}")
+        print(f"saved with the run: {write_logits(a.run, frame)}")
     return _csv(frame, a.csv)
 
 

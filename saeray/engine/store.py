@@ -190,7 +190,7 @@ class RunDir(Folder):
                     if not overwrite:
                         was, now = old.get("saeray_version"), manifest.get("saeray_version")
                         why = (f"it was written by saeray {was}, whose fingerprints saeray {now} does not reproduce; "
-                               "its committed units still read with the analyses" if was != now else
+                               "its committed units still read with the analyses" if was is not None and was != now else
                                "model, SAEs, data or token settings differ")
                         raise RunDirError(
                             f"{self.root} holds a run with fingerprint {old.get('fingerprint')}, this config has {fp} "
@@ -373,8 +373,12 @@ def _remove_dead_attempts(staging: Path) -> None:
             continue
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    """A table as parquet file bytes (for RunDir.write_bytes)."""
+def parquet_bytes(table: pa.Table, meta: dict[str, Any] | None = None) -> bytes:
+    """A table as parquet file bytes (for RunDir.write_bytes, storage.write_local); `meta` {key: JSON-able value}
+    goes into the file's key-value metadata as JSON."""
+    if meta:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **{k: json.dumps(v, sort_keys=True) for k, v in meta.items()}})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()

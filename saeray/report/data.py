@@ -194,14 +194,15 @@ def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *,
         bad = [f for f in feats if not 0 <= f < width]
         if bad:
             raise ValueError(f"feature {bad[0]} is out of range: SAE {sae!r} has {width} features (0-{width - 1})")
-        if has_examples(run):
-            tok, note = _tokenizer(run)
-            ex = top_examples(run, feats, sae=sae, group=group, k=k, window=window, tokenizer=tok)
+        rd = open_run(run)  # one open run: its manifest, markers and tokenizer are read once for all the cards
+        if has_examples(rd):
+            tok, note = _tokenizer(rd)
+            ex = top_examples(rd, feats, sae=sae, group=group, k=k, window=window, tokenizer=tok)
         else:
             ex = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int32})
-        hists = activation_histograms(run, feats, sae=sae, group=group) if has_histograms(run) else {}
-        effects, effects_note = _logits(run, feats, sae, compute=logits)
-        prefix = neuronpedia_prefix(run, sae)
+        hists = activation_histograms(rd, feats, sae=sae, group=group) if has_histograms(rd) else {}
+        effects, effects_note = _logits(rd, feats, sae, compute=logits)
+        prefix = neuronpedia_prefix(rd, sae)
         for f, why in chosen:
             row = stats.filter(pl.col("feature") == f).row(0, named=True)
             mine = ex.filter(pl.col("feature") == f).sort("rank")

@@ -20,7 +20,6 @@ turn it into logits
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -159,32 +158,9 @@ def logit_effects_for_run(run: str | Path, features: list[int], *, sae: str | No
 
 def save_logit_effects(run: str | Path, features: list[int], *, sae: str | None = None, k: int = 10) -> str:
     """Compute `logit_effects_for_run` (this loads the model's weights) and save them with the run
-    (`write_logit_effects`). Returns the file's path or URI."""
+    (analysis.saved_logits.write_logits). Returns the file's path or URI."""
+    from ..analysis.saved_logits import write_logits
     from ..engine.run import open_run
 
     rd = open_run(run)
-    return write_logit_effects(rd, logit_effects_for_run(rd, features, sae=sae, k=k))
-
-
-def write_logit_effects(run: str | Path, frame: pl.DataFrame) -> str:
-    """Save `frame` (from `logit_effects_for_run`: one SAE) with the run in RUN/logits.parquet
-    (analysis.saved_logits), replacing its features' earlier rows; reports then show them without loading
-    the model. Returns the file's path or URI."""
-    from ..analysis.saved_logits import LOGITS_FILE, META_KEY, identity, read_logits
-    from ..engine.run import open_run
-    from ..engine.store import parquet_bytes
-
-    rd = open_run(run)
-    try:
-        old = read_logits(rd)
-    except ValueError:  # saved for another run or other SAEs: replaced
-        old = None
-    if old is not None:
-        name = frame["sae"][0]
-        keep = ~((pl.col("sae") == name) & pl.col("feature").is_in(frame["feature"].unique().cast(pl.Int32)))
-        frame = pl.concat([old.filter(keep), frame])
-    frame = frame.sort("sae", "feature", pl.col("direction").replace_strict({"promoted": 0, "suppressed": 1}), "rank")
-    table = frame.to_arrow()
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(identity(rd))})
-    rd.write_bytes(LOGITS_FILE, parquet_bytes(table))
-    return rd.uri(LOGITS_FILE)
+    return write_logits(rd, logit_effects_for_run(rd, features, sae=sae, k=k))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+from ..analysis.tables import write_parquet_with_meta
 
 if TYPE_CHECKING:
     from .synth import SynthOptions
@@ -56,19 +57,15 @@ def plot(frame: pl.DataFrame, path: str | Path) -> Path:
 
 def write_synth(frame: pl.DataFrame, out: str | Path, options: SynthOptions | None = None) -> dict[str, Path]:
     """DIR/synth.parquet (options in its metadata), synth.csv (tokens joined by '|') and synth.png."""
-    import pyarrow.parquet as pq
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = frame.to_arrow()
     meta = {"options": asdict(options) if options else None,
             "definitions": "synth_activation: best activation of the soft sequence at its last position; "
                            "hard_activation: the same for its nearest real tokens (cosine similarity, "
                            "special tokens excluded; hard_cosine per position); ratio = synth / real_max, "
                            "hard_ratio = hard / real_max; real_max: the feature's max over the reference run"}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"saeray.synth": json.dumps(meta).encode()})
     paths = {"parquet": out / "synth.parquet", "csv": out / "synth.csv", "png": out / "synth.png"}
-    pq.write_table(table, paths["parquet"])
+    write_parquet_with_meta(frame, paths["parquet"], "saeray.synth", meta)
     frame.with_columns(pl.col("hard_token_ids").cast(pl.List(pl.String)).list.join("|"),
                        pl.col("hard_tokens").list.join("|"),
                        pl.col("hard_cosine").list.eval(pl.element().round(3).cast(pl.String)).list.join("|")

@@ -340,3 +340,18 @@ def test_report_loads_no_model_unless_asked(runs, tmp_path, monkeypatch):
         read_logits(other)
     html = write_report(other, tmp_path / "out_other", features=[3]).read_text()
     assert "Direct logit effects" not in html and "logit effects not computed" in html
+
+
+def test_logits_saved_with_fewer_ranks_than_a_card_shows_count_as_missing(runs, tmp_path):
+    """A feature saved with k=3 has too few tokens for a card (LOGIT_RANKS): it is listed as missing, so a report
+    computes it (logits=True) instead of showing 3 of the 8 tokens; one saved with k=8 is shown as saved."""
+    from saeray.analysis.saved_logits import saved_effects
+    from saeray.report.data import LOGIT_RANKS
+    from saeray.tools import logits
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["a"], run)
+    logits.save_logit_effects(run, [3], k=LOGIT_RANKS)
+    logits.save_logit_effects(run, [5], k=3)
+    saved, missing = saved_effects(run, [3, 5], sae="s", k=LOGIT_RANKS)
+    assert missing == [5] and set(saved["feature"]) == {3} and saved.height == 2 * LOGIT_RANKS

@@ -45,17 +45,14 @@ class Batch:
     """group -> (row, col, doc_id, pos) as int64 tensors on the batch's device (filled by `to`)."""
 
     def to(self, device: torch.device) -> "Batch":
-        """The batch on `device`, selections included. To a GPU the copies do not block the host: the host
-        tensors are pinned (by `batches(pin=True)`, in the thread that built them) and stay referenced by this
-        batch until the model has read them."""
-        non_blocking = device.type == "cuda"
+        """The batch on `device`, selections included. To a GPU, pinned host tensors (`batches(pin=True)`, built
+        so in the worker's prefetch thread) are copied without blocking the host and stay referenced by this
+        batch until the model has read them; unpinned ones (train, probe) are copied as they are, with no
+        pinned staging copy made per batch."""
+        cuda = device.type == "cuda"
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            if non_blocking and not t.is_pinned():
-                t = t.pin_memory()
-            return t.to(device, non_blocking=non_blocking)
+            return None if t is None else t.to(device, non_blocking=cuda and t.is_pinned())
 
         host = self.selected or _selection_tensors(self, pin=False)
         return dataclasses.replace(

@@ -19,6 +19,7 @@ from .options import Command, option
 
 RUN_HELP = "a run directory"
 ONLY_PAIR = "(default: the run's only one)"
+WHICH_SAE = f"which SAE of the run {ONLY_PAIR}"
 
 
 def run_dir() -> str:
@@ -108,7 +109,7 @@ class ExploreArgs:
     features: str | None = option(None, "features for co-activation counts and the feature x document matrix")
     n: int = option(10, "rows per table")
     strong_frac: float = option(0.5, "'strong' = value >= this fraction of the feature's max")
-    sae: str | None = option(None, f"which SAE of the run {ONLY_PAIR}")
+    sae: str | None = option(None, WHICH_SAE)
     group: str | None = option(None, f"which position group {ONLY_PAIR}")
     out: str = option(help="directory for the tables (.parquet and .csv)")
 

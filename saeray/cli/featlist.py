@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from ..tools.options import option
+from .options import option
 
 _ITEM = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
 

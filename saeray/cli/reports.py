@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .analyses import ONLY_PAIR, run_dir
+from .analyses import ONLY_PAIR, WHICH_SAE, run_dir
 from .options import Command, option
 
 
@@ -50,7 +50,7 @@ class ExportArgs:
                          positional=True, choices=("neuronpedia", "delphi"))
     run: str = run_dir()
     out: str = option(help="directory for the exported files")
-    sae: str | None = option(None, f"which SAE of the run {ONLY_PAIR}")
+    sae: str | None = option(None, WHICH_SAE)
     group: str | None = option(None, f"which position group {ONLY_PAIR}")
     features_per_batch: int = option(128, "neuronpedia: features per batch-N.json")
     splits: int = option(5, "delphi: latent ranges (safetensors files)")

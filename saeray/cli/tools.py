@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .analyses import WHICH_SAE
 from .featlist import feature_lists
 from .options import Command, option
 from .running import overrides
 
 RUN_OR_CONFIG = "a run directory or a config (model + SAE)"
-WHICH_SAE = "which SAE of the run (default: its only one)"
 
 
 def _train_options() -> type:

@@ -16,8 +16,9 @@ from typing import Any
 import polars as pl
 
 from ..engine.run import open_run
+from ..engine.store import LOGITS
 
-LOGITS_FILE = "logits.parquet"
+LOGITS_FILE = LOGITS
 META_KEY = b"saeray.logits"
 
 

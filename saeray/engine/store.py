@@ -50,6 +50,12 @@ SINGLE_KINDS = ("stats", "recon", "examples", "hist", "lastvals")
 the documents' last positions."""
 KINDS = ("activations", "docs", *SINGLE_KINDS)
 """Shard outputs: activations and docs are folders of parquet parts, the SINGLE_KINDS one file each."""
+FEATURES = "features.parquet"
+"""Written by `saeray stats RUN`."""
+LOGITS = "logits.parquet"
+"""Written by `saeray logits RUN --save`."""
+OWN = (MANIFEST, "completions", *KINDS, TMP, FEATURES, LOGITS)
+"""Everything saeray puts at the top of a run directory (besides LOCK): all that --overwrite deletes."""
 
 ACTIVATIONS_SCHEMA = pa.schema([
     ("sae", pa.string()), ("group", pa.string()), ("doc_id", pa.int64()), ("pos", pa.int32()),
@@ -156,7 +162,8 @@ class RunDir(Folder):
     # ---- manifest ------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
         if not self.exists(MANIFEST):
-            raise RunDirError(f"{self.root} is not a saeray run directory (no {MANIFEST}): run `saeray run CONFIG --out {self.root}` first")
+            raise RunDirError(f"{self.root} is not a saeray run directory (no {MANIFEST}): give the folder that "
+                              "`saeray run` wrote, the config's output.dir or its --out")
         return json.loads(self.read_bytes(MANIFEST))
 
     def manifest_if_any(self) -> dict[str, Any] | None:
@@ -166,36 +173,50 @@ class RunDir(Folder):
         except (OSError, ValueError):
             return None
 
-    def _is_empty(self) -> bool:
+    def _foreign(self) -> list[str]:
+        """Names at the top of the directory that a saeray run did not put there (empty when it is empty,
+        a run directory, or what a start that died before writing its manifest left: empty saeray folders)."""
         if not self.fs.isdir(self._base):
-            return True
-        return all(p.rstrip("/").rsplit("/", 1)[-1] == LOCK for p in self.fs.ls(self._base, detail=False))
+            return []
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._base, detail=False))
+        if MANIFEST in names:
+            return []
+        return [n for n in names if n != LOCK and not (n in OWN and n != MANIFEST and not self.list_files(n))]
+
+    def refuse_foreign(self) -> None:
+        """Raise RunDirError when the directory holds files that are not a saeray run's: saeray writes runs only
+        into a new or empty folder or a run directory, and --overwrite replaces only a run directory."""
+        foreign = self._foreign()
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunDirError(f"{self.root} is not a saeray run directory and is not empty (it holds {shown}): "
+                              "saeray writes a run only into a new or empty folder or a run directory it made, and "
+                              "--overwrite replaces only a run directory. Set output.dir (or --out) to a new folder")
 
     def prepare(self, manifest: dict[str, Any], overwrite: bool) -> int:
         """Create or reopen the run directory for `manifest`; return the committed shard count.
 
-        Refuses a directory that holds another run (another fingerprint) or foreign
-        files, unless `overwrite`.
+        Refuses a directory that holds files that are not a run's (even with `overwrite`), and one that
+        holds another run (another fingerprint) unless `overwrite`.
         """
         fp = manifest["fingerprint"]
-        if not self._is_empty():
-            if not self.exists(MANIFEST):
-                if not overwrite:
-                    raise RunDirError(f"{self.root} is not empty and is not a saeray run directory: "
-                                      "choose another --out, or pass --overwrite to replace its contents")
-                self._clear()
-            else:
-                old = json.loads(self.read_bytes(MANIFEST))
-                if old.get("fingerprint") != fp:
-                    if not overwrite:
-                        was, now = old.get("saeray_version"), manifest.get("saeray_version")
-                        why = (f"it was written by saeray {was}, whose fingerprints saeray {now} does not reproduce; "
-                               "its committed units still read with the analyses" if was is not None and was != now else
-                               "model, SAEs, data or token settings differ")
-                        raise RunDirError(
-                            f"{self.root} holds a run with fingerprint {old.get('fingerprint')}, this config has {fp} "
-                            f"({why}): use another --out, or --overwrite to replace it")
-                    self._clear()
+        self.refuse_foreign()
+        old = self.manifest_if_any()
+        if old is None and self.exists(MANIFEST):
+            if not overwrite:
+                raise RunDirError(f"{self.uri(MANIFEST)} is not readable JSON, so the run in {self.root} cannot be "
+                                  "resumed: use another --out, or --overwrite to replace that run")
+            self._clear()
+        if old is not None and old.get("fingerprint") != fp:
+            if not overwrite:
+                was, now = old.get("saeray_version"), manifest.get("saeray_version")
+                why = (f"it was written by saeray {was}, whose fingerprints saeray {now} does not reproduce; "
+                       "its committed units still read with the analyses" if was is not None and was != now else
+                       "model, SAEs, data or token settings differ")
+                raise RunDirError(
+                    f"{self.root} holds a run with fingerprint {old.get('fingerprint')}, this config has {fp} "
+                    f"({why}): use another --out, or --overwrite to replace it")
+            self._clear()
         if not self.remote:
             self.root.mkdir(parents=True, exist_ok=True)
             for sub in ("completions", *KINDS):
@@ -207,10 +228,12 @@ class RunDir(Folder):
         return len(self.committed())
 
     def _clear(self) -> None:
-        log.warning("overwriting %s", self.root)
-        for child in self.fs.ls(self._base, detail=False):
-            if child.rstrip("/").rsplit("/", 1)[-1] != LOCK:
-                self.fs.rm(child, recursive=True)
+        """Delete the run this directory holds: saeray's own entries (OWN), the manifest last; nothing else."""
+        log.warning("overwriting the run in %s", self.root)
+        present = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in self.fs.ls(self._base, detail=False)}
+        for name in (*[n for n in OWN if n != MANIFEST], MANIFEST):
+            if name in present:
+                self.fs.rm(present[name], recursive=True)
 
     # ---- shards ----------------------------------------------------------------------
     def committed(self) -> set[int]:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Callable
 
 from ..engine.config import RunConfig
+from ..engine.overlap import check_apart
 from ..engine.plan import Prepared, prepare
 from ..engine.storage import READ
 from ..engine.store import RunDir, RunDirError
@@ -45,7 +46,9 @@ def run(cfg: RunConfig, *, out: str | None = None, overwrite: bool = False, work
         cfg = replace(cfg, output=replace(cfg.output, dir=out))
     chosen = executor_named(executor)
     t_start, b_start = time.time(), READ.bytes
+    check_apart(cfg)  # before anything is written, locked or deleted
     rd = RunDir(cfg.output.dir)
+    rd.refuse_foreign()
     with DriverLock(rd):  # a second driver on this run directory refuses here, before it plans or cleans
         job = _prepare(cfg, rd, overwrite, workers, progress_every, progress_sink, t_start, b_start)
         t0 = time.time()

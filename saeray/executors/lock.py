@@ -18,6 +18,7 @@ a holder that died (SIGKILL, a lost head node) does not block a rerun.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
@@ -81,8 +82,11 @@ class DriverLock:
     def _acquire_local(self) -> None:
         path = self.rd.root / LOCK
         self._created = not self.rd.root.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(_uncreatable(self.rd.root, e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,6 +180,16 @@ class DriverLock:
                     self.rd.fs.rm_file(self.rd._key(LOCK))  # one DELETE of the key
             except Exception as e:  # noqa: BLE001 - a lock left behind goes stale in STALE_S
                 log.warning("%s: could not remove %s: %s", self.rd.root, LOCK, e)
+
+
+def _uncreatable(root: Any, e: OSError) -> str:
+    """Why the run directory `root` cannot be made or written, and what to do."""
+    why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "a read-only filesystem",
+           errno.ENOTDIR: "a part of the path is a file, not a folder", errno.ENOSPC: "the disk is full"}
+    reason = why.get(e.errno or 0, e.strerror or type(e).__name__)
+    where = f" at {e.filename}" if getattr(e, "filename", None) and str(e.filename) != str(root) else ""
+    return (f"cannot create the run directory {root}: {reason}{where}. Set output.dir (or --out) to a folder "
+            "you can write")
 
 
 def _rmdir_if_empty(path: Any) -> None:

@@ -115,6 +115,10 @@ def _clear_stale(root: Path, use_tiny: bool) -> None:
     if path.is_file() and json.loads(path.read_text()) == stamp:
         return
     stale = [root / n for n in DERIVED if (root / n).exists()]
+    if stale and not path.is_file():
+        raise ValueError(f"{root} holds {', '.join(p.name for p in stale[:4])} but is not a folder `saeray demo` "
+                         "made (no demo.json there): the demo deletes what it finds of its own outputs, so it needs a "
+                         "folder of its own. Pass another --out, e.g. a new folder")
     if stale:
         print(f"removing outputs of an earlier demo with another SAE or corpus: {', '.join(p.name for p in stale)}")
     for p in stale:

@@ -131,8 +131,11 @@ def test_outputs_of_an_earlier_demo_with_another_corpus_are_removed(tmp_path, mo
 
     (tmp_path / "run-prose").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
-    demo._clear_stale(tmp_path, use_tiny=True)  # no stamp yet: outputs of unknown origin go
-    assert not (tmp_path / "run-prose").exists() and (tmp_path / "notes.txt").is_file()
+    with pytest.raises(ValueError, match="not a folder `saeray demo` made"):
+        demo._clear_stale(tmp_path, use_tiny=True)  # no stamp: not the demo's folder, nothing is deleted
+    assert (tmp_path / "run-prose").is_dir() and (tmp_path / "notes.txt").is_file()
+    (tmp_path / "run-prose").rmdir()
+    demo._clear_stale(tmp_path, use_tiny=True)  # stamps the folder as the demo's
     (tmp_path / "run-prose").mkdir()
     demo._clear_stale(tmp_path, use_tiny=True)  # same stamp: reused
     assert (tmp_path / "run-prose").is_dir()

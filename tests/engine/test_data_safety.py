@@ -192,3 +192,16 @@ def test_impossible_output_locations_are_one_line(tiny, tmp_path, capsys):
         locked.mkdir(mode=0o500)
         code, err = _run(tmp_path, _raw(tiny, data, locked / "run"), capsys)
         _refused(code, err, "permission denied")
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "project"
+    (mine / "report").mkdir(parents=True)
+    (mine / "report" / "draft.md").write_text("my report")
+    (mine / "corpus").mkdir()
+    (mine / "corpus" / "texts.txt").write_text("my corpus")
+    before = _tree(mine)
+    code = cli.main(["demo", "--tiny", "--out", str(mine)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a folder `saeray demo` made" in err and "--out" in err, err
+    assert _tree(mine) == before

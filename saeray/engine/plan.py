@@ -40,6 +40,11 @@ class Prepared:
     """causal_lm | image_text (a vision-language model: AutoModelForImageTextToText + AutoProcessor)."""
     image_token_id: int | None = None
     """Vision-language models: the token id whose positions hold image features."""
+    settings_fingerprint: str = ""
+    """The fingerprint without the data files' sizes and versions: equal when only file contents changed."""
+    redo_files: tuple[int, ...] | None = None
+    """When resuming a run whose data files changed under the same settings: the indices of the files whose
+    committed units are stale (see `changed_files`); None otherwise."""
 
     def manifest(self) -> dict[str, Any]:
         import pyarrow
@@ -49,6 +54,7 @@ class Prepared:
         return {
             "saeray_version": __version__,
             "fingerprint": self.fingerprint,
+            "settings_fingerprint": self.settings_fingerprint,
             "config": self.config.to_dict(),
             "resolved": {"prepend_bos": self.prepend_bos, "context_size": self.context_size,
                          "saes": [s.__dict__ for s in self.saes], "model_kind": self.model_kind,
@@ -160,11 +166,31 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
         "tf32": cfg.worker.tf32,  # the other worker settings never change results
     }
     fp = fingerprint(identity)
+    settings_fp = fingerprint({**identity, "data": {**identity["data"], "files": [f.url for f in files]}})
+    redo = None
     if reuse is not None and reuse.get("fingerprint") == fp:
         plan = DataPlan.from_dict(reuse["plan"])  # a resume: the plan is in the run directory
         log.info("resuming: the data plan comes from the run directory's manifest")
     else:
         plan = reading.plan(cfg.data, files, fmt, models.vocab_size_of(model_config))
+        if reuse is not None and reuse.get("settings_fingerprint") == settings_fp and "plan" in reuse:
+            redo = changed_files(DataPlan.from_dict(reuse["plan"]), plan, budget=cfg.data.max_tokens is not None)
     image_token = models.image_token_id(model_config) if kind == "image_text" else None
     return Prepared(cfg, plan, tuple(infos), prepend_bos, context_size, n_layers, fp,
-                    model_kind=kind, image_token_id=image_token)
+                    model_kind=kind, image_token_id=image_token, settings_fingerprint=settings_fp, redo_files=redo)
+
+
+def changed_files(old: DataPlan, new: DataPlan, *, budget: bool) -> tuple[int, ...] | None:
+    """The files whose units a resume must redo, when only data files' contents changed (same files by name and
+    order, same format, unit size and kept columns); None when the plans differ in more than that.
+
+    A file's identity is its URL, size and version (etag, or mtime where the store has no etag). Under a token
+    budget a file's token count decides which documents of every later file are in the run, so the later
+    files are redone too."""
+    if ([f.url for f in old.files] != [f.url for f in new.files] or old.format != new.format
+            or old.unit_bytes != new.unit_bytes or old.keep_schema != new.keep_schema):
+        return None
+    changed = [i for i, (a, b) in enumerate(zip(old.files, new.files)) if (a.size, a.version) != (b.size, b.version)]
+    if budget and changed:
+        return tuple(range(changed[0], len(new.files)))
+    return tuple(changed)

@@ -52,6 +52,26 @@ def _check_disk(path: Path, name: str) -> None:
         raise SAEError(f"SAE {name!r}: {path} has no {SAE_WEIGHTS_FILENAME} (only safetensors weights are loaded)")
 
 
+def _check_weights(file: Path, name: str) -> None:
+    """Refuse a safetensors file whose header is unreadable or that is shorter than its header says (a copy or
+    download cut short), from its header alone."""
+    size = file.stat().st_size
+    fix = "copy or download it again"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise SAEError(f"SAE {name!r}: {file} is truncated or not a safetensors file ({size:,} bytes): {fix}")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise SAEError(f"SAE {name!r}: {file} has an unreadable safetensors header ({e}): {fix}") from None
+    if 8 + n + end > size:
+        raise SAEError(f"SAE {name!r}: {file} is truncated ({size:,} bytes; its header describes {8 + n + end:,}): "
+                       f"{fix}")
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -67,7 +87,13 @@ def read_config(cfg: SAEConfig) -> dict[str, Any]:
     if cfg.path:
         path = Path(cfg.path).expanduser()
         _check_disk(path, cfg.name)
-        return handle_config_defaulting(json.loads((path / SAE_CFG_FILENAME).read_text()))
+        try:
+            raw = json.loads((path / SAE_CFG_FILENAME).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SAEError(f"SAE {cfg.name!r}: {path / SAE_CFG_FILENAME} is not valid JSON ({e}): replace it with the "
+                           "cfg.json the SAE was saved with") from None
+        _check_weights(path / SAE_WEIGHTS_FILENAME, cfg.name)
+        return handle_config_defaulting(raw)
     try:
         return load_sae_config_from_huggingface(cfg.release, cfg.id)
     except Exception as e:  # sae-lens raises ValueError/KeyError/HTTP errors alike
@@ -121,7 +147,11 @@ def load(cfg: SAEConfig, device: torch.device) -> Any:
     if cfg.path:
         path = Path(cfg.path).expanduser()
         _check_disk(path, cfg.name)
-        sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
+        try:
+            sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - safetensors, torch and sae-lens each raise their own on a damaged file
+            raise SAEError(f"SAE {cfg.name!r}: cannot load {path} ({type(e).__name__}: {e}): copy or download it "
+                           "again") from None
     else:
         sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=dtype)
     sae.eval()

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import RawFile, open_raw
+from .storage import RawFile, is_transient, open_raw
 
 EXTENSIONS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".txt": "text",
               ".text": "text"}
@@ -305,7 +305,14 @@ def parquet_rows(url: str, columns: list[str], row_start: int, row_end: int) -> 
                 continue
             if row >= row_end:
                 return
-            table = pf.read_row_group(g, columns=columns)
+            try:
+                table = pf.read_row_group(g, columns=columns)
+            except (pa.ArrowException, OSError) as e:
+                if is_transient(e):
+                    raise
+                raise DataError(f"{url}: row group {g} (rows {row:,} to {row + n - 1:,}) cannot be read "
+                                f"({type(e).__name__}: {' '.join(str(e).split())}): the file is corrupt; write or "
+                                "download it again, then rerun: only the units of this file are redone") from None
             lo, hi = max(0, row_start - row), min(n, row_end - row)
             yield table.slice(lo, hi - lo)
             row += n

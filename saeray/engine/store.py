@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .folder import Folder, OutputWriteError, writing
+from .units import UNITS_PER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -193,39 +194,64 @@ class RunDir(Folder):
                               "saeray writes a run only into a new or empty folder or a run directory it made, and "
                               "--overwrite replaces only a run directory. Set output.dir (or --out) to a new folder")
 
-    def prepare(self, manifest: dict[str, Any], overwrite: bool) -> int:
+    def prepare(self, manifest: dict[str, Any], overwrite: bool, redo_files: tuple[int, ...] | None = None) -> int:
         """Create or reopen the run directory for `manifest`; return the committed shard count.
 
-        Refuses a directory that holds files that are not a run's (even with `overwrite`), and one that
-        holds another run (another fingerprint) unless `overwrite`.
+        Refuses a directory that holds files that are not a run's (even with `overwrite`). A directory that
+        holds another run (another fingerprint) is refused unless `overwrite`, it has no committed unit yet
+        (nothing to lose), or only data files changed (`redo_files`: their units are redone, see `_redo`).
         """
         fp = manifest["fingerprint"]
         self.refuse_foreign()
         old = self.manifest_if_any()
+        replace_manifest = False
         if old is None and self.exists(MANIFEST):
             if not overwrite:
                 raise RunDirError(f"{self.uri(MANIFEST)} is not readable JSON, so the run in {self.root} cannot be "
                                   "resumed: use another --out, or --overwrite to replace that run")
             self._clear()
-        if old is not None and old.get("fingerprint") != fp:
-            if not overwrite:
+        elif old is not None and old.get("fingerprint") != fp:
+            if overwrite:
+                self._clear()
+            elif not self.committed():
+                log.info("%s: replacing the manifest of a run that committed no unit", self.root)
+                self._clear()
+            elif redo_files is not None:
+                self._redo(redo_files, manifest)
+                replace_manifest = True
+            else:
                 was, now = old.get("saeray_version"), manifest.get("saeray_version")
                 why = (f"it was written by saeray {was}, whose fingerprints saeray {now} does not reproduce; "
                        "its committed units still read with the analyses" if was is not None and was != now else
-                       "model, SAEs, data or token settings differ")
+                       "model, SAEs, data files or token settings differ, and the committed units hold results of "
+                       "the old ones")
                 raise RunDirError(
                     f"{self.root} holds a run with fingerprint {old.get('fingerprint')}, this config has {fp} "
                     f"({why}): use another --out, or --overwrite to replace it")
-            self._clear()
         if not self.remote:
             self.root.mkdir(parents=True, exist_ok=True)
             for sub in ("completions", *KINDS):
                 (self.root / sub).mkdir(exist_ok=True)
-        if not self.exists(MANIFEST):
-            manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        if replace_manifest or not self.exists(MANIFEST):
+            created = old.get("created_at") if replace_manifest and old else None
+            manifest = {**manifest, "created_at": created or dt.datetime.now(dt.timezone.utc).isoformat()}
             self.write_json(MANIFEST, manifest)
         self.clean_tmp()
         return len(self.committed())
+
+    def _redo(self, files: tuple[int, ...], manifest: dict[str, Any]) -> None:
+        """Uncommit the units of data files whose identity changed: their markers go first (a unit without a
+        marker does not exist; clean_tmp then removes its files), and the run-level tables derived from them."""
+        redo = set(files)
+        stale = sorted(u for u in self.committed() if u // UNITS_PER_FILE in redo)
+        urls = [f["url"] for f in manifest["plan"]["files"]]
+        names = ", ".join(urls[i].rsplit("/", 1)[-1] for i in files[:5]) + (
+            f" and {len(files) - 5} more" if len(files) > 5 else "")
+        kept = len(self.committed()) - len(stale)
+        log.warning("%s: data files changed since their units were committed: redoing the units of %s (%d committed "
+                    "units), keeping the other %d committed units", self.root, names, len(stale), kept)
+        self._delete([self.marker_key(u) for u in stale])
+        self._delete([n for n in (FEATURES, LOGITS) if self.exists(n)])
 
     def _clear(self) -> None:
         """Delete the run this directory holds: saeray's own entries (OWN), the manifest last; nothing else."""

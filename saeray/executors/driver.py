@@ -65,7 +65,7 @@ def _prepare(cfg: RunConfig, rd: RunDir, overwrite: bool, workers: int | str | N
                           "index): its outputs stay readable by stats/top/diff, but it cannot be extended. Use "
                           "another --out, or --overwrite to replace it")
     prepared = prepare(cfg, reuse=None if overwrite else old)
-    rd.prepare(prepared.manifest(), overwrite)
+    rd.prepare(prepared.manifest(), overwrite, prepared.redo_files)
     markers = rd.completions()
     plan = prepared.plan
     known = len(plan.units) if not plan.streamed else None

@@ -205,3 +205,21 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a folder `saeray demo` made" in err and "--out" in err, err
     assert _tree(mine) == before
+
+
+def test_damaged_sae_files_are_one_line_errors_naming_the_file(tiny, tmp_path, capsys):
+    data = _copy_data(tiny, tmp_path)
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny["sae_standard"], sae)
+    weights = sae / "sae_weights.safetensors"
+    good = weights.read_bytes()
+    raw = base_config(tiny["llama"], [{"name": "a", "path": str(sae)}], data, tmp_path / "run")
+    for cut in (len(good) // 2, 5, 100):
+        weights.write_bytes(good[:cut])
+        code, err = _run(tmp_path, raw, capsys)
+        _refused(code, err, str(weights), "copy or download it again")
+    weights.write_bytes(good)
+    (sae / "cfg.json").write_text("{bad json")
+    code, err = _run(tmp_path, raw, capsys)
+    _refused(code, err, str(sae / "cfg.json"), "not valid JSON")
+    assert not (tmp_path / "run").exists()

@@ -28,10 +28,11 @@ def test_a_run_of_another_saeray_version_is_refused_saying_so(tmp_path):
     import saeray
 
     RunDir(tmp_path / "run").prepare({"fingerprint": "a" * 16, "saeray_version": "0.1.0"}, overwrite=False)
+    (tmp_path / "run" / "completions" / "00000.json").write_text("{}")  # a committed unit: something to lose
     with pytest.raises(RunDirError, match=r"written by saeray 0\.1\.0, whose fingerprints saeray .* does not reproduce"):
         RunDir(tmp_path / "run").prepare({"fingerprint": "b" * 16, "saeray_version": saeray.__version__},
                                          overwrite=False)
-    with pytest.raises(RunDirError, match=r"model, SAEs, data or token settings differ"):  # same version
+    with pytest.raises(RunDirError, match=r"model, SAEs, data files or token settings differ"):  # same version
         RunDir(tmp_path / "run").prepare({"fingerprint": "b" * 16, "saeray_version": "0.1.0"}, overwrite=False)
 
 
@@ -69,3 +70,12 @@ def test_replacing_a_folder_keeps_the_one_another_process_finished_first(tmp_pat
         (target / "w").write_text("theirs")
     assert (target / "w").read_text() == "theirs"
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_a_run_without_committed_units_takes_the_new_manifest(tmp_path):
+    """Nothing is lost when no unit was committed (e.g. every unit failed on a broken SAE that was then fixed)."""
+    RunDir(tmp_path / "run").prepare({"fingerprint": "a" * 16}, overwrite=False)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert RunDir(tmp_path / "run").prepare({"fingerprint": "b" * 16}, overwrite=False) == 0
+    assert '"bbbbbbbbbbbbbbbb"' in (tmp_path / "run" / "manifest.json").read_text()
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"

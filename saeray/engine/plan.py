@@ -115,6 +115,17 @@ def _check_widths(sae_infos: list[saes.SAEInfo], d_model: int, n_layers: int) ->
     return sites
 
 
+def _check_context(context_size: int, model_config: Any, from_config: bool) -> None:
+    """A window longer than the model's positions would run past what it was trained for (or fail)."""
+    tc = models.text_config(model_config)
+    limit = next((int(getattr(tc, a)) for a in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if getattr(tc, a, None)), None)
+    if limit is not None and context_size > limit:
+        where = "tokens.context_size" if from_config else "the SAEs' context_size (tokens.context_size unset)"
+        raise PlanError(f"{where} is {context_size:,} tokens but the model has {limit:,} positions "
+                        f"(max_position_embeddings): set tokens.context_size to at most {limit:,}")
+
+
 def token_settings(cfg: RunConfig, infos: list[saes.SAEInfo]) -> tuple[bool, int]:
     """(prepend_bos, context_size): the config's values, else what the SAEs were trained with."""
     bos_wanted = {s.prepend_bos for s in infos if s.prepend_bos is not None}
@@ -149,6 +160,7 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
     _check_widths(infos, d_model, n_layers)
 
     prepend_bos, context_size = token_settings(cfg, infos)
+    _check_context(context_size, model_config, cfg.tokens.context_size is not None)
 
     files, fmt = reading.list_dataset(cfg.data)  # what the store says about each file: no data is read
     identity = {

@@ -134,7 +134,8 @@ def list_files(spec: str, keep: Callable[[str], bool]) -> list[FileInfo]:
             infos = {p: fs.info(p) for p in globlib.glob(path, recursive=True)}
         infos = {p: i for p, i in infos.items() if i.get("type") == "file"}
     elif fs.isdir(path):
-        infos = {p: i for p, i in fs.find(path, detail=True).items() if i.get("type", "file") == "file"}
+        infos = _walk_local(path) if not remote else \
+            {p: i for p, i in fs.find(path, detail=True).items() if i.get("type", "file") == "file"}
         base = path.rstrip("/")
         infos = {p: i for p, i in infos.items()
                  if not any(part.startswith((".", "_")) for part in p[len(base):].split("/") if part)}
@@ -144,6 +145,34 @@ def list_files(spec: str, keep: Callable[[str], bool]) -> list[FileInfo]:
         raise FileNotFoundError(f"dataset {spec!r} does not exist: give a hub id, a directory, a file, a glob, or a URL")
     out = [FileInfo(_url(fs, p, remote), int(i.get("size") or 0), _version(i))
            for p, i in sorted(infos.items()) if keep(p.rsplit("/", 1)[-1])]
+    return out
+
+
+def _walk_local(root: str) -> dict[str, dict[str, Any]]:
+    """The files under a local folder, following symlinks to files and folders (each folder once); a dangling
+    symlink is refused, since a file the dataset names would be silently missing."""
+    out: dict[str, dict[str, Any]] = {}
+    dangling: list[str] = []
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in (*files, *dirs):
+            p = os.path.join(folder, name)
+            if os.path.islink(p) and not os.path.exists(p):
+                dangling.append(p)
+            elif name in files and os.path.isfile(p):
+                st = os.stat(p)  # the target's size and mtime, as fsspec's info gives for a plain file
+                out[p] = {"name": p, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
+    dangling = [p for p in dangling if not any(part.startswith((".", "_"))
+                                               for part in p[len(root.rstrip("/")):].split("/") if part)]
+    if dangling:
+        shown = ", ".join(dangling[:3]) + (f" and {len(dangling) - 3} more" if len(dangling) > 3 else "")
+        raise FileNotFoundError(f"dataset {root!r} holds symlinks to files that do not exist: {shown}. Restore "
+                                "their targets, or delete the links")
     return out
 
 

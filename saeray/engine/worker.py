@@ -9,6 +9,7 @@ import errno
 import gc
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -91,6 +92,8 @@ class ShardWorker:
         self.keep_schema = self.plan.keep_arrow_schema()
         self.docs_schema = docs_schema(self.keep_schema)
         self._cache: dict[int, list[Document]] = {}
+        self.input_notes: dict[int, dict[str, int]] = {}
+        """unit -> INPUT_NOTES counts of its documents read so far."""
         self._ahead: dict[int, UnitInput] = {}
         """Units whose reading started before their `process` call (`then`)."""
         self._bytes_seen = READ.bytes
@@ -103,6 +106,7 @@ class ShardWorker:
         url = self.plan.files[task.file].url
         texts: list[tuple[int, Any, dict[str, Any]]] = []  # text documents waiting for one batch encode
         chars = 0
+        notes = self.input_notes[task.uid] = dict.fromkeys(INPUT_NOTES, 0)
         for doc_id, rec in unit_rows(self.plan, data, task, payload, columns):
             extras = {c: rec.get(c) for c in data.keep_columns}
             if data.token_column:
@@ -110,9 +114,9 @@ class ShardWorker:
                 yield self.tok.from_ids(doc_id, ids, extras)
             elif image_column:
                 image = load_image(rec.get(image_column), url, doc_id)
-                yield self.tok.document(doc_id, rec.get(data.text_column), extras, image=image)
+                yield self.tok.document(doc_id, _noted_text(rec.get(data.text_column), notes), extras, image=image)
             else:
-                text = rec.get(data.text_column)
+                text = _noted_text(rec.get(data.text_column), notes)
                 texts.append((doc_id, text, extras))
                 chars += len(text) if isinstance(text, str) else 1
                 if chars >= TOKENIZE_CHARS:
@@ -243,8 +247,39 @@ class ShardWorker:
         if self.tok.truncated:
             log.warning("unit %d: %d image documents were cut to tokens.context_size", task.uid, self.tok.truncated)
             self.tok.truncated = 0
-        return {"rows": files.n_rows, "docs": source.n_docs, "tokens": source.n_tokens,
+        notes = {k: n for k, n in self.input_notes.pop(task.uid, {}).items() if n}
+        return {**notes, "rows": files.n_rows, "docs": source.n_docs, "tokens": source.n_tokens,
                 "forward_tokens": ext.forward_tokens, "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
+
+
+INPUT_NOTES = ("no_text", "surrogates_replaced")
+"""What a unit's marker counts about its input when nonzero: documents whose text was null or missing (kept as
+documents of 0 tokens), and texts holding lone UTF-16 surrogates (not Unicode text: JSON can spell them as
+\\ud800), each replaced by U+FFFD as invalid UTF-8 bytes are."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def describe_notes(markers: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per INPUT_NOTES count that is nonzero over the markers of a run."""
+    total = {k: sum(m.get(k, 0) for m in markers) for k in INPUT_NOTES}
+    lines = []
+    if total["no_text"]:
+        lines.append(f"{total['no_text']:,} documents had no text (null or missing data.text_column): kept as "
+                     "documents of 0 tokens (each unit's marker counts them as no_text)")
+    if total["surrogates_replaced"]:
+        lines.append(f"{total['surrogates_replaced']:,} texts held lone UTF-16 surrogates, which are not Unicode "
+                     "text: each was replaced by U+FFFD (markers count them as surrogates_replaced)")
+    return lines
+
+
+def _noted_text(text: Any, notes: dict[str, int]) -> Any:
+    """The text as it is tokenized, counting in `notes` what INPUT_NOTES describes."""
+    if text is None:
+        notes["no_text"] += 1
+    elif isinstance(text, str) and _SURROGATE.search(text):
+        notes["surrogates_replaced"] += 1
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 class UnitInput:

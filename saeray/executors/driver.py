@@ -24,6 +24,7 @@ from ..engine.config import RunConfig
 from ..engine.overlap import check_apart
 from ..engine.plan import Prepared, prepare
 from ..engine.storage import READ
+from ..engine.worker import describe_notes
 from ..engine.store import RunDir, RunDirError
 from .base import Job, Progress, RunFailed, RunResult, executor_named
 from .lock import DriverLock
@@ -95,6 +96,8 @@ def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None
     result.seconds = time.time() - t0
     result.first_unit_seconds = prog.first_unit_at - t_start if prog.first_unit_at else None
     rd.clean_tmp()
+    for line in describe_notes([*job.markers.values(), *result.done.values()]):
+        log.warning("%s: %s", rd.root, line)
     if result.stopped:
         done = len(result.done) + len(result.skipped)
         raise RunFailed(f"stopped: {result.stopped} (committed units: {done}; rerun the same command to go on)")

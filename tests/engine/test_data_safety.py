@@ -223,3 +223,14 @@ def test_damaged_sae_files_are_one_line_errors_naming_the_file(tiny, tmp_path, c
     code, err = _run(tmp_path, raw, capsys)
     _refused(code, err, str(sae / "cfg.json"), "not valid JSON")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_context_longer_than_the_model_is_refused(tiny, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    data = _copy_data(tiny, tmp_path)
+    limit = AutoConfig.from_pretrained(tiny["llama"]).max_position_embeddings
+    code, err = _run(tmp_path, _raw(tiny, data, tmp_path / "run", tokens__context_size=limit + 1), capsys)
+    assert code == 2 and f"at most {limit:,}" in err and "tokens.context_size" in err, err
+    assert not (tmp_path / "run").exists()
+    assert _run(tmp_path, _raw(tiny, data, tmp_path / "run", tokens__context_size=limit), capsys)[0] == 0

@@ -161,6 +161,8 @@ def diff_metadata(run_a: str | Path, run_b: str | Path, **options: Any) -> dict[
     return {"run_a": str(run_a), "run_b": str(run_b),
             "fingerprint_a": open_run(run_a).read_manifest()["fingerprint"],
             "fingerprint_b": open_run(run_b).read_manifest()["fingerprint"],
+            "completeness_a": open_run(run_a).completeness().meta(),
+            "completeness_b": open_run(run_b).completeness().meta(),
             "preset": preset, "thresholds": th, "pseudo": options.get("pseudo", 1.0),
             "significance": options.get("significance", True), "definitions": DEFINITIONS,
             "doc_moments_from": {r: moments_source(run, options.get("source", "auto"))

@@ -289,7 +289,8 @@ def separate(run: str | Path, *, label: str, positive: Any = None, reference: st
     heldout = _heldout(x, docs, keys.select(KEYS), select_by=select_by, top_k=top_k,
                        train_fraction=train_fraction, seed=seed)
     n = docs.group_by("group").agg(pl.col("y").sum().alias("pos"), (~pl.col("y")).sum().alias("neg")).sort("group")
-    meta = {"run": str(run), "fingerprint": open_run(run).read_manifest()["fingerprint"], "label": label,
+    meta = {"run": str(run), "fingerprint": open_run(run).read_manifest()["fingerprint"],
+            "completeness": open_run(run).completeness().meta(), "label": label,
             "positive": positive, "positions_mode": mode, "source": _source(run, source), "documents": {g: {"positive": a, "negative": b}
                                                                         for g, a, b in n.iter_rows()},
             "reference": str(reference) if reference is not None else None, "max_density": max_density,

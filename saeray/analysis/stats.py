@@ -149,7 +149,8 @@ def write_features(run: str | Path) -> Path | str:
     from ..engine.store import parquet_bytes
 
     rd = open_run(run)
-    rd.write_bytes("features.parquet", parquet_bytes(features(rd).collect().to_arrow()))
+    rd.write_bytes("features.parquet", parquet_bytes(features(rd).collect().to_arrow(),
+                                                     {"saeray.run": rd.completeness().meta()}))
     return rd.uri("features.parquet") if rd.remote else Path(rd.uri("features.parquet"))
 
 

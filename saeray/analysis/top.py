@@ -134,11 +134,24 @@ def top_examples(run: str | Path, features: list[int], *, sae: str | None = None
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     _check_window(window)
+    check_features(run, features, sae)
     if _source(run, k, window, "top", source) == "partials":
         chosen = _ranked(scan_examples(run, features, "top", sae=sae, group=group).collect(), k)
         return _partial_examples(run, chosen.drop("bin", "kind", "draw"), window=window, tokenizer=tokenizer)
     chosen = _ranked(doc_maxima(run, features, sae=sae, group=group), k)
     return _examples(run, chosen, features, sae=sae, group=group, window=window, tokenizer=tokenizer)
+
+
+def check_features(run: Any, features: list[int], sae: str | None = None) -> None:
+    """Refuse feature indices that no SAE of the run (or `sae`) has, naming the valid range."""
+    saes = [s for s in open_run(run).read_manifest()["resolved"]["saes"] if sae is None or s["name"] == sae]
+    if not saes:
+        return  # an unknown --sae is refused where the SAE is looked up
+    widest = max(int(s["d_sae"]) for s in saes)
+    bad = [f for f in features if not 0 <= f < widest]
+    if bad:
+        sizes = ", ".join(f"SAE {s['name']!r} has {int(s['d_sae']):,} (0-{int(s['d_sae']) - 1:,})" for s in saes)
+        raise ValueError(f"feature {bad[0]} is out of range: {sizes}")
 
 
 def _ranked(docs: pl.DataFrame, k: int) -> pl.DataFrame:
@@ -163,6 +176,7 @@ def interval_examples(run: str | Path, features: list[int], *, sae: str | None =
     of rank.
     """
     run = open_run(run)
+    check_features(run, features, sae)
     from ..engine.partials import bin_edges, draws_np, interval_bins, intervals, value_bins_np
 
     if bins < 1 or per_bin < 1:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from .. import __version__
 from . import analyses, reports, running, tools
+from .complete import check_runs, missing_folders, remove_empty
 from .options import Command, LazyParser, add_command, add_options, option
 
 ORDER = ("run", "stats", "train-sae", "top", "probe", "concept", "export", "logits", "explore", "synth", "diff",
@@ -46,6 +47,8 @@ class MainArgs:
     """Options before the command."""
 
     verbose: bool = option(False, "debug logging", flags=("-v", "--verbose"))
+    require_complete: bool = option(False, "refuse run directories whose units are not all committed (for scripts); "
+                                    "without it a partial run is named on stderr and read as it is")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,14 +79,22 @@ def _missing_extra(cmd: str, e: ModuleNotFoundError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     # Filled in place, so `command` and `verbose` are known even when loading a command's options fails.
-    args = argparse.Namespace(verbose=False, command=None)
+    args = argparse.Namespace(verbose=False, command=None, require_complete=False)
     try:
         build_parser().parse_args(argv, namespace=args)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("httpx", "urllib3", "filelock", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        return COMMANDS[args.command].invoke(args)
+        if args.command != "run":
+            check_runs(args, args.require_complete)
+        made, code = missing_folders(getattr(args, "out", None)), 1
+        try:
+            code = COMMANDS[args.command].invoke(args)
+            return code
+        finally:
+            if code != 0:  # a failed command leaves no empty output folder of its own making
+                remove_empty(made)
     except ModuleNotFoundError as e:
         if args.verbose or not e.name or e.name.split(".")[0] == "saeray":
             raise

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .store import RunDir
+from .store import COMPLETE, RunDir
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """How much of its run a run directory holds."""
+
+    complete: bool
+    units: int
+    """Committed units."""
+    planned: int | None
+    """Units of the plan, where the plan lists them (Parquet); line files' units are known once read."""
+    tokens: int
+    """Text tokens of the committed units' documents."""
+    budget: int | None
+    """data.max_tokens."""
+
+    def describe(self) -> str:
+        """One line: what is committed and how to finish the run ('' for a complete run)."""
+        if self.complete:
+            return ""
+        of_units = f" of {self.planned:,}" if self.planned is not None else ""
+        of_tokens = f" of a {self.budget:,}-token budget" if self.budget is not None else ""
+        return (f"partial run: {self.units:,}{of_units} units committed, {self.tokens:,}{of_tokens} tokens; its "
+                "figures cover only these. Rerun `saeray run` with the same config to finish it")
+
+    def meta(self) -> dict[str, Any]:
+        """What output metadata records about the run's completeness."""
+        return {"partial": not self.complete, **{k: v for k, v in asdict(self).items() if k != "complete"}}
 
 
 class Run(RunDir):
@@ -47,6 +77,18 @@ class Run(RunDir):
 
     def completion(self, shard: int) -> dict[str, Any]:
         return self.completions()[shard] if shard in self.completions() else RunDir.completion(self, shard)
+
+    def completeness(self) -> Completeness:
+        """Complete when the driver recorded that the run finished (complete.json), when every planned unit is
+        committed, or when the committed units reach the token budget."""
+        manifest = self.read_manifest()
+        markers = self.completions()
+        tokens = sum(int(m.get("tokens", 0)) for m in markers.values())
+        budget = manifest.get("config", {}).get("data", {}).get("max_tokens")
+        planned = manifest.get("n_units")
+        complete = (self.exists(COMPLETE) or (planned is not None and len(markers) >= planned)
+                    or (budget is not None and tokens >= budget))
+        return Completeness(bool(complete), len(markers), planned, tokens, budget)
 
     @property
     def tokenizer(self) -> Any:

@@ -55,7 +55,9 @@ FEATURES = "features.parquet"
 """Written by `saeray stats RUN`."""
 LOGITS = "logits.parquet"
 """Written by `saeray logits RUN --save`."""
-OWN = (MANIFEST, "completions", *KINDS, TMP, FEATURES, LOGITS)
+COMPLETE = "complete.json"
+"""Written by the driver when a run ends with every unit of its plan (or budget) committed."""
+OWN = (MANIFEST, "completions", *KINDS, TMP, FEATURES, LOGITS, COMPLETE)
 """Everything saeray puts at the top of a run directory (besides LOCK): all that --overwrite deletes."""
 
 ACTIVATIONS_SCHEMA = pa.schema([
@@ -250,6 +252,7 @@ class RunDir(Folder):
         kept = len(self.committed()) - len(stale)
         log.warning("%s: data files changed since their units were committed: redoing the units of %s (%d committed "
                     "units), keeping the other %d committed units", self.root, names, len(stale), kept)
+        self._delete([n for n in (COMPLETE,) if self.exists(n)])  # first: the run is unfinished from here on
         self._delete([self.marker_key(u) for u in stale])
         self._delete([n for n in (FEATURES, LOGITS) if self.exists(n)])
 

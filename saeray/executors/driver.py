@@ -15,6 +15,7 @@ is its completion marker (see engine/store.py), never the fate of the process th
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from dataclasses import replace
@@ -25,7 +26,7 @@ from ..engine.overlap import check_apart
 from ..engine.plan import Prepared, prepare
 from ..engine.storage import READ
 from ..engine.worker import describe_notes
-from ..engine.store import RunDir, RunDirError
+from ..engine.store import COMPLETE, RunDir, RunDirError
 from .base import Job, Progress, RunFailed, RunResult, executor_named
 from .lock import DriverLock
 
@@ -101,11 +102,21 @@ def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None
     if result.stopped:
         done = len(result.done) + len(result.skipped)
         raise RunFailed(f"stopped: {result.stopped} (committed units: {done}; rerun the same command to go on)")
+    if not result.errors:
+        _record_complete(rd, job)
     if result.errors:
         lines = "\n".join(f"  unit {i}: {e}" for i, e in sorted(result.errors.items()))
         raise RunFailed(f"{len(result.errors)} of {result.n_shards} units failed (the other units are committed; "
                         f"rerun the same command to retry only these):\n{lines}")
     return result
+
+
+def _record_complete(rd: RunDir, job: Job) -> None:
+    """complete.json: every unit of the plan (or of the budget) is committed; readers trust it over counting."""
+    markers = rd.completions()
+    rd.write_json(COMPLETE, {"units": len(markers), "tokens": sum(m.get("tokens", 0) for m in markers.values()),
+                             "budget": job.budget, "fingerprint": job.manifest["fingerprint"],
+                             "at": dt.datetime.now(dt.timezone.utc).isoformat()})
 
 
 __all__ = ["run", "RunResult", "RunFailed", "prepare", "Prepared", "Progress", "MAX_SHARD_ATTEMPTS"]

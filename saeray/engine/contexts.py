@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import batching
+from .longtext import LONG_CHARS, encode_in_pieces
 from .config import PositionsConfig
 from .positions import PositionSelector, PositionsError
 
@@ -82,8 +83,17 @@ class Tokenization:
         return self.selector.group_names
 
     def encode(self, text: str) -> np.ndarray:
+        long = self._long_backend(text)
+        if long is not None:
+            return encode_in_pieces(long, text)[0]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         return np.asarray(ids, dtype=np.int32)
+
+    def _long_backend(self, text: str) -> Any:
+        """The Rust tokenizer when `text` is long enough to tokenize in pieces (longtext.py), else None."""
+        if len(text) <= LONG_CHARS:
+            return None
+        return self.tokenizer.backend_tokenizer if _batch_backend(self.tokenizer) is not None else None
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         """`encode` of each text, in one call: a fast tokenizer's Rust batch encode (parallel when the
@@ -92,8 +102,11 @@ class Tokenization:
         backend = _batch_backend(self.tokenizer)
         if backend is None:
             return [self.encode(t) for t in texts]
-        nonempty = [i for i, t in enumerate(texts) if t]
+        nonempty = [i for i, t in enumerate(texts) if t and len(t) <= LONG_CHARS]
         out = [np.empty(0, dtype=np.int32)] * len(texts)
+        for i, t in enumerate(texts):
+            if len(t) > LONG_CHARS:
+                out[i] = self.encode(t)
         for i, enc in zip(nonempty, backend([texts[i] for i in nonempty], add_special_tokens=False)):
             out[i] = np.asarray(enc.ids, dtype=np.int32)
         return out
@@ -108,6 +121,11 @@ class Tokenization:
         one ends it), and its span holds a non-space character."""
         out = []
         for text in texts:
+            long = self._long_backend(text)
+            if long is not None:
+                ids, starts, ends = encode_in_pieces(long, text)
+                out.append((ids, _word_final(text, starts, ends)))
+                continue
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if text else None
             ids = np.asarray(enc["input_ids"] if enc else [], dtype=np.int32)
             spans = enc["offset_mapping"] if enc else []
@@ -203,6 +221,16 @@ class Tokenization:
         return batching.batches(docs, batch_tokens, context_size=self.context_size,
                        bos_id=self.bos_id if self.prepend_bos else None, pad_id=self.pad_id,
                        token_types=self.processor is not None, device=device, pin=pin)
+
+
+def _word_final(text: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The rule of `_encode_with_word_ends` on offset arrays (long texts), without a Python object per token."""
+    n = len(text)
+    nxt = np.append(starts[1:], n)
+    ends_word = np.fromiter((b >= n or text[b].isspace() for b in ends.tolist()), dtype=bool, count=len(ends))
+    visible = np.fromiter((bool(text[a:b].strip()) for a, b in zip(starts.tolist(), ends.tolist())), dtype=bool,
+                          count=len(ends))
+    return ends_word & (nxt >= ends) & visible
 
 
 def _batch_backend(tokenizer: Any) -> Any:

@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import ast
-import importlib
-import re
 import dataclasses
+import html
+import importlib
 import inspect
 import os
+import re
 import sys
 import types
 import typing
@@ -92,7 +93,10 @@ def default_text(f: dataclasses.Field) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """One table cell: whitespace folded, pipes escaped, and `<`, `>`, `&` outside code spans written as entities
+    (so `d_<metric>` shows as text, not as an HTML tag)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(html.escape(p, quote=False) if i % 2 == 0 else p for i, p in enumerate(parts))
 
 
 def _section_of(tp: Any) -> tuple[type | None, str]:

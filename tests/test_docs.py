@@ -171,6 +171,17 @@ def test_readme_links_resolve():
             assert (ROOT / target).exists(), target
 
 
+def test_repository_paths_named_in_the_docs_exist():
+    """Every file of the repository a page names (tests/..., bench/..., jobs/..., saeray/..., docs/...) exists."""
+    named = set()
+    for p in [README, ROOT / "CONTRIBUTING.md", *PAGES]:
+        named |= set(re.findall(r"\b((?:tests|bench|jobs|saeray|docs)/[\w./-]+\.(?:py|yaml|json|md))\b", p.read_text()))
+    named = {n for n in named if "CONFIG" not in n}  # a placeholder in the cluster commands
+    assert len(named) > 30
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, missing
+
+
 # ---- no history, no outside paths ------------------------------------------------------------------------
 
 

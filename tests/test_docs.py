@@ -165,6 +165,20 @@ def test_ci_runs_the_readmes_test_command():
     assert test_line in [line.strip() for line in ci], ".ci/run must run the README's test command as written"
 
 
+@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md"])
+def test_the_first_job_config_is_valid_and_names_a_shipped_sae(page):
+    import yaml
+
+    from saeray.engine import config
+
+    block = re.search(r"```yaml\n(# my-job.yaml\n.*?)```", (ROOT / page).read_text(), re.S)
+    assert block, f"{page} has no ```yaml block starting with '# my-job.yaml'"
+    cfg = config.from_dict(yaml.safe_load(block.group(1)))
+    assert cfg.model.name == "gemma-3-270m" and len(cfg.saes) == 1
+    path = cfg.saes[0].path
+    assert path and ((ROOT / path / "cfg.json").is_file() or (ROOT / "saeray/assets/saes" / path / "cfg.json").is_file())
+
+
 def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text()):
         if not re.match(r"https?://", target):

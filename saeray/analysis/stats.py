@@ -118,7 +118,8 @@ def merged_doc_moments(run: str | Path) -> pl.DataFrame:
     partials.DEFINITIONS): n_docs, doc_mean and doc_var (sample variance, ddof=1) of doc_value, merged with
     Chan's formula. Raises LookupError for runs whose units predate these columns."""
     if not has_kind(run, "hist"):
-        raise LookupError(f"{run}: its units predate the per-document moments (saeray before issue 16)")
+        raise LookupError(f"{run}: its units have no per-document moments (written by an older saeray; rerun its config "
+                          "with --overwrite to add them)")
     keys = ["sae", "group", "feature"]
     p = scan_partials(run).select(*keys, "n_docs", "doc_sum", "doc_m2").filter(pl.col("n_docs") > 0)
     p = p.with_columns((pl.col("doc_sum") / pl.col("n_docs")).alias("_m"))
@@ -134,7 +135,8 @@ def histograms(run: str | Path, features: list[int], *, sae: str, group: str) ->
     """Per (feature, value bin) the counted positions whose value falls in the bin (partials.EDGES), merged over
     the units' hist partials: feature, bin, count (bins with none are absent)."""
     if not has_kind(run, "hist"):
-        raise LookupError(f"{run}: its units predate the histogram partials (saeray before issue 16)")
+        raise LookupError(f"{run}: its units have no histogram partials (written by an older saeray; rerun its config "
+                          "with --overwrite to add them)")
     pred = (pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
     return (scan_files(committed_files(run, "hist")).filter(pred).group_by("feature", "bin").agg(pl.col("count").sum())
             .sort("feature", "bin").collect())

@@ -56,8 +56,8 @@ class SAEConfig:
     """Hook name to read from; defaults to the SAE's own hook name."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Precision of the SAE encoder; inputs are cast to it. float32: the exact reference (no TF32, unless
-    worker.tf32). auto: bfloat16 on a GPU that has it, float32 on CPU (agreement with float32 measured in the
-    README: bench/sae_precision.py)."""
+    worker.tf32). auto: bfloat16 on a GPU that has it, float32 on CPU (agreement with float32 measured by
+    bench/sae_precision.py)."""
     threshold: float = 0.0
     """A feature is active where |value| > threshold (0: any nonzero value)."""
 
@@ -71,7 +71,9 @@ class DataConfig:
     subset: str | None = None
     """Hub dataset configuration name."""
     split: str = "train"
+    """Hub dataset split to read."""
     text_column: str = "text"
+    """Column holding each document's text."""
     image_column: str | None = None
     """Column holding each document's image (an HF Image struct {bytes, path}, raw bytes, or a path string;
     relative paths are read from the data file's folder). Needs an image_text model; rows whose image is
@@ -129,6 +131,8 @@ class PositionsConfig:
     only in runs with data.image_column) and `text` (counted tokens that are not image tokens);
     sample: group `sample`, `per_doc` seeded random counted positions of each document (below)."""
     groups: dict[str, MarkerGroup] = field(default_factory=dict)
+    """mode markers: group name -> the marker it anchors on, e.g. {assistant: {marker: "<|im_start|>assistant",
+    offset: -1}}."""
     per_doc: int = 1
     """mode sample: positions drawn per document (all of its candidates when it has fewer)."""
     word_final: bool = False
@@ -144,6 +148,7 @@ class PositionsConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/example"
+    """The run directory: a local path, a filesystem every node mounts at the same path, or s3://... (gs://...)."""
     activations: bool = True
     """false = statistics only (per-shard partials, no activation rows)."""
     reconstruction: bool = False

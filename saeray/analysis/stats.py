@@ -116,10 +116,10 @@ def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
 def merged_doc_moments(run: str | Path) -> pl.DataFrame:
     """Per (sae, group, feature) from the units' per-document moments (stats n_docs, doc_sum, doc_m2; see
     partials.DEFINITIONS): n_docs, doc_mean and doc_var (sample variance, ddof=1) of doc_value, merged with
-    Chan's formula. Raises LookupError for runs whose units predate these columns."""
+    Chan's formula. Raises LookupError for runs whose units were written without these columns."""
     if not has_kind(run, "hist"):
-        raise LookupError(f"{run}: its units have no per-document moments (written by an older saeray; rerun its config "
-                          "with --overwrite to add them)")
+        raise LookupError(f"{run}: its units hold no per-document moments (a run written without hist partials): "
+                          "extract it again with this saeray to get them")
     keys = ["sae", "group", "feature"]
     p = scan_partials(run).select(*keys, "n_docs", "doc_sum", "doc_m2").filter(pl.col("n_docs") > 0)
     p = p.with_columns((pl.col("doc_sum") / pl.col("n_docs")).alias("_m"))
@@ -135,8 +135,8 @@ def histograms(run: str | Path, features: list[int], *, sae: str, group: str) ->
     """Per (feature, value bin) the counted positions whose value falls in the bin (partials.EDGES), merged over
     the units' hist partials: feature, bin, count (bins with none are absent)."""
     if not has_kind(run, "hist"):
-        raise LookupError(f"{run}: its units have no histogram partials (written by an older saeray; rerun its config "
-                          "with --overwrite to add them)")
+        raise LookupError(f"{run}: its units hold no histogram partials (a run written without them): extract it "
+                          "again with this saeray to get them")
     pred = (pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
     return (scan_files(committed_files(run, "hist")).filter(pred).group_by("feature", "bin").agg(pl.col("count").sum())
             .sort("feature", "bin").collect())
@@ -156,17 +156,46 @@ def write_features(run: str | Path) -> Path | str:
     return rd.uri("features.parquet") if rd.remote else Path(rd.uri("features.parquet"))
 
 
+DENSE, ULTRA_DENSE, ULTRA_RARE = 0.01, 0.10, 1e-6
+"""The summary's density thresholds: fraction of counted tokens on which a feature fires."""
+
+
 def summary(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per (sae, group): tokens behind the figures, features alive/dead, dense/ultra-dense/ultra-rare counts."""
+    """Per (sae, group): tokens behind the figures, features alive/dead, dense/ultra-dense/ultra-rare counts
+    (`summary_notes` says what each column means)."""
     return frame.group_by(["sae", "group"]).agg(
         pl.col("n_tokens").first().alias("tokens"),
         pl.len().alias("features"),
         (pl.col("n_active") > 0).sum().alias("alive"),
         (pl.col("n_active") == 0).sum().alias("dead"),
-        (pl.col("density") > 0.01).sum().alias("dense_gt_1pct"),
-        (pl.col("density") > 0.10).sum().alias("ultra_dense_gt_10pct"),
-        ((pl.col("density") < 1e-6) & (pl.col("n_active") > 0)).sum().alias("ultra_rare_lt_1e-6"),
+        (pl.col("density") > DENSE).sum().alias("dense_gt_1pct"),
+        (pl.col("density") > ULTRA_DENSE).sum().alias("ultra_dense_gt_10pct"),
+        ((pl.col("density") < ULTRA_RARE) & (pl.col("n_active") > 0)).sum().alias("ultra_rare_lt_1e-6"),
     ).sort(["sae", "group"])
+
+
+SUMMARY_COLUMNS = ("tokens: counted token positions; features: the SAE's latents; alive / dead: features that fired on "
+                   "at least one of them / on none",
+                   "density: the fraction of tokens a feature fires on; dense_gt_1pct, ultra_dense_gt_10pct: features "
+                   "of density above 1%, 10%; ultra_rare_lt_1e-6: alive features of density below 1e-6")
+"""What the summary's columns mean, printed under it (two lines)."""
+
+
+def summary_notes(table: pl.DataFrame) -> list[str]:
+    """Lines to print under `summary(...)`: what its columns mean, and which thresholds its token counts are too
+    few to resolve (one firing is already a density of 1/tokens)."""
+    notes = list(SUMMARY_COLUMNS)
+    if table.is_empty():
+        return notes
+    fewest = int(table["tokens"].min())
+    if fewest <= round(1 / ULTRA_RARE):
+        notes.append(f"with {fewest:,} tokens, one firing is a density of {1 / max(fewest, 1):.1e}: a density below "
+                     f"1e-6 needs more than {round(1 / ULTRA_RARE):,} tokens to be observed, so ultra_rare_lt_1e-6 "
+                     "is 0 here whatever the SAE does")
+    if fewest < round(1 / DENSE):
+        notes.append(f"with {fewest:,} tokens, any feature that fires at all has a density above 1%: dense_gt_1pct "
+                     f"needs at least {round(1 / DENSE):,} tokens to mean anything")
+    return notes
 
 
 def reconstruction(run: str | Path) -> pl.DataFrame:

@@ -1,21 +1,32 @@
 """The local text corpus: the stdlib's code and docstrings, Python's documentation, manual
-pages and quotation collections, all from what a Python install and a few Debian packages bring.
+pages and quotation collections, shipped inside the package as one compressed file.
 
-Each top-level function or class of a stdlib module becomes a `code` document (its source)
-and, if it has one, a `docstring` document; module docstrings are `docstring` documents too.
-Beside them (saeray/assets/textsources.py): `documentation` (Python's tutorial, HOWTOs, reference),
-`manual` (the Linux man-pages) and `quotation` (the BSD fortune collections: quotations,
-jokes, verse, short dialogues). Each kind is capped at a character budget (`BUDGETS`), chosen
-by a seeded shuffle, and the documents of all kinds are shuffled together, so any prefix of
-the corpus (the training half, the held-out half) holds every kind. Deterministic for a given
-Python version and package versions; nothing is downloaded. Columns: text, kind, source,
-module, name. `_corpus.json` beside the parquet files records sources, versions, licences and
-sizes.
+saeray/assets/data/corpus.jsonl.zst holds the corpus' documents, in corpus order, one JSON object a
+line with the columns text, kind, source, module, name; saeray/assets/data/corpus.json beside it
+records its sources, their versions and licences, the budgets, sizes per kind and source, and the
+SHA-256 of the uncompressed lines. `build` writes that corpus as parquet files (what `saeray
+corpus`, the demo and `train-sae` read): the same documents, order and split on any machine and any
+Python, nothing installed beside saeray.
+
+The maintainer command makes the file from its sources (a Python 3.11 install and three Debian
+packages, see saeray/assets/textsources.py):
+
+    python -m saeray.assets.corpus --build-data      # rewrite the shipped file from the sources
+    python -m saeray.assets.corpus --check           # does a from-sources build equal the shipped file?
+
+The recipe: each top-level function or class of a stdlib module becomes a `code` document (its
+source) and, if it has one, a `docstring` document; module docstrings are `docstring` documents
+too. Beside them (textsources.py): `documentation` (Python's tutorial, HOWTOs, reference), `manual`
+(the Linux man-pages) and `quotation` (the BSD fortune collections). Each kind is capped at a
+character budget (`BUDGETS`), chosen by a seeded shuffle, and the documents of all kinds are
+shuffled together, so any prefix of the corpus (the training half, the held-out half) holds every
+kind.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import os
@@ -115,27 +126,84 @@ def select(by_kind: dict[str, list[dict[str, str]]], budgets: dict[str, int | No
     return out
 
 
-def metadata(docs: list[dict[str, str]]) -> dict[str, Any]:
-    """Sources, package versions, licences, and documents and characters per kind and source."""
-    from . import textsources
-
-    sizes: dict[str, dict[str, int]] = {}
+def sizes(docs: list[dict[str, str]]) -> dict[str, Any]:
+    """Documents and characters per kind and per source."""
+    out: dict[str, dict[str, dict[str, int]]] = {"by_kind": {}, "by_source": {}}
     for d in docs:
-        for key in (f"kind:{d['kind']}", f"source:{d['source']}"):
-            s = sizes.setdefault(key, {"documents": 0, "chars": 0})
+        for group, key in (("by_kind", d["kind"]), ("by_source", d["source"])):
+            s = out[group].setdefault(key, {"documents": 0, "chars": 0})
             s["documents"] += 1
             s["chars"] += len(d["text"])
+    return out
+
+
+def metadata(docs: list[dict[str, str]], sources: dict[str, Any]) -> dict[str, Any]:
+    """The corpus' description: recipe, sources (versions, licences), sizes per kind and source."""
+    return {"version": VERSION, "documents": len(docs), "seed": SEED, "budgets_chars": BUDGETS, "sources": sources,
+            **sizes(docs)}
+
+
+def source_info() -> dict[str, Any]:
+    """Each source of this machine: package, version, licence, path (what the shipped file records)."""
+    from . import textsources
+
     sources = {"stdlib": {"kinds": ["code", "docstring"], "licence": "PSF-2.0",
-                          "python": sys.version.split()[0], "path": sysconfig.get_paths()["stdlib"]}}
+                          "python": sys.version.split()[0]}}
     for name, info in textsources.SOURCES.items():
         sources[name] = {**info, "version": textsources.package_version(info["package"])}
-    return {"version": VERSION, "documents": len(docs), "seed": SEED, "budgets_chars": BUDGETS, "sources": sources,
-            "by_kind": {k.split(":", 1)[1]: v for k, v in sizes.items() if k.startswith("kind:")},
-            "by_source": {k.split(":", 1)[1]: v for k, v in sizes.items() if k.startswith("source:")}}
+    return sources
+
+
+def from_sources() -> list[dict[str, str]]:
+    """The corpus built from this machine's Python and Debian packages (textsources.MissingSource if absent)."""
+    return select(all_documents())
+
+
+DATA = Path(__file__).parent / "data" / "corpus.jsonl.zst"
+"""The shipped corpus: one JSON object a line (COLUMNS), in corpus order, zstd-compressed."""
+DATA_META = DATA.parent / "corpus.json"
+"""Beside it: sources, versions, licences, sizes and the SHA-256 of the uncompressed lines."""
+
+
+def _lines(docs: list[dict[str, str]]) -> bytes:
+    return "".join(json.dumps({c: d[c] for c in COLUMNS}, ensure_ascii=False) + "\n" for d in docs).encode()
+
+
+def write_data(docs: list[dict[str, str]], sources: dict[str, Any], data: Path = DATA) -> tuple[Path, Path]:
+    """Write `docs` as the shipped corpus file and its metadata (the maintainer's --build-data)."""
+    import zstandard
+
+    raw = _lines(docs)
+    meta = {**metadata(docs, sources), "sha256": hashlib.sha256(raw).hexdigest()}
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_bytes(zstandard.ZstdCompressor(level=19).compress(raw))
+    meta_file = data.parent / "corpus.json"
+    meta_file.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return data, meta_file
+
+
+def shipped_metadata(data: Path = DATA) -> dict[str, Any]:
+    """The shipped corpus' metadata (corpus.json)."""
+    return json.loads((data.parent / "corpus.json").read_text())
+
+
+def shipped(data: Path = DATA) -> list[dict[str, str]]:
+    """The shipped corpus' documents, in corpus order (checked against the SHA-256 in corpus.json)."""
+    import zstandard
+
+    if not data.is_file():
+        raise FileNotFoundError(f"the shipped corpus {data} is missing: reinstall saeray (a source checkout makes it "
+                                "with `python -m saeray.assets.corpus --build-data`)")
+    with data.open("rb") as f:
+        raw = zstandard.ZstdDecompressor().stream_reader(f).read()
+    want = shipped_metadata(data)["sha256"]
+    if hashlib.sha256(raw).hexdigest() != want:
+        raise ValueError(f"{data} does not match the SHA-256 in {data.parent / 'corpus.json'}: reinstall saeray")
+    return [json.loads(line) for line in raw.decode().splitlines()]
 
 
 def build(out: str | Path, *, n_files: int = 8, max_docs: int | None = None) -> Path:
-    """Write the corpus as `n_files` parquet files and _corpus.json under `out` (reused if already there)."""
+    """Write the shipped corpus as `n_files` parquet files and _corpus.json under `out` (reused if already there)."""
     out = Path(out)
     meta_file = out / "_corpus.json"
     if (out / "_COMPLETE").is_file() and meta_file.is_file() and json.loads(meta_file.read_text()).get("version") == VERSION:
@@ -143,12 +211,42 @@ def build(out: str | Path, *, n_files: int = 8, max_docs: int | None = None) -> 
     if (out / "_COMPLETE").is_file():
         log.info("%s holds a corpus of another version: rebuilding it", out)
         (out / "_COMPLETE").unlink()
-    docs = select(all_documents())
+    docs, meta = shipped(), shipped_metadata()
     if max_docs is not None:
         docs = docs[:max_docs]
-    if not docs:
-        raise RuntimeError(f"no documents found under {sysconfig.get_paths()['stdlib']}")
-    return _write(docs, out, n_files, COLUMNS, meta=metadata(docs))
+        meta = {**{k: v for k, v in meta.items() if k != "sha256"}, "documents": len(docs), **sizes(docs)}
+    return _write(docs, out, n_files, COLUMNS, meta=meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The maintainer's command: rewrite the shipped corpus file from its sources, or check it against them."""
+    import argparse
+
+    from .textsources import MissingSource
+
+    p = argparse.ArgumentParser(prog="python -m saeray.assets.corpus",
+                                description="Make the shipped corpus file from its sources (a Python 3.11 install "
+                                            "and the Debian packages python3.11-doc, manpages, fortunes).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--build-data", action="store_true", help=f"rewrite {DATA.name} and corpus.json from the sources")
+    g.add_argument("--check", action="store_true", help="build from the sources and compare with the shipped file")
+    p.add_argument("--data", type=Path, default=DATA, help="where the corpus file goes (default: the package's)")
+    a = p.parse_args(argv)
+    try:
+        docs = from_sources()
+    except MissingSource as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.check:
+        ship = shipped(a.data)
+        same = ship == docs
+        first = next((i for i, (x, y) in enumerate(zip(ship, docs)) if x != y), min(len(ship), len(docs)))
+        print(f"from sources: {len(docs)} documents; shipped: {len(ship)}; " +
+              ("identical" if same else f"they differ from document {first} on"))
+        return 0 if same else 1
+    data, meta = write_data(docs, source_info(), a.data)
+    print(f"wrote {len(docs)} documents to {data} ({data.stat().st_size:,} bytes) and {meta}")
+    return 0
 
 
 CHAT_REQUESTS = {
@@ -194,12 +292,21 @@ def build_chat(out: str | Path, model: str = "smollm2-135m-instruct", *, n: int 
     return _write(chat_prompts(tokenizer, n), out, n_files, ["text", "kind", "module", "name"])
 
 
+def _corpus_file(name: str) -> bool:
+    """A name `_write` puts in a corpus folder."""
+    return name in ("_COMPLETE", "_corpus.json") or (name.startswith("part-") and name.endswith(".parquet"))
+
+
 def _write(docs: list[dict[str, str]], out: str | Path, n_files: int, columns: list[str],
            meta: dict[str, Any] | None = None) -> Path:
     """Write rows as `n_files` parquet files under `out`, atomically; reuse a complete `out`."""
     out = Path(out)
     if (out / "_COMPLETE").is_file():
         return out
+    foreign = sorted(p.name for p in out.iterdir() if not _corpus_file(p.name)) if out.is_dir() else []
+    if foreign:
+        raise ValueError(f"{out} holds files that are not a saeray corpus's ({', '.join(foreign[:3])}): the corpus is "
+                         "written into a folder of its own, replacing what it holds. Choose another --out")
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -217,3 +324,7 @@ def _write(docs: list[dict[str, str]], out: str | Path, n_files: int, columns: l
     tmp.rename(out)
     log.info("wrote %d documents to %s", n, out)
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

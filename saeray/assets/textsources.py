@@ -1,7 +1,8 @@
-"""Text sources beside the stdlib for the local corpus, read from Debian packages.
+"""Text sources beside the stdlib for the corpus, read from Debian packages.
 
-Each source reads files that one Debian package installs (nothing is downloaded at run
-time) and yields documents `{text, kind, source, module, name}`. The set-up installs them:
+Only the maintainer command that makes the shipped corpus file (`python -m saeray.assets.corpus
+--build-data`, see corpus.py) reads them; users get the corpus from that file. Each source reads
+files that one Debian package installs and yields documents `{text, kind, source, module, name}`:
 
     apt-get install -y python3.11-doc manpages fortunes
 
@@ -64,8 +65,9 @@ def _package_files(package: str) -> list[Path]:
 def _require(source: str) -> None:
     info = SOURCES[source]
     if package_version(info["package"]) is None or not Path(info["path"]).exists():
-        raise MissingSource(f"the corpus reads {source} from the Debian package {info['package']}, which is not "
-                            f"installed: run `{INSTALL}` (as root, after apt-get update)")
+        raise MissingSource(f"building the corpus from its sources reads {source} from the Debian package "
+                            f"{info['package']}, which is not installed: run `{INSTALL}` (as root, after apt-get "
+                            "update); `saeray corpus` needs none of them (it writes the corpus shipped with saeray)")
 
 
 def chunks(text: str, limit: int = CHUNK_CHARS) -> list[str]:

@@ -40,13 +40,16 @@ class StatsArgs:
 def stats(a: StatsArgs) -> int:
     import polars as pl
 
-    from ..analysis.stats import summary, training_gaps, write_features
+    from ..analysis.stats import summary, summary_notes, training_gaps, write_features
 
     path = write_features(a.run)
     frame = pl.read_parquet(path)
     print(f"wrote {path} ({frame.height:,} rows)")
+    table = summary(frame)
     with pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=160):
-        print(summary(frame))
+        print(table)
+    for line in summary_notes(table):
+        print(line)
     for g in training_gaps(a.run):
         print(f"warning: SAE {g['sae']!r} (group {g['group']}) explains {g['explained_variance']:.2f} of the variance "
               f"on this run's {g['tokens']:,} tokens, far below the {g['report_explained_variance']:.2f} of its "

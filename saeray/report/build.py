@@ -17,6 +17,7 @@ from .. import __version__
 from ..analysis.diff import CLASSES, METRICS, top_changes, write_diff
 from ..analysis.diff import DEFINITIONS as DIFF_DEFINITIONS
 from ..analysis.stats import features as run_features
+from ..analysis.stats import summary_notes
 from ..engine.run import open_run
 from . import interactive as iv
 from . import png
@@ -31,6 +32,7 @@ from .data import (
     heatmap_matrix,
     overview,
     read_separation,
+    token_label,
 )
 from .page import Page, context, link, table
 
@@ -87,11 +89,17 @@ def _card_html(page: Page, card: Card, png_name: str) -> str:
         '(output.activations, output.top_k, output.docs)</p>')
     note = next((e["note"] for e in card.examples if e.get("note")), None)
     if card.logits is not None and card.logits.height:
-        cols = [card.logits.filter(pl.col("direction") == d).select(
-            pl.col("token").fill_null(pl.col("token_id").cast(pl.String)).map_elements(repr, return_dtype=pl.String)
-            .alias(f"{d} token"), pl.col("logit").alias(f"{d} logit")) for d in ("promoted", "suppressed")]
-        logits = "<b>Direct logit effects</b> (logit per unit activation, before the final norm's 1/rms)" + \
-            table(pl.concat(cols, how="horizontal"), links=())
+        cols: dict[str, list] = {}
+        for d in ("promoted", "suppressed"):
+            mine = card.logits.filter(pl.col("direction") == d).sort("rank")
+            cols[f"{d} token"] = [token_label(t, i) for t, i in mine.select("token", "token_id").rows()]
+            cols[f"{d} logit"] = mine["logit"].to_list()
+        n = max(len(v) for v in cols.values())  # fewer in one direction when special tokens were left out
+        frame = pl.DataFrame({k: v + [None] * (n - len(v)) for k, v in cols.items()},
+                             schema={k: pl.String if k.endswith("token") else pl.Float64 for k in cols})
+        logits = ("<b>Direct logit effects</b> (logit per unit activation, before the final norm's 1/rms; "
+                  "special and unused tokens left out; \u2423 space, \u23ce newline, \u21e5 tab)"
+                  + table(frame, links=()))
     else:
         logits = f'<p class="note">{escape(card.logits_note or "no logit effects")}</p>'
     hist = (page.plot(f"hist-{len(page.sections)}-{page.n_plots}", iv.activation_histogram(card))
@@ -103,7 +111,8 @@ def _card_html(page: Page, card: Card, png_name: str) -> str:
 
 def _run_section(page: Page, ov: Overview, figs: Path, written: list[Path]) -> None:
     parts = page.section("run", "Run")
-    parts.append("<h3>Summary</h3>" + table(ov.summary))
+    parts.append("<h3>Summary</h3>" + table(ov.summary)
+                 + "".join(f'<p class="note">{escape(n)}</p>' for n in summary_notes(ov.summary)))
     if ov.reconstruction is not None:
         parts.append("<h3>Reconstruction</h3>" + table(ov.reconstruction))
     parts.append(page.plot("density", iv.density_histogram(ov.features)))

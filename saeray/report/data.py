@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,20 @@ def has_examples(run: str | Path) -> bool:
                                     and out.get("top_k", 0) > 0)
 
 
+def decade_limits(values: np.ndarray) -> tuple[float, float] | None:
+    """Axis limits for positive `values` on a log axis that hold at least two powers of ten: the data's own
+    range, widened to the enclosing powers of ten when it holds fewer (else no tick would be labelled)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    if np.floor(np.log10(hi)) - np.ceil(np.log10(lo)) >= 1:
+        return None
+    a, b = np.floor(np.log10(lo)), np.ceil(np.log10(hi))
+    return 10.0 ** a, 10.0 ** max(b, a + 1)
+
+
 def has_histograms(run: str | Path) -> bool:
     from ..analysis.stats import has_kind
 
@@ -222,17 +238,70 @@ def cards(picks: list[tuple[str, int, str]], frames: dict[str, pl.DataFrame], *,
 LOGIT_RANKS = 8
 """Promoted and suppressed tokens a card shows."""
 
+WHITESPACE = {" ": "\u2423", "\n": "\u23ce", "\t": "\u21e5"}
+"""How a token's whitespace is drawn in tables and figure labels: space, newline, tab (others as escapes)."""
+UNUSED = re.compile(r"<unused\d+>|<\|?reserved[_\w]*\|?>")
+"""Tokens a vocabulary keeps as placeholders (Gemma's <unused122>, <|reserved_special_token_3|>)."""
 
-def _logits(run: str | Path, feats: list[int], sae: str, *, compute: bool) -> tuple[pl.DataFrame | None, str | None]:
+
+def token_label(token: str | None, token_id: int | None = None) -> str:
+    """A token as a visible label: whitespace as marks (\u2423 space, \u23ce newline, \u21e5 tab), other
+    invisible characters as \\xNN / \\uNNNN escapes, an empty token as \u2205, a missing one as [id]."""
+    if token is None:
+        return f"[{token_id}]"
+    if token == "":
+        return "\u2205"
+    out = []
+    for ch in token:
+        if ch in WHITESPACE:
+            out.append(WHITESPACE[ch])
+        elif ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def hidden_token_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens (bos, eos, pad, chat markers, added special tokens): no logit effect of
+    theirs says anything about what a feature writes."""
+    if tokenizer is None:
+        return set()
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def visible_logits(effects: pl.DataFrame, hidden: set[int], k: int = LOGIT_RANKS) -> pl.DataFrame:
+    """Logit effects without special tokens (ids in `hidden`) and placeholders (UNUSED), the first `k` of
+    each feature and direction, ranked again from 0."""
+    keep = ~pl.col("token_id").is_in(pl.Series(sorted(hidden), dtype=effects["token_id"].dtype))
+    keep &= ~pl.col("token").fill_null("").str.strip_chars().str.contains(f"^(?:{UNUSED.pattern})$")
+    return (effects.filter(keep).sort("feature", "direction", "rank")
+            .with_columns(pl.int_range(pl.len()).over("feature", "direction").cast(effects["rank"].dtype).alias("rank"))
+            .filter(pl.col("rank") < k))
+
+
+def _logits(run: Any, feats: list[int], sae: str, *, compute: bool) -> tuple[pl.DataFrame | None, str | None]:
     """(logit effects of `feats`: the run's saved ones, and with `compute` the others computed; a note on the
-    features without any)."""
+    features without any). Special and placeholder tokens are left out (`visible_logits`); computed effects
+    ask for as many more ranks as there are special tokens, so that LOGIT_RANKS remain."""
     from ..analysis.saved_logits import saved_effects
 
+    try:
+        tok = run.tokenizer
+    except Exception as e:  # a hub model not cached here: only placeholders recognised by name
+        log.warning("cannot load the tokenizer of %s (%s): special tokens not left out of logit effects", run, e)
+        tok = None
+    hidden = hidden_token_ids(tok)
     try:
         saved, missing = saved_effects(run, feats, sae=sae, k=LOGIT_RANKS)
     except ValueError as e:  # a file saved for another run
         log.warning("saved logit effects not used: %s", e)
         saved, missing = None, list(feats)
+    saved = None if saved is None else visible_logits(saved, hidden)
     if not missing:
         return saved, None
     if not compute:
@@ -241,10 +310,13 @@ def _logits(run: str | Path, feats: list[int], sae: str, *, compute: bool) -> tu
     from ..tools.logits import logit_effects_for_run
 
     try:
-        got = logit_effects_for_run(run, missing, sae=sae, k=LOGIT_RANKS)
+        # enough ranks that LOGIT_RANKS remain after the special tokens (Gemma has 6,000+ <unusedN>) go
+        extra = LOGIT_RANKS + len(hidden) + 3 * LOGIT_RANKS
+        got = logit_effects_for_run(run, missing, sae=sae, k=min(extra, len(tok)) if tok is not None else extra)
     except Exception as e:  # the model's weights are not here (a hub model), or its norm is unusual
         log.warning("logit effects not computed for %s: %s", run, e)
         return saved, f"logit effects not computed: {type(e).__name__}: {e}"
+    got = visible_logits(got, hidden)
     return (got if saved is None else pl.concat([saved, got.select(saved.columns)])), None
 
 

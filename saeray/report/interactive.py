@@ -15,7 +15,7 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from ..analysis.diff import CLASSES, METRICS
-from .data import Card, series
+from .data import Card, decade_limits, series
 from .style import METRIC_LABELS, METRIC_TITLES, NEG_COLOR, PLOTLY_SYMBOLS, POS_COLOR, SEQUENTIAL, color
 
 WEBGL_ABOVE = 5000
@@ -33,10 +33,19 @@ def _style(fig: go.Figure, title: str, *, height: int = 420, **layout: object) -
     return fig
 
 
-def _log_ticks(values: np.ndarray) -> dict:
-    """Ticks at powers of ten when the positive values span more than a decade, else plotly's default."""
-    v = values[np.isfinite(values) & (values > 0)]
-    return {"dtick": 1, "exponentformat": "power"} if v.size and np.log10(v.max() / v.min()) > 1 else {}
+def log_axis(values: np.ndarray) -> dict:
+    """A plotly log axis labelled only at powers of ten (10^k), the 2..9 x 10^k ticks drawn unlabelled; on data
+    spanning less than two powers of ten the range widens to the enclosing ones (else no label would show)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    out: dict = {"type": "log", "exponentformat": "power", "dtick": 1,
+                 "minor": {"ticks": "outside", "ticklen": 3, "dtick": "D1", "showgrid": False}}
+    if v.size and np.log10(v.max() / v.min()) > 12:
+        out["dtick"] = 2
+    limits = decade_limits(v)
+    if limits is not None:
+        out["range"] = [float(np.log10(limits[0])), float(np.log10(limits[1]))]
+    return out
 
 
 def _f32(values: pl.Series) -> np.ndarray:
@@ -104,22 +113,26 @@ def mean_vs_density(features: pl.DataFrame) -> go.Figure:
     hidden = features.height - shown.height
     _style(fig, f"Mean activation vs density<br><sup>{shown.height:,} features; {hidden:,} dead or with mean <= 0 "
                 "not shown (log axes)</sup>", height=480, showlegend=len(ps) > 1)
-    fig.update_xaxes(type="log", title=METRIC_LABELS["density"], **_log_ticks(shown["density"].to_numpy()))
-    fig.update_yaxes(type="log", title="mean per counted token (SAE units)", **_log_ticks(shown["mean"].to_numpy()))
+    fig.update_xaxes(title=METRIC_LABELS["density"], **log_axis(shown["density"].to_numpy()))
+    fig.update_yaxes(title="mean per counted token (SAE units)", **log_axis(shown["mean"].to_numpy()))
     return fig
 
 
 def activation_histogram(card: Card) -> go.Figure:
     """The card's feature: how many active tokens fall in each activation bin (log count axis)."""
     fig = go.Figure()
-    if card.hist_edges is not None:
-        e, c = card.hist_edges, card.hist_counts
-        fig.add_bar(x=np.sqrt(e[:-1] * e[1:]), y=c, marker={"color": color(0), "line": {"width": 0}},
-                    name="active tokens", hovertemplate="activation %{x:.3g}<br>%{y} tokens<extra></extra>")
+    e, c = card.hist_edges, card.hist_counts
+    if e is not None:
+        # log-spaced bins drawn as such: each bar spans its bin's edges (left edge + width, offset 0)
+        fig.add_bar(x=e[:-1], y=c, width=np.diff(e), offset=0, marker={"color": color(0), "line": {"width": 0}},
+                    customdata=e[1:], name="active tokens",
+                    hovertemplate="activation %{x:.3g} to %{customdata:.3g}<br>%{y} tokens<extra></extra>")
     _style(fig, f"Feature {card.feature}: activation histogram", height=300,
-           margin={"l": 60, "r": 20, "t": 50, "b": 50}, showlegend=False)
-    fig.update_xaxes(title="activation (SAE units, log-spaced bins)", type="log")
-    fig.update_yaxes(title="active tokens (log scale)", type="log", dtick=1)
+           margin={"l": 60, "r": 20, "t": 50, "b": 50}, showlegend=False, bargap=0)
+    fig.update_xaxes(title="activation (SAE units, log-spaced bins)",
+                     **log_axis(np.array([]) if e is None else e))
+    fig.update_yaxes(title="active tokens (log scale)",
+                     **log_axis(np.array([]) if c is None else np.append(c, 0.5)))  # a bin of one token shows
     return fig
 
 
@@ -127,7 +140,7 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str) -> go.Figure:
     """Per metric, B against A with the y = x line, one colour per (sae, group); buttons switch to log axes."""
     fig = make_subplots(rows=1, cols=3, subplot_titles=[METRIC_TITLES[m] for m in METRICS],
                         horizontal_spacing=0.08)
-    hidden = {}
+    hidden, positive = {}, []
     for j, m in enumerate(METRICS, start=1):
         xa, xb = pl.col(f"{m}_a").fill_null(0.0), pl.col(f"{m}_b").fill_null(0.0)
         shown = diff.filter((xa != 0) | (xb != 0))
@@ -148,6 +161,7 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str) -> go.Figure:
                 row=1, col=j)
         vals = np.concatenate([shown.select(xa).to_series().to_numpy(), shown.select(xb).to_series().to_numpy()])
         pos = vals[vals > 0]
+        positive.append(pos)
         lo, hi = (float(pos.min()), float(pos.max())) if pos.size else (1e-6, 1.0)
         fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", legendgroup="y=x",
                                  showlegend=j == 1, line={"color": "#444", "dash": "dash", "width": 1},
@@ -155,9 +169,19 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str) -> go.Figure:
         fig.update_xaxes(title=f"{escape(label_a)}: {METRIC_LABELS[m]}", row=1, col=j, title_font={"size": 11})
         fig.update_yaxes(title=f"{escape(label_b)}: {METRIC_LABELS[m]}", row=1, col=j, title_font={"size": 11})
     axes = [f"{a}axis{'' if j == 1 else j}" for j in range(1, 4) for a in "xy"]
-    buttons = [{"label": f"{t} axes", "method": "relayout",
-                "args": [{**{f"{ax}.type": t for ax in axes}, **{f"{ax}.autorange": True for ax in axes}}]}
-               for t in ("linear", "log")]
+    linear = {**{f"{ax}.type": "linear" for ax in axes}, **{f"{ax}.autorange": True for ax in axes},
+              **{f"{ax}.dtick": None for ax in axes}, **{f"{ax}.minor.ticks": "" for ax in axes}}
+    log: dict = {}
+    for j, vals in enumerate(positive, start=1):  # labelled at powers of ten only, as the other log axes
+        spec = log_axis(vals)
+        for a in "xy":
+            ax = f"{a}axis{'' if j == 1 else j}"
+            log.update({f"{ax}.type": "log", f"{ax}.dtick": spec["dtick"], f"{ax}.exponentformat": "power",
+                        f"{ax}.minor.ticks": "outside", f"{ax}.minor.dtick": "D1", f"{ax}.minor.ticklen": 3})
+            log.update({f"{ax}.range": spec["range"], f"{ax}.autorange": False} if "range" in spec
+                       else {f"{ax}.autorange": True})
+    buttons = [{"label": "linear axes", "method": "relayout", "args": [linear]},
+               {"label": "log axes", "method": "relayout", "args": [log]}]
     note = ", ".join(f"{METRIC_TITLES[m].lower()} {hidden[m]:,}" for m in METRICS)
     _style(fig, f"Run B against run A per feature<br><sup>features at 0 in both runs not shown ({note}); "
                 "log axes also hide single zeros</sup>", height=480,

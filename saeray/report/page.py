@@ -119,7 +119,7 @@ def table(frame: pl.DataFrame, *, links: Iterable[str] = ("neuronpedia",), max_r
 def _show_token(t: str) -> str:
     """Escaped token text; newlines and tabs shown as visible marks."""
     out = escape(t)
-    return out.replace("\n", '<span class="ws">\u21b5</span>\n').replace("\t", '<span class="ws">\u21e5</span>')
+    return out.replace("\n", '<span class="ws">\u23ce</span>\n').replace("\t", '<span class="ws">\u21e5</span>')
 
 
 def context(tokens: list[str], acts: list[float], mark: int, vmax: float) -> str:

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter
 
 from ..analysis.diff import CLASSES, METRICS
 from . import fonts
-from .data import Card, pairs, series
+from .data import Card, decade_limits, pairs, series, token_label
 from .style import (
     MARKERS,
     METRIC_LABELS,
@@ -34,8 +34,8 @@ DPI = 150
 
 
 def _text(s: str, limit: int = 40) -> str:
-    """Data text safe for matplotlib: '$' escaped (no mathtext), whitespace visible, long strings cut."""
-    s = s.replace("\n", "\u21b5").replace("\t", "\u21e5")
+    """Data text safe for matplotlib: '$' escaped (no mathtext), newlines and tabs visible, long strings cut."""
+    s = s.replace("\n", "\u23ce").replace("\t", "\u21e5")
     s = s if len(s) <= limit else s[: limit - 1] + "\u2026"
     return fonts.drawable(s).replace("$", r"\$")
 
@@ -57,14 +57,23 @@ def _axes(fig: Figure, *args: int, **kw: object) -> np.ndarray:
     return axes
 
 
-def _log_axes(ax) -> None:
-    """Log scale on both axes, labelled at 1, 2 and 5 x 10^k in plain numbers: readable also when the
-    data span less than a decade (matplotlib's default then labels every minor tick, overlapping)."""
-    ax.set(xscale="log", yscale="log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(NullFormatter())
+def log_axis(axis: Any, values: np.ndarray | None = None) -> None:
+    """A log-scaled x or y axis labelled only at powers of ten (10^k); the 2..9 x 10^k ticks drawn unlabelled.
+    (matplotlib's default labels minor ticks on a narrow range, and 1-2-5 labels crowd: '0.00010.0002'.)"""
+    axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0,), numticks=8))
+    axis.set_major_formatter(LogFormatterSciNotation(base=10, labelOnlyBase=True))
+    axis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) / 1.0, numticks=12))
+    axis.set_minor_formatter(NullFormatter())
+    limits = decade_limits(values) if values is not None else None
+    if limits is not None:
+        (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(*limits)
+
+
+def _log_axes(ax: Any, x: np.ndarray | None = None, y: np.ndarray | None = None) -> None:
+    """Log scale on both axes, labelled at powers of ten (`log_axis`)."""
+    log_axis(ax.xaxis, x)
+    log_axis(ax.yaxis, y)
 
 
 def _step(ax: Any, values: np.ndarray, bins: np.ndarray, i: int, label: str) -> None:
@@ -104,7 +113,7 @@ def mean_vs_density(features: pl.DataFrame, path: Path) -> Path:
     for i, label, mine in series(features, shown):
         ax.scatter(mine["density"], mine["mean"], s=12, alpha=0.7, color=color(i), marker=MARKERS[i % len(MARKERS)],
                    label=_text(label), linewidths=0)
-    _log_axes(ax)
+    _log_axes(ax, shown["density"].to_numpy(), shown["mean"].to_numpy())
     ax.set(title="Mean activation vs density (log-log)", xlabel=METRIC_LABELS["density"], ylabel=METRIC_LABELS["mean"])
     ax.legend(frameon=False, fontsize=9)
     return _save(fig, path)
@@ -120,8 +129,8 @@ def feature_card(card: Card, path: Path) -> Path:
     if card.hist_edges is not None:
         e = card.hist_edges
         ax.bar(e[:-1], card.hist_counts, width=np.diff(e), align="edge", color=color(0))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        log_axis(ax.xaxis, e)
+        log_axis(ax.yaxis, np.append(card.hist_counts, 0.5))  # 0.5: a bin of one token still shows
     else:
         ax.text(0.5, 0.5, "no histogram in this run", ha="center", va="center", transform=ax.transAxes, color="#555")
     ax.set(title=f"Feature {card.feature} ({_text(card.sae)}/{_text(card.group)}): activations",
@@ -129,7 +138,7 @@ def feature_card(card: Card, path: Path) -> Path:
     if has_logits:
         ax = axes[1]
         lg = card.logits.sort("logit")
-        labels = [_text(repr(t)[1:-1] if t is not None else str(i), 20) for t, i in zip(lg["token"], lg["token_id"])]
+        labels = [_text(token_label(t, i), 20) for t, i in zip(lg["token"], lg["token_id"])]
         vals = lg["logit"].to_numpy()
         ax.barh(np.arange(len(vals)), vals, color=[POS_COLOR if v > 0 else NEG_COLOR for v in vals])
         ax.set_yticks(np.arange(len(vals)), labels, fontsize=8)
@@ -158,7 +167,7 @@ def diff_scatter(diff: pl.DataFrame, label_a: str, label_b: str, path: Path, *, 
         lo = lo if log else min(0.0, vals.min() if vals.size else 0.0)
         ax.plot([lo, hi], [lo, hi], "--", color="#444", linewidth=1, label="y = x")
         if log:
-            _log_axes(ax)
+            _log_axes(ax, np.concatenate([a[keep], [lo, hi]]), np.concatenate([b[keep], [lo, hi]]))
         ax.set(title=f"{METRIC_TITLES[m]} ({int((~keep).sum()):,} features not shown)",
                xlabel=f"A: {SHORT_LABELS[m]}", ylabel=f"B: {SHORT_LABELS[m]}")
     axes[0].legend(frameon=False, fontsize=9)

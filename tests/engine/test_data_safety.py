@@ -234,3 +234,13 @@ def test_a_context_longer_than_the_model_is_refused(tiny, tmp_path, capsys):
     assert code == 2 and f"at most {limit:,}" in err and "tokens.context_size" in err, err
     assert not (tmp_path / "run").exists()
     assert _run(tmp_path, _raw(tiny, data, tmp_path / "run", tokens__context_size=limit), capsys)[0] == 0
+
+
+def test_corpus_refuses_a_folder_holding_other_files(tmp_path, capsys):
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert cli.main(["corpus", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "not a saeray corpus" in err and "notes.txt" in err, err
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -82,8 +82,10 @@ def test_encode_many_equals_encode(which, tmp_path):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(embedded.resolve(which)[0])
-        by = corpus.all_documents()
-        texts = [""] + [d["text"] for kind in sorted(by) for d in by[kind][:60]]
+        by: dict[str, list[str]] = {}
+        for d in corpus.shipped():
+            by.setdefault(d["kind"], []).append(d["text"])
+        texts = [""] + [t for kind in sorted(by) for t in by[kind][:60]]
     t = Tokenization(tok, PositionsConfig(), prepend_bos=False, context_size=64, exclude_special=True)
     many = t.encode_many(texts)
     assert len(many) == len(texts)

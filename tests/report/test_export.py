@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -222,5 +223,10 @@ def test_export_commands(both, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert (tmp_path / fmt / first).exists() and "wrote" in done.stdout
+        # the folder named is the one that holds the files (delphi's: latents/<hookpoint>/ below --out)
+        where = Path(done.stdout.split(" files to ", 1)[1].split(" (", 1)[0])
+        assert where.is_dir() and any(where.glob("*.json")), done.stdout
+        if fmt == "delphi":
+            assert where.parent.parent == tmp_path / fmt
     # 96 features in ceil(96 / 64) = 2 batches of 48 (np.array_split, as NeuronpediaRunner cuts them)
     assert len(json.loads((tmp_path / "neuronpedia" / "batch-1.json").read_text())["features"]) == 48

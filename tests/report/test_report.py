@@ -270,7 +270,7 @@ def test_png_text_from_data_is_not_mathtext():
     from saeray.report.png import _text
 
     assert _text("$x$ costs $5") == r"\$x\$ costs \$5"
-    assert _text("a\nb") == "a\u21b5b" and len(_text("x" * 100)) == 40
+    assert _text("a\nb") == "a\u23ceb" and len(_text("x" * 100)) == 40
 
 
 def test_feature_card_draws_any_script_without_warnings(tmp_path):

@@ -92,12 +92,14 @@ def _assert_same_stats(fa: pl.DataFrame, fb: pl.DataFrame, rtol: float = 1e-9) -
 
 
 def _assert_only_listed(s3: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
-    """Every object under the run is the manifest, a marker, or a file some marker lists; listed files exist."""
+    """Every object under the run is the manifest, a marker, complete.json, or a file some marker lists; listed
+    files exist."""
     objects = s3.keys(bucket, prefix + "/")
     markers = {k: json.loads(v) for k, v in objects.items() if k.startswith(f"{prefix}/completions/")}
     listed = {f"{prefix}/{f}" for m in markers.values() for files in m["files"].values() for f in files}
     assert listed <= set(objects), sorted(listed - set(objects))
-    stray = set(objects) - listed - set(markers) - {f"{prefix}/manifest.json", f"{prefix}/features.parquet"}
+    stray = set(objects) - listed - set(markers) - {f"{prefix}/manifest.json", f"{prefix}/features.parquet",
+                                                      f"{prefix}/complete.json"}
     assert not stray, sorted(stray)
     for m in markers.values():  # attempt-unique names: every listed file carries its attempt id
         assert all(f.rsplit(".", 2)[-2] == m["attempt"] for files in m["files"].values() for f in files)

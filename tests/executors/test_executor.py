@@ -124,7 +124,7 @@ def test_error_in_one_shard_is_reported_and_others_commit(tiny, tmp_path, ray_se
     out = tmp_path / "run"
     from saeray.executors import RunFailed
 
-    with pytest.raises(RunFailed, match="unit 1000000: OSError: Couldn't deserialize thrift"):
+    with pytest.raises(RunFailed, match="unit 1000000: DataError: .*b.parquet: row group 0 .*Couldn't deserialize thrift"):
         run(_cfg(tiny, out, data), workers=2, executor="ray")
     assert sorted(p.stem for p in (out / "completions").glob("*.json")) == ["00000", "2000000"]
     assert not (out / "activations" / "shard=1000000").exists()

@@ -102,7 +102,7 @@ def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None
     if result.stopped:
         done = len(result.done) + len(result.skipped)
         raise RunFailed(f"stopped: {result.stopped} (committed units: {done}; rerun the same command to go on)")
-    if not result.errors:
+    if not result.errors and (result.done or not rd.exists(COMPLETE)):  # a rerun with nothing to do writes nothing
         _record_complete(rd, job)
     if result.errors:
         lines = "\n".join(f"  unit {i}: {e}" for i, e in sorted(result.errors.items()))

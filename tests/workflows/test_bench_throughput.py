@@ -105,6 +105,8 @@ def test_simulated_gpu_mode_at_toy_scale(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     model = make_model(tmp_path / "model", "llama", n_layers=2)
+    cfg_file = model / "config.json"  # the simulated job's 1,024-token context needs that many positions
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "max_position_embeddings": 1024}))
     texts = corpus(120, seed=3, max_words=300)
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"text": texts, "kind": ["prose"] * len(texts)}), tmp_path / "data" / "part-0.parquet")

@@ -147,7 +147,7 @@ def test_names_that_could_become_paths_are_refused(tiny, tmp_path, name):
         config.from_dict(raw)
 
 
-LAYOUT = re.compile(r"^(manifest\.json|driver\.lock|completions/\d{5,}\.json|(stats|recon|examples|hist)/\d{5,}\.parquet|"
+LAYOUT = re.compile(r"^(manifest\.json|complete\.json|driver\.lock|completions/\d{5,}\.json|(stats|recon|examples|hist)/\d{5,}\.parquet|"
                     r"(activations|docs)/shard=\d{5,}/part-\d+\.parquet)$")
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from . import yamlfile
+
 GPU_BATCH_TOKENS = 16384
 CPU_BATCH_TOKENS = 2048
 
@@ -355,7 +357,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yamlfile.read(path) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     return from_dict(apply_overrides(raw, overrides or []))

@@ -244,3 +244,13 @@ def test_corpus_refuses_a_folder_holding_other_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a saeray corpus" in err and "notes.txt" in err, err
     assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_a_key_given_twice_is_refused(tiny, tmp_path, capsys):
+    data = _copy_data(tiny, tmp_path)
+    text = yaml.safe_dump(_raw(tiny, data, tmp_path / "run")) + "workers: 2\n"
+    (tmp_path / "cfg.yaml").write_text(text)
+    assert cli.main(["run", str(tmp_path / "cfg.yaml"), "--local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "key 'workers' is given twice" in err and "keep one of them" in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()

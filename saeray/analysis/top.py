@@ -144,9 +144,10 @@ def top_examples(run: str | Path, features: list[int], *, sae: str | None = None
 
 def check_features(run: Any, features: list[int], sae: str | None = None) -> None:
     """Refuse feature indices that no SAE of the run (or `sae`) has, naming the valid range."""
-    saes = [s for s in open_run(run).read_manifest()["resolved"]["saes"] if sae is None or s["name"] == sae]
+    resolved = open_run(run).read_manifest().get("resolved", {}).get("saes", [])
+    saes = [s for s in resolved if (sae is None or s.get("name") == sae) and s.get("d_sae")]
     if not saes:
-        return  # an unknown --sae is refused where the SAE is looked up
+        return  # an unknown --sae is refused where the SAE is looked up; a manifest without widths is not checked
     widest = max(int(s["d_sae"]) for s in saes)
     bad = [f for f in features if not 0 <= f < widest]
     if bad:

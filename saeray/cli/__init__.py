@@ -26,12 +26,11 @@ reports.py (report, export).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass
 
 from .. import __version__
-from . import analyses, reports, running, tools
+from . import analyses, console, reports, running, tools
 from .options import Command, LazyParser, add_command, add_options, option
 
 ORDER = ("run", "stats", "train-sae", "top", "probe", "concept", "export", "logits", "explore", "synth", "diff",
@@ -79,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.Namespace(verbose=False, command=None)
     try:
         build_parser().parse_args(argv, namespace=args)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("httpx", "urllib3", "filelock", "datasets"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        console.setup_logging(args.verbose)
         return COMMANDS[args.command].invoke(args)
     except ModuleNotFoundError as e:
         if args.verbose or not e.name or e.name.split(".")[0] == "saeray":

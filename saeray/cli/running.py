@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from . import console
 from .options import Command, option
 
 OVERRIDE_HELP = "override a config value, e.g. --set tokens.batch_tokens=4096 (repeatable)"
@@ -36,18 +37,54 @@ def run(a: RunArgs) -> int:
 
     cfg = config.load(a.config, a.set)
     signals.install()
+    live = console.LiveLine(sys.stdout) if sys.stdout.isatty() else None
     try:
         result = driver.run(cfg, out=a.out, overwrite=a.overwrite, workers=a.workers,
-                            executor="local" if a.local else "ray", progress_sink=print)
+                            executor="local" if a.local else "ray", progress_sink=live or _line,
+                            progress_every=1.0 if live else PLAIN_EVERY_S)
     except driver.RunFailed as e:
+        _end(live)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except signals.Stopped as e:
+        _end(live)
         return stopped(e, a.out or cfg.output.dir)
+    except BaseException:
+        _end(live)
+        raise
+    _end(live)
     beyond = f", {result.beyond_budget} past the token budget" if result.beyond_budget else ""
     print(f"run {result.run_dir}: {len(result.done)} units processed, {len(result.skipped)} already committed{beyond}, "
           f"{result.tokens:,} tokens in {result.seconds:,.1f}s (fingerprint {result.fingerprint})")
+    print(f"outputs in {result.run_dir}: {_outputs(result.run_dir)}")
+    print(console.after_run(result.run_dir))
     return 0
+
+
+PLAIN_EVERY_S = 10.0
+"""Seconds between progress lines when stdout is not a terminal (a log file, a pipe)."""
+
+
+def _outputs(run_dir: str) -> str:
+    """The run directory's tables (local directories only; a remote one is named as it is)."""
+    from pathlib import Path
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        return "(remote)"
+    skip = {"driver.lock", "completions"}
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
+                   if p.name not in skip and not p.name.startswith((".", "_")))
+    return ", ".join(names)
+
+
+def _line(text: str) -> None:
+    print(text, flush=True)
+
+
+def _end(live: console.LiveLine | None) -> None:
+    if live is not None:
+        live.done()
 
 
 def stopped(e: BaseException, run_dir: str) -> int:

@@ -108,7 +108,7 @@ def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None
         result.bytes_read = READ.bytes - b_start
     if job.plan.streamed or job.budget is not None:
         result.n_shards = len(result.done) + len(result.skipped) + len(result.errors)
-    prog.update(force=True)
+    prog.close()
     result.seconds = time.time() - t0
     result.first_unit_seconds = prog.first_unit_at - t_start if prog.first_unit_at else None
     rd.clean_tmp()

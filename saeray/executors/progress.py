@@ -49,12 +49,20 @@ class Progress:
         """What the run is doing while no unit has finished ('starting Ray', 'loading the model ...')."""
         self.note = ""
         """Appended to the line while set (the pool: workers waiting to be placed for a while)."""
+        self.closed = False
+        """The run ended: the last line has the rate over the whole work and no ETA."""
 
     # ---- what the executors report ------------------------------------------------------------
     def set_phase(self, text: str) -> None:
         """Name what the run is doing now; a new phase is written at once."""
         if text != self.phase:
             self.phase = text
+            self.update(force=True)
+
+    def set_note(self, text: str) -> None:
+        """Append `text` to the line while it is set; a note that appears is written at once."""
+        shown, self.note = self.note, text
+        if text and not shown:
             self.update(force=True)
 
     def working(self) -> None:
@@ -80,6 +88,11 @@ class Progress:
         self.last = now
         self.sink(self.line(now))
 
+    def close(self) -> None:
+        """Write the last line (the run's totals)."""
+        self.closed, self.phase, self.note = True, "", ""
+        self.update(force=True)
+
     # ---- the line -----------------------------------------------------------------------------
     def line(self, now: float | None = None) -> str:
         now = now or time.time()
@@ -102,8 +115,9 @@ class Progress:
             parts.append(f"{done:,} tokens")
         parts.append(f"{rate:,.0f} tok/s" if rate is not None else "-- tok/s")
         parts.append(f"elapsed {duration(now - self.started)}")
-        eta = self.eta(rate, live)
-        parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA --")
+        if not self.closed:
+            eta = self.eta(rate, live)
+            parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA --")
         if self.phase:
             parts.append(self.phase)
         if self.note:
@@ -112,7 +126,9 @@ class Progress:
 
     def rate(self, now: float, done: int) -> float | None:
         """Tokens/s since the first unit started; None until it can be measured."""
-        if self.work_from is None or done <= 0 or now - self.work_from < MIN_RATE_SECONDS:
+        if self.work_from is None or done <= 0 or now <= self.work_from:
+            return None
+        if now - self.work_from < MIN_RATE_SECONDS and not self.closed:
             return None
         return done / (now - self.work_from)
 

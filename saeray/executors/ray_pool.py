@@ -29,7 +29,8 @@ from .tasks import ledger_for, unit_stream
 log = logging.getLogger(__name__)
 
 NOTE_AFTER_S = 30.0
-"""Workers waiting this long to be placed, on a cluster that lacks what they want, are named on the progress line."""
+"""Workers waiting this long (at most half of worker_start_timeout_s) to be placed, on a cluster that lacks what
+they want, are named on the progress line."""
 
 
 @register
@@ -332,12 +333,12 @@ class Pool:
         self.waiting_since = self.waiting_since or now
         waited = now - self.waiting_since
         want, have = describe(self.wanted), self.capacity.describe()
-        if waited >= NOTE_AFTER_S and self.capacity.lacks(self.wanted):
-            self.prog.note = (f"no worker running: {len(self.placing)} waiting {waited:,.0f}s to be placed, each "
-                              f"wants {want}, the cluster has {have} (free/total); stopping after "
-                              f"{self.start_timeout:,.0f}s (worker_start_timeout_s)")
+        if waited >= min(NOTE_AFTER_S, self.start_timeout / 2) and self.capacity.lacks(self.wanted):
+            self.prog.set_note(f"no worker running: {len(self.placing)} waiting {waited:,.0f}s to be placed, each "
+                               f"wants {want}, the cluster has {have} (free/total); stopping after "
+                               f"{self.start_timeout:,.0f}s (worker_start_timeout_s)")
         else:
-            self.prog.note = ""
+            self.prog.set_note("")
         if waited < self.start_timeout:
             return False
         self.result.stopped = (f"no worker could be placed for {waited:,.0f}s (worker_start_timeout_s): each wants "

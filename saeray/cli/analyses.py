@@ -101,9 +101,10 @@ def top(a: TopArgs) -> int:
                                             source=a.source))
         pl.concat(frames, how="diagonal_relaxed").write_parquet(a.out)
         print(f"wrote {a.out}")
-    print(console.next_steps((f"saeray report {a.run} --features {a.feature} --out {a.run}/report",
+    listed = ",".join(str(f) for f in feats)
+    print(console.next_steps((f"saeray report {a.run} --features {listed} --out {a.run}/report",
                               "these features' cards in the HTML report"),
-                             (f"saeray logits {a.run} --feature {a.feature}", "the tokens they promote and suppress")))
+                             (f"saeray logits {a.run} --feature {listed}", "the tokens they promote and suppress")))
     return 0
 
 

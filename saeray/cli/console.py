@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+from typing import Callable, TextIO
 
 QUIET_LOGGERS = {"httpx": logging.WARNING, "urllib3": logging.WARNING, "filelock": logging.WARNING,
                  "datasets": logging.WARNING,
@@ -48,6 +48,28 @@ class LiveLine:
             self.shown = False
         if LiveLine.active is self:
             LiveLine.active = None
+
+
+def progress_sink() -> tuple[Callable[[str], None], float]:
+    """(progress sink, seconds between lines): a live line every second on a terminal, else a plain line every
+    PLAIN_EVERY_S seconds. End a live one with `end_progress`."""
+    if sys.stdout.isatty():
+        return LiveLine(sys.stdout), 1.0
+    return plain_line, PLAIN_EVERY_S
+
+
+PLAIN_EVERY_S = 10.0
+"""Seconds between progress lines when stdout is not a terminal (a log file, a pipe)."""
+
+
+def plain_line(text: str) -> None:
+    print(text, flush=True)
+
+
+def end_progress(sink: Callable[[str], None]) -> None:
+    """Leave the live line (if `sink` is one) so that what follows starts on a line of its own."""
+    if isinstance(sink, LiveLine):
+        sink.done()
 
 
 def _columns() -> int:

@@ -37,32 +37,25 @@ def run(a: RunArgs) -> int:
 
     cfg = config.load(a.config, a.set)
     signals.install()
-    live = console.LiveLine(sys.stdout) if sys.stdout.isatty() else None
+    sink, every = console.progress_sink()
     try:
         result = driver.run(cfg, out=a.out, overwrite=a.overwrite, workers=a.workers,
-                            executor="local" if a.local else "ray", progress_sink=live or _line,
-                            progress_every=1.0 if live else PLAIN_EVERY_S)
+                            executor="local" if a.local else "ray", progress_sink=sink, progress_every=every)
     except driver.RunFailed as e:
-        _end(live)
+        console.end_progress(sink)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except signals.Stopped as e:
-        _end(live)
+        console.end_progress(sink)
         return stopped(e, a.out or cfg.output.dir)
-    except BaseException:
-        _end(live)
-        raise
-    _end(live)
+    finally:
+        console.end_progress(sink)
     beyond = f", {result.beyond_budget} past the token budget" if result.beyond_budget else ""
     print(f"run {result.run_dir}: {len(result.done)} units processed, {len(result.skipped)} already committed{beyond}, "
           f"{result.tokens:,} tokens in {result.seconds:,.1f}s (fingerprint {result.fingerprint})")
     print(f"outputs in {result.run_dir}: {_outputs(result.run_dir)}")
     print(console.after_run(result.run_dir))
     return 0
-
-
-PLAIN_EVERY_S = 10.0
-"""Seconds between progress lines when stdout is not a terminal (a log file, a pipe)."""
 
 
 def _outputs(run_dir: str) -> str:
@@ -76,15 +69,6 @@ def _outputs(run_dir: str) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
                    if p.name not in skip and not p.name.startswith((".", "_")))
     return ", ".join(names)
-
-
-def _line(text: str) -> None:
-    print(text, flush=True)
-
-
-def _end(live: console.LiveLine | None) -> None:
-    if live is not None:
-        live.done()
 
 
 def stopped(e: BaseException, run_dir: str) -> int:

@@ -201,3 +201,18 @@ def test_quickstart_with_gemma_and_the_shipped_sae_outside_the_repo(tmp_path):
     assert manifest["config"]["saes"][0]["path"] == "shipped:gemma-3-270m-res6"
     assert sum(json.loads(p.read_text())["tokens"] for p in (work / "runs/q/completions").glob("*.json")) == 1500
     shutil.rmtree(work / "runs")
+
+
+def test_first_use_of_an_embedded_model_says_what_it_waits_for(tmp_path, monkeypatch):
+    from saeray.engine import config
+    from saeray.executors import driver
+
+    cfg = config.load(QUICKSTART, ["data.dataset=/somewhere"])
+    monkeypatch.setenv("SAERAY_CACHE", str(tmp_path / "empty"))
+    note = driver._first_load(cfg)
+    assert note is not None and note.startswith("loading gemma-3-270m: its first use here dequantizes it into ")
+    assert "about a minute" in note and "later runs load that copy in seconds" in note
+    (tmp_path / "empty" / "models" / "gemma-3-270m").mkdir(parents=True)
+    (tmp_path / "empty" / "models" / "gemma-3-270m" / "config.json").write_text("{}")
+    assert driver._first_load(cfg) is None
+    assert driver._first_load(config.load(QUICKSTART, ["data.dataset=/x", "model.name=/some/dir"])) is None

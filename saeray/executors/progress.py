@@ -46,7 +46,8 @@ class Progress:
         self.in_flight: dict[int, int] = {}
         """uid -> tokens of that unit the model has been given so far (units being processed)."""
         self.phase = ""
-        """What the run is doing while no unit has finished ('starting Ray', 'loading the model ...')."""
+        """What the run is doing while nothing is counted yet ('starting Ray', 'loading the model ...'); the line
+        shows it until the first tokens reach the model."""
         self.note = ""
         """Appended to the line while set (the pool: workers waiting to be placed for a while)."""
         self.closed = False
@@ -118,8 +119,6 @@ class Progress:
         if not self.closed:
             eta = self.eta(rate, live)
             parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA --")
-        if self.phase:
-            parts.append(self.phase)
         if self.note:
             parts.append(self.note)
         return " | ".join(parts)

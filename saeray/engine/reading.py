@@ -40,16 +40,22 @@ def _looks_local(spec: str) -> bool:
     return spec.count("/") > 1 or "\\" in spec or sources.format_of(spec) is not None
 
 
+def _missing(spec: str) -> str:
+    where = "" if os.path.isabs(os.path.expanduser(spec)) else \
+        (f" (a relative path is read from the config file's folder, then from the current directory {os.getcwd()}; "
+         "a hub id is owner/name)")
+    return f"data.dataset: {spec} does not exist{where}"
+
+
 def list_dataset(cfg: DataConfig) -> tuple[list[FileInfo], str]:
     """The dataset's data files with their sizes and versions, and their format."""
     if _is_path(cfg.dataset):
         try:
             files = list_files(cfg.dataset, lambda name: sources.format_of(name) is not None or cfg.format != "auto")
         except FileNotFoundError as e:
-            raise DataError(str(e)) from None
+            raise DataError(str(e) if is_remote(cfg.dataset) else _missing(cfg.dataset)) from None
     elif _looks_local(cfg.dataset):
-        raise DataError(f"data.dataset: {cfg.dataset} does not exist (a relative path is read from the config file's "
-                        f"folder, then from the current directory {os.getcwd()}; a hub id is owner/name)")
+        raise DataError(_missing(cfg.dataset))
     else:
         files = [_hub_file_info(u) for u in hub_files(cfg)]
     if not files:

@@ -43,7 +43,8 @@ def report(a: ReportArgs) -> int:
                          preset=a.preset, window=(a.before, a.after))
     print(f"wrote {index} and PNG figures in {index.parent / 'figures'} (open {index.resolve().as_uri()})")
     print(console.next_steps((f"saeray export neuronpedia {a.run} --out DIR", "Neuronpedia dashboard files"),
-                             (f"saeray export delphi {a.run} --out DIR", "delphi's latent cache, for auto-interpretation")))
+                             (f"saeray export delphi {a.run} --out DIR",
+                              "delphi's latent cache, for auto-interpretation")))
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from typing import Any
 
@@ -87,3 +89,13 @@ class Capacity:
             return True
         return (self.free.get("GPU", 0) < (options.get("num_gpus") or 0)
                 or self.free.get("CPU", 0) < (options.get("num_cpus") or 0))
+
+
+def quiet_ray() -> None:
+    """Before ray.init: no colour codes around the workers' forwarded lines unless both outputs are terminals
+    (RAY_COLOR_PREFIX, if set, wins), and no notice that token authentication is on (it stays on: the local
+    cluster's token is in ~/.ray/auth_token) unless --verbose."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -17,14 +17,14 @@ import os
 import time
 from typing import Any
 
-from ..engine.storage import READ, forwarded_env
+from ..engine.storage import forwarded_env
 from ..engine.store import OutputNotShared, RunDir
 from ..engine.units import UNITS_PER_FILE, DataPlan, Task
 from . import signals
 from .base import Executor, Job, register
-from .cluster import Capacity, describe, first_line, worker_resources
+from .cluster import Capacity, describe, first_line, quiet_ray, worker_resources
 from .schedule import Schedule, UnitClock, UnitState
-from .tasks import ledger_for, unit_stream
+from .tasks import FileReader, ledger_for
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +57,6 @@ class RayExecutor(Executor):
         Pool(job).run()
 
 
-def quiet_ray() -> None:
-    """Before ray.init: no colour codes around the workers' forwarded lines unless both outputs are terminals
-    (RAY_COLOR_PREFIX, if set, wins), and no notice that token authentication is on (it stays on: the local
-    cluster's token is in ~/.ray/auth_token); with --verbose both notices stay."""
-    import sys
-
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-
-
-class FileReader:
-    """Streams one line file and returns its units one by one (a Ray actor; no CPU reserved: it mostly waits)."""
-
-    def __init__(self, plan: dict[str, Any], file: int, skip: list[int]):
-        self.stream = unit_stream(DataPlan.from_dict(plan), file, set(skip))
-
-    def next(self) -> tuple[dict[str, Any] | None, bytes | None]:
-        """(the next unit's task with `read_bytes`: stored bytes read for it, its bytes); (None, None) at the end."""
-        b0 = READ.bytes
-        for task, data in self.stream:
-            return {**task.to_dict(), "read_bytes": READ.bytes - b0}, data
-        return None, None
-
-
 class Pool:
     """One run's actors, readers and in-flight calls; `run()` loops until every unit is done or failed."""
 
@@ -107,7 +81,9 @@ class Pool:
         if not job.plan.streamed:
             n = min(n, max(1, len(self.schedule.units)))
         self.n_workers, self.wanted = n, options
-        self.Actor = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(make_worker_class()).options(max_restarts=0, max_task_retries=0, **options)
+        # live() answers from its own concurrency group while a unit runs in the default one
+        worker_class = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(make_worker_class())
+        self.Actor = worker_class.options(max_restarts=0, max_task_retries=0, **options)
         self.env = forwarded_env()
         if self.env:
             log.info("forwarding %s from this environment to the workers", ", ".join(self.env))

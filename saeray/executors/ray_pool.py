@@ -333,7 +333,7 @@ class Pool:
             return f"loading the model and SAEs ({n} worker{'s' if n > 1 else ''})"
         if self.placing:
             n = len(self.placing)
-            return f"placing {n} worker{'s' if n > 1 else ''} on the cluster"
+            return f"starting {n} worker{'s' if n > 1 else ''} (Ray places {'them' if n > 1 else 'it'} on a node)"
         return self.prog.phase
 
     def poll_live(self) -> None:

@@ -95,8 +95,9 @@ def setup_logging(verbose: bool) -> None:
     if not verbose:
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
-    if not sys.stderr.isatty():  # read when huggingface_hub is imported (transformers' bars follow it)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        os.environ.setdefault("TQDM_DISABLE", "1")  # any other bar (GGUF dequantization), read by each tqdm
 
 
 def next_steps(*steps: tuple[str, str]) -> str:

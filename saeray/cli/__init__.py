@@ -26,12 +26,11 @@ reports.py (report, export).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass
 
 from .. import __version__
-from . import analyses, reports, running, tools
+from . import analyses, console, reports, running, tools
 from .complete import check_runs, missing_folders, remove_empty
 from .options import Command, LazyParser, add_command, add_options, option
 
@@ -82,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.Namespace(verbose=False, command=None, require_complete=False)
     try:
         build_parser().parse_args(argv, namespace=args)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("httpx", "urllib3", "filelock", "datasets"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        console.setup_logging(args.verbose)
         if args.command != "run":
             check_runs(args, args.require_complete)
         made, code = missing_folders(getattr(args, "out", None)), 1

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import console
 from .featlist import feature_lists
 from .options import Command, option
 
@@ -56,6 +57,7 @@ def stats(a: StatsArgs) -> int:
               f"training report on {g['report_tokens']:,} held-out tokens ({g['report']}): this text is unlike what "
               "it was trained on, and its features miss much of what the model computes here. Train one on your "
               "data with `saeray train-sae`, or use a wider SAE", file=sys.stderr)
+    print(console.after_stats(a.run))
     return 0
 
 
@@ -102,6 +104,10 @@ def top(a: TopArgs) -> int:
                                             source=a.source))
         pl.concat(frames, how="diagonal_relaxed").write_parquet(a.out)
         print(f"wrote {a.out}")
+    listed = ",".join(str(f) for f in feats)
+    print(console.next_steps((f"saeray report {a.run} --features {listed} --out {a.run}/report",
+                              "these features' cards in the HTML report"),
+                             (f"saeray logits {a.run} --feature {listed}", "the tokens they promote and suppress")))
     return 0
 
 
@@ -191,6 +197,8 @@ def diff(a: DiffArgs) -> int:
     print(f"wrote {out} ({frame.height:,} rows) and top-change CSVs in {a.out}")
     with pl.Config(tbl_rows=30):
         print(frame.group_by("sae", "group", "class").len().sort("sae", "group", "class"))
+    print(console.next_steps((f"saeray report {a.run_a} --vs {a.run_b} --out {a.out}/report",
+                              "the diff's HTML report and figures")))
     return 0
 
 
@@ -256,6 +264,8 @@ def separate(a: SeparateArgs) -> int:
     with pl.Config(tbl_rows=20, tbl_width_chars=160):
         key = "auroc" if "auroc" in frame.columns else frame.columns[-1]
         print(frame.sort((pl.col(key) - 0.5).abs(), descending=True).head(10))
+    print(console.next_steps((f"saeray report {a.run} --separation {a.out} --out {a.out}/report",
+                              "the separating features' HTML report")))
     return 0
 
 

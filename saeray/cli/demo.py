@@ -29,6 +29,7 @@ from ..analysis.top import load_tokenizer, top_examples
 from ..assets import corpus, tiny
 from ..engine import config
 from ..executors.driver import run
+from . import console
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,12 @@ def main(out: str | Path = "runs/demo", workers: int | None = None, use_tiny: bo
     runs = {}
     for kind, cfg_path in build_configs(root, use_tiny, stats_only).items():
         print(f"\n== extracting condition {kind!r} ({cfg_path})")
-        result = run(config.load(cfg_path), workers=workers, executor="ray", progress_sink=print)
+        sink, every = console.progress_sink()
+        try:
+            result = run(config.load(cfg_path), workers=workers, executor="ray", progress_sink=sink,
+                         progress_every=every)
+        finally:
+            console.end_progress(sink)
         write_features(result.run_dir)
         runs[kind] = result
     prose, code = runs["prose"].run_dir, runs["code"].run_dir

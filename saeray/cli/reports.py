@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .analyses import ONLY_PAIR, WHICH_SAE, run_dir
+from . import console
 from .options import Command, option
 
 
@@ -43,6 +44,9 @@ def report(a: ReportArgs) -> int:
                          category=a.category, sae=a.sae, group=a.group, logits=a.logits,
                          preset=a.preset, window=(a.before, a.after))
     print(f"wrote {index} and PNG figures in {index.parent / 'figures'} (open {index.resolve().as_uri()})")
+    print(console.next_steps((f"saeray export neuronpedia {a.run} --out DIR", "Neuronpedia dashboard files"),
+                             (f"saeray export delphi {a.run} --out DIR",
+                              "delphi's latent cache, for auto-interpretation")))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from . import console
 from .options import Command, option
 
 OVERRIDE_HELP = "override a config value, e.g. --set tokens.batch_tokens=4096 (repeatable)"
@@ -36,18 +37,38 @@ def run(a: RunArgs) -> int:
 
     cfg = config.load(a.config, a.set)
     signals.install()
+    sink, every = console.progress_sink()
     try:
         result = driver.run(cfg, out=a.out, overwrite=a.overwrite, workers=a.workers,
-                            executor="local" if a.local else "ray", progress_sink=print)
+                            executor="local" if a.local else "ray", progress_sink=sink, progress_every=every)
     except driver.RunFailed as e:
+        console.end_progress(sink)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except signals.Stopped as e:
+        console.end_progress(sink)
         return stopped(e, a.out or cfg.output.dir)
+    finally:
+        console.end_progress(sink)
     beyond = f", {result.beyond_budget} past the token budget" if result.beyond_budget else ""
     print(f"run {result.run_dir}: {len(result.done)} units processed, {len(result.skipped)} already committed{beyond}, "
           f"{result.tokens:,} tokens in {result.seconds:,.1f}s (fingerprint {result.fingerprint})")
+    print(f"outputs in {result.run_dir}: {_outputs(result.run_dir)}")
+    print(console.after_run(result.run_dir))
     return 0
+
+
+def _outputs(run_dir: str) -> str:
+    """The run directory's tables (local directories only; a remote one is named as it is)."""
+    from pathlib import Path
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        return "(remote)"
+    skip = {"driver.lock", "completions"}
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
+                   if p.name not in skip and not p.name.startswith((".", "_")))
+    return ", ".join(names)
 
 
 def stopped(e: BaseException, run_dir: str) -> int:

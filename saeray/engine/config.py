@@ -8,6 +8,9 @@ applied to the raw mapping before validation.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,7 +52,8 @@ class SAEConfig:
     name: str
     """The value of column `sae` in outputs."""
     path: str | None = None
-    """A sae-lens disk directory (cfg.json + sae_weights.safetensors)."""
+    """A sae-lens disk directory (cfg.json + sae_weights.safetensors), or `shipped:NAME` for an SAE that comes with
+    saeray (saeray/assets/saes/NAME: gemma-3-270m-res6, smollm2-135m-instruct-res15)."""
     release: str | None = None
     """A sae-lens pretrained release, e.g. gemma-scope-2b-pt-res-canonical (with `id`)."""
     id: str | None = None
@@ -311,7 +315,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}: valid keys here are {', '.join(fields)}")
+        near = difflib.get_close_matches(str(unknown[0]), list(fields), n=1, cutoff=0.6)
+        guess = f" (did you mean {where}{near[0]}?)" if near else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}{guess}: valid keys here are {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -352,7 +358,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file, apply overrides, and validate it."""
+    """Read a YAML config file, resolve its relative paths (`resolve_relative`), apply overrides (whose paths
+    stay relative to the current directory: they are typed there), and validate it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -360,4 +367,42 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         raw = yamlfile.read(path) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if isinstance(raw, dict):
+        resolve_relative(raw, path.resolve().parent)
     return from_dict(apply_overrides(raw, overrides or []))
+
+
+def _local_relative(value: Any) -> bool:
+    """A relative local path (not a URL, not absolute, not ~, not `shipped:`)."""
+    return (isinstance(value, str) and bool(value) and "://" not in value and not value.startswith(("/", "~"))
+            and not value.startswith("shipped:") and not os.path.isabs(value))
+
+
+def _exists(path: str) -> bool:
+    return bool(glob.glob(path, recursive=True)) if any(c in path for c in "*?[") else os.path.exists(path)
+
+
+def _from_folder(value: Any, folder: Path) -> Any:
+    """`value` read from the config file's folder when it names something there, else as it is (relative to the
+    current directory, unchanged: the configs in jobs/configs name paths from the repository root, and a run's
+    fingerprint holds the path as written)."""
+    if not _local_relative(value):
+        return value
+    there = os.path.normpath(folder / value)
+    if folder != Path.cwd().resolve() and _exists(there):
+        return there
+    return value
+
+
+def resolve_relative(raw: dict[str, Any], folder: Path) -> None:
+    """Relative paths in a config file name things in the config file's folder first, then in the current
+    directory: data.dataset, saes[].path and model.name (when it names an existing directory or file there).
+    output.dir is not resolved: it is relative to the current directory, like --out."""
+    data, model = raw.get("data"), raw.get("model")
+    if isinstance(data, dict) and "dataset" in data:
+        data["dataset"] = _from_folder(data["dataset"], folder)
+    if isinstance(model, dict) and "name" in model:
+        model["name"] = _from_folder(model["name"], folder)
+    for s in raw.get("saes") or []:
+        if isinstance(s, dict) and "path" in s:
+            s["path"] = _from_folder(s["path"], folder)

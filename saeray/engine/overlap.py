@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from .config import RunConfig
+from .saes import SHIPPED, SHIPPED_DIR
 
 _PROTOCOL_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "file": "local", "local": "local"}
 
@@ -82,7 +83,7 @@ def inputs(cfg: RunConfig) -> list[tuple[str, str, Location]]:
         out.append(("the model (model.name)", cfg.model.name, model))
     for sae in cfg.saes:
         if sae.path:
-            loc = location(sae.path)
+            loc = location(str(SHIPPED_DIR / sae.path[len(SHIPPED):]) if sae.path.startswith(SHIPPED) else sae.path)
             if loc is not None:
                 out.append((f"SAE {sae.name!r} (saes[].path)", sae.path, loc))
     return out

@@ -35,13 +35,27 @@ def _is_path(spec: str) -> bool:
         or any(ch in spec for ch in "*?[") or spec.startswith((".", "/", "~"))
 
 
+def _looks_local(spec: str) -> bool:
+    """A spec no hub id can be: more than one '/' (hub ids are owner/name), a data file's extension, or '\\'."""
+    return spec.count("/") > 1 or "\\" in spec or sources.format_of(spec) is not None
+
+
+def _missing(spec: str) -> str:
+    where = "" if os.path.isabs(os.path.expanduser(spec)) else \
+        (f" (a relative path is read from the config file's folder, then from the current directory {os.getcwd()}; "
+         "a hub id is owner/name)")
+    return f"data.dataset: {spec} does not exist{where}"
+
+
 def list_dataset(cfg: DataConfig) -> tuple[list[FileInfo], str]:
     """The dataset's data files with their sizes and versions, and their format."""
     if _is_path(cfg.dataset):
         try:
             files = list_files(cfg.dataset, lambda name: sources.format_of(name) is not None or cfg.format != "auto")
         except FileNotFoundError as e:
-            raise DataError(str(e)) from None
+            raise DataError(str(e) if is_remote(cfg.dataset) else _missing(cfg.dataset)) from None
+    elif _looks_local(cfg.dataset):
+        raise DataError(_missing(cfg.dataset))
     else:
         files = [_hub_file_info(u) for u in hub_files(cfg)]
     if not files:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +45,33 @@ class SAEInfo:
     """Hash of the SAE's config and weights (disk SAEs) or of its release and id."""
 
 
+SHIPPED = "shipped:"
+"""`path: shipped:NAME` names an SAE that comes with saeray (in saeray/assets/saes/)."""
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "saes"
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / SAE_CFG_FILENAME).is_file())
+
+
+def disk_path(cfg: SAEConfig) -> Path:
+    """The directory of a disk SAE: `path` as given, or a shipped SAE's folder for `shipped:NAME`."""
+    assert cfg.path
+    if cfg.path.startswith(SHIPPED):
+        name = cfg.path[len(SHIPPED):]
+        if name not in shipped_names():
+            raise SAEError(f"SAE {cfg.name!r}: no shipped SAE {name!r}; saeray ships "
+                           f"{', '.join(SHIPPED + n for n in shipped_names())}")
+        return SHIPPED_DIR / name
+    return Path(cfg.path).expanduser()
+
+
 def _check_disk(path: Path, name: str) -> None:
+    if not path.exists():
+        hint = f" For the SAE shipped with saeray, write `path: {SHIPPED}{path.name}`." \
+            if path.name in shipped_names() else ""
+        raise SAEError(f"SAE {name!r}: {path} does not exist (a relative path is read from the config file's folder, "
+                       f"then from the current directory {os.getcwd()}).{hint}")
     if not (path / SAE_CFG_FILENAME).is_file():
         raise SAEError(f"SAE {name!r}: {path} is not a sae-lens SAE directory (no {SAE_CFG_FILENAME}). "
                        "Give a directory written by SAE.save_model, or a `release` and `id`")
@@ -85,7 +112,7 @@ def read_config(cfg: SAEConfig) -> dict[str, Any]:
     from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting, load_sae_config_from_huggingface
 
     if cfg.path:
-        path = Path(cfg.path).expanduser()
+        path = disk_path(cfg)
         _check_disk(path, cfg.name)
         try:
             raw = json.loads((path / SAE_CFG_FILENAME).read_text())
@@ -107,7 +134,7 @@ def describe(cfg: SAEConfig) -> SAEInfo:
     if not hook:
         raise SAEError(f"SAE {cfg.name!r} does not say which hook it reads: set `hook:` in its config entry")
     if cfg.path:
-        path = Path(cfg.path).expanduser()
+        path = disk_path(cfg)
         digest = hashlib.sha256(((path / SAE_CFG_FILENAME).read_bytes()) +
                                 _file_digest(path / SAE_WEIGHTS_FILENAME).encode()).hexdigest()
     else:
@@ -145,7 +172,7 @@ def load(cfg: SAEConfig, device: torch.device) -> Any:
 
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.path:
-        path = Path(cfg.path).expanduser()
+        path = disk_path(cfg)
         _check_disk(path, cfg.name)
         try:
             sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)

@@ -15,11 +15,29 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
+
+
+PROGRESS_GROUP = "progress"
+"""The actor's concurrency group for `live()`: answered while `process` runs in the default group."""
+
+
+def counting(base: type, report: Callable[[int], None]) -> type:
+    """`base` (a worker's extractor class) reporting the tokens of each block it is given, for the progress line."""
+
+    class Counting(base):  # type: ignore[misc, valid-type]
+        def push(self, docs: list, *args: Any, **kwargs: Any) -> Any:
+            report(sum(len(d.token_ids) for d in docs))
+            return super().push(docs, *args, **kwargs)
+
+    Counting.__name__ = Counting.__qualname__ = base.__name__
+    return Counting
 
 
 def make_worker_class() -> type:
     """RayWorker, built on first use (importing worker.py imports torch)."""
+    import ray
+
     from ..engine.store import RunDir
     from ..engine.worker import ShardWorker
 
@@ -30,8 +48,28 @@ def make_worker_class() -> type:
         def start(self) -> dict[str, Any]:
             """Credentials, the run-directory check, then the model and SAEs; returns where it runs."""
             os.environ.update(self._env)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a bar forwarded line by line to the driver is noise
             RunDir(self._args[1]).check_probe(*self._probe)
+            self._live = 0
             ShardWorker.__init__(self, *self._args)
+            self.extractor_class = counting(type(self).extractor_class, self._add_live)
             return {"host": socket.gethostname(), "pid": os.getpid(), "env": sorted(self._env)}
+
+        def _add_live(self, n: int) -> None:
+            self._live += n
+
+        def process(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            self._live = 0
+            try:
+                return ShardWorker.process(self, *args, **kwargs)
+            finally:
+                self._live = 0
+
+        @ray.method(concurrency_group=PROGRESS_GROUP)
+        def live(self) -> int:
+            """Tokens the model has been given so far in the unit being processed (0 between units)."""
+            return getattr(self, "_live", 0)
 
     return RayWorker

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ..engine.config import RunConfig
 from ..engine.units import DataPlan
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -50,44 +50,6 @@ class RunResult:
     @property
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.done.values())
-
-
-class Progress:
-    """Logs units done, tokens, tokens/s and an ETA (from the budget or the unit count) every `every` seconds."""
-
-    def __init__(self, total: int | None, every: float = 10.0, sink: Callable[[str], None] | None = None,
-                 budget: int | None = None):
-        self.total, self.every, self.sink, self.budget = total, every, sink or log.info, budget
-        self.t0 = self.last = time.time()
-        self.shards = self.tokens = 0
-        self.base_tokens = 0
-        """Tokens of units committed before this run started (they count toward the budget)."""
-        self.started = self.t0
-        self.first_unit_at: float | None = None
-        self.note = ""
-        """Appended to the line while set (the pool: workers waiting to be placed)."""
-
-    def update(self, summary: dict[str, Any] | None = None, force: bool = False) -> None:
-        if summary:
-            self.first_unit_at = self.first_unit_at or time.time()
-            self.shards += 1
-            self.tokens += summary["tokens"]
-        now = time.time()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        el = max(now - self.t0, 1e-9)
-        rate = self.tokens / el
-        if self.budget:
-            left = max(0, self.budget - self.base_tokens - self.tokens)
-            eta = left / rate if rate else float("nan")
-        elif self.total:
-            eta = el / self.shards * (self.total - self.shards) if self.shards else float("nan")
-        else:
-            eta = float("nan")
-        of = f"/{self.total}" if self.total else ""
-        self.sink(f"units {self.shards}{of} | {self.tokens:,} tokens | {rate:,.0f} tok/s | elapsed {el:,.0f}s | "
-                  f"ETA {eta:,.0f}s" + (f" | {self.note}" if self.note else ""))
 
 
 @dataclass

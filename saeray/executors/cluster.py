@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from typing import Any
 
@@ -35,9 +37,9 @@ def worker_resources(nodes: list[dict[str, Any]], n_workers: int | str | None, c
         log.info("workers: auto, max_workers %d: asking for %d GPU workers (%d GPUs alive now)", n, n, gpus)
     elif n_workers in (None, "auto"):
         n = gpus if gpus else 1
-        if not gpus:
-            log.warning("no GPUs in the Ray cluster: running 1 CPU worker (GPU nodes that join later are not used; "
-                        "set max_workers to ask an autoscaler for GPU nodes)")
+        if not gpus:  # the usual laptop or CPU machine: nothing to warn about
+            log.debug("no GPUs in the Ray cluster: running 1 CPU worker (GPU nodes that join later are not used; "
+                      "set max_workers to ask an autoscaler for GPU nodes)")
     else:
         n = int(n_workers)
     if gpus or scaling:
@@ -65,6 +67,7 @@ class Capacity:
 
     def __init__(self, ray: Any, every: float = 10.0):
         self.ray, self.every, self.at, self.text = ray, every, 0.0, "unknown"
+        self.free: dict[str, float] | None = None
 
     def describe(self) -> str:
         now = time.time()
@@ -72,8 +75,27 @@ class Capacity:
             self.at = now
             try:
                 total, free = self.ray.cluster_resources(), self.ray.available_resources()
+                self.free = dict(free)
                 self.text = ", ".join(f"{free.get(k, 0):g}/{total[k]:g} {k}" for k in ("GPU", "CPU") if k in total)
                 self.text = self.text or "no GPU or CPU"
             except Exception as e:  # noqa: BLE001 - the cluster itself may be what went away
-                self.text = f"unknown ({first_line(e)})"
+                self.text, self.free = f"unknown ({first_line(e)})", None
         return self.text
+
+    def lacks(self, options: dict[str, Any]) -> bool:
+        """Whether no node could take an actor with these options now, as far as the free resources (asked by
+        `describe`) tell; True when they are unknown."""
+        if self.free is None:
+            return True
+        return (self.free.get("GPU", 0) < (options.get("num_gpus") or 0)
+                or self.free.get("CPU", 0) < (options.get("num_cpus") or 0))
+
+
+def quiet_ray() -> None:
+    """Before ray.init: no colour codes around the workers' forwarded lines unless both outputs are terminals
+    (RAY_COLOR_PREFIX, if set, wins), and no notice that token authentication is on (it stays on: the local
+    cluster's token is in ~/.ray/auth_token) unless --verbose."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

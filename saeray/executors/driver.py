@@ -61,6 +61,10 @@ def run(cfg: RunConfig, *, out: str | None = None, overwrite: bool = False, work
 def _prepare(cfg: RunConfig, rd: RunDir, overwrite: bool, workers: int | str | None, progress_every: float,
              progress_sink: Callable[[str], None] | None, t_start: float, b_start: int) -> Job:
     """Plan (reusing the manifest's plan when resuming), prepare the run directory, and list what is left."""
+    sink = progress_sink or log.info
+    first = _first_load(cfg)
+    if first:
+        sink(first)
     old = rd.manifest_if_any()
     if old is not None and "unit_bytes" not in old.get("plan", {}) and not overwrite:
         raise RunDirError(f"{rd.root} was written by an older saeray (shards of canonical row ranges, doc_id = row "
@@ -84,6 +88,22 @@ def _prepare(cfg: RunConfig, rd: RunDir, overwrite: bool, workers: int | str | N
                workers if workers is not None else cfg.workers, MAX_SHARD_ATTEMPTS)
 
 
+def _first_load(cfg: RunConfig) -> str | None:
+    """What to expect when an embedded model is used here for the first time (it is dequantized once, in this
+    process, before anything else is said), else None."""
+    from ..engine import embedded
+
+    name = cfg.model.name
+    if name not in embedded.MODELS or (embedded.cache_root() / "models" / name / "config.json").is_file():
+        return None
+    return (f"loading {name}: its first use here dequantizes it into {embedded.cache_root() / 'models' / name} "
+            f"({DEQUANTIZE_NOTE}); later runs load that copy in seconds")
+
+
+DEQUANTIZE_NOTE = "about a minute on 2 CPU cores for gemma-3-270m"
+"""How long the one-time dequantization takes (gemma-3-270m on this project's 2-core test machine: 67 s)."""
+
+
 def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None) -> RunResult:
     """Fill in the totals, clean the staging area, and raise RunFailed if the run stopped or units failed.
 
@@ -93,7 +113,7 @@ def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None
         result.bytes_read = READ.bytes - b_start
     if job.plan.streamed or job.budget is not None:
         result.n_shards = len(result.done) + len(result.skipped) + len(result.errors)
-    prog.update(force=True)
+    prog.close()
     result.seconds = time.time() - t0
     result.first_unit_seconds = prog.first_unit_at - t_start if prog.first_unit_at else None
     rd.clean_tmp()

@@ -39,7 +39,7 @@ class LocalExecutor(Executor):
                 if task.uid in markers:
                     total += markers[task.uid].get("tokens", 0)
                 else:
-                    worker = worker or ShardWorker(job.manifest, job.run_dir)
+                    worker = worker or self._worker(job)
                     counted, ok = self._unit(job, worker, task, payload, then, total)
                     total += counted
                     if not ok and budget is not None:  # later units' share of the budget depends on this one's
@@ -53,6 +53,27 @@ class LocalExecutor(Executor):
                 tasks.close()
 
     @staticmethod
+    def _worker(job: Job) -> Any:
+        """The in-process worker, whose extractor reports each block's tokens to the progress line."""
+        from ..engine.worker import ShardWorker
+        from .actor import counting
+
+        job.progress.set_phase("loading the model and SAEs")
+        worker = ShardWorker(job.manifest, job.run_dir)
+        job.progress.set_phase("processing the first unit")
+        job.progress.working()
+        live = {"uid": -1, "n": 0}
+
+        def report(n: int) -> None:
+            live["n"] += n
+            job.progress.flight(live["uid"], live["n"])
+            job.progress.update()
+
+        worker.extractor_class = counting(type(worker).extractor_class, report)
+        worker.live = live
+        return worker
+
+    @staticmethod
     def _unit(job: Job, worker: Any, task: Task, payload: bytes | None, then: tuple[dict, Any] | None,
               total: int) -> tuple[int, bool]:
         """Count (under a budget) and process one unit: (its tokens counted, whether it committed). An error is
@@ -62,6 +83,7 @@ class LocalExecutor(Executor):
             prefix = None
             if job.budget is not None:
                 prefix, n = total, worker.count(task.to_dict(), payload)
+            worker.live.update(uid=task.uid, n=0)
             job.result.done[task.uid] = worker.process(task.to_dict(), payload, prefix, then)
             job.progress.update(job.result.done[task.uid])
             return n, True
@@ -71,6 +93,7 @@ class LocalExecutor(Executor):
             else:
                 log.exception("unit %d failed", task.uid)
             job.result.errors[task.uid] = f"{type(e).__name__}: {e}"
+            job.progress.in_flight.pop(task.uid, None)
             return n, False
 
 

@@ -17,16 +17,20 @@ import os
 import time
 from typing import Any
 
-from ..engine.storage import READ, forwarded_env
+from ..engine.storage import forwarded_env
 from ..engine.store import OutputNotShared, RunDir
 from ..engine.units import UNITS_PER_FILE, DataPlan, Task
 from . import signals
 from .base import Executor, Job, register
-from .cluster import Capacity, describe, first_line, worker_resources
+from .cluster import Capacity, describe, first_line, quiet_ray, worker_resources
 from .schedule import Schedule, UnitClock, UnitState
-from .tasks import ledger_for, unit_stream
+from .tasks import FileReader, ledger_for
 
 log = logging.getLogger(__name__)
+
+NOTE_AFTER_S = 30.0
+"""Workers waiting this long (at most half of worker_start_timeout_s) to be placed, on a cluster that lacks what
+they want, are named on the progress line."""
 
 
 @register
@@ -39,29 +43,18 @@ class RayExecutor(Executor):
         import ray
 
         if not ray.is_initialized():
+            job.progress.set_phase("starting Ray" + ("" if os.environ.get("RAY_ADDRESS") else " in this process"))
+            quiet_ray()
             # A local Ray starts without its dashboard (its processes take ~2% of a 2-core machine's
             # throughput, bench/throughput.py); SAERAY_RAY_DASHBOARD=1 keeps it. Joining a running
             # cluster (RAY_ADDRESS, `ray job submit`) starts nothing either way.
             ray.init(log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-                     include_dashboard=os.environ.get("SAERAY_RAY_DASHBOARD") == "1")
+                     include_dashboard=os.environ.get("SAERAY_RAY_DASHBOARD") == "1",
+                     logging_level=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
             signals.reinstall()  # ray.init may set handlers of its own
         if not job.plan.streamed and not any(t.uid not in job.markers for t in job.plan.units):
             return
         Pool(job).run()
-
-
-class FileReader:
-    """Streams one line file and returns its units one by one (a Ray actor; no CPU reserved: it mostly waits)."""
-
-    def __init__(self, plan: dict[str, Any], file: int, skip: list[int]):
-        self.stream = unit_stream(DataPlan.from_dict(plan), file, set(skip))
-
-    def next(self) -> tuple[dict[str, Any] | None, bytes | None]:
-        """(the next unit's task with `read_bytes`: stored bytes read for it, its bytes); (None, None) at the end."""
-        b0 = READ.bytes
-        for task, data in self.stream:
-            return {**task.to_dict(), "read_bytes": READ.bytes - b0}, data
-        return None, None
 
 
 class Pool:
@@ -70,7 +63,7 @@ class Pool:
     def __init__(self, job: Job):
         import ray
 
-        from .actor import make_worker_class
+        from .actor import PROGRESS_GROUP, make_worker_class
 
         self.ray, self.job, self.plan, self.result, self.prog = ray, job, job.plan, job.result, job.progress
         self.rd = RunDir(job.run_dir)
@@ -88,7 +81,9 @@ class Pool:
         if not job.plan.streamed:
             n = min(n, max(1, len(self.schedule.units)))
         self.n_workers, self.wanted = n, options
-        self.Actor = ray.remote(make_worker_class()).options(max_restarts=0, max_task_retries=0, **options)
+        # live() answers from its own concurrency group while a unit runs in the default one
+        worker_class = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(make_worker_class())
+        self.Actor = worker_class.options(max_restarts=0, max_task_retries=0, **options)
         self.env = forwarded_env()
         if self.env:
             log.info("forwarding %s from this environment to the workers", ", ".join(self.env))
@@ -197,6 +192,7 @@ class Pool:
             else:
                 ref = actor.process.remote(st.task.to_dict(), st.payload, prefix)
             self.inflight[ref] = (actor, st.task.uid, kind, time.time())
+            self.prog.working()
         self.idle = waiting
 
     def fail_undecided(self, why: str) -> None:
@@ -221,6 +217,7 @@ class Pool:
         from ray.exceptions import RayError, RayTaskError
 
         actor, uid, kind, _ = self.inflight.pop(ref)
+        self.prog.in_flight.pop(uid, None)
         st = self.schedule.units[uid]
         try:
             value = self.ray.get(ref)
@@ -252,6 +249,7 @@ class Pool:
             lim = self.schedule.clock.limit(self.schedule.units[uid].task.n_rows) if kind == "process" else None
             if lim is not None and now - t0 > lim:
                 del self.inflight[ref]
+                self.prog.in_flight.pop(uid, None)
                 self.retire(actor)
                 self.schedule.forget(actor)
                 self.lost(self.schedule.units[uid], kind, f"timed out after {lim:,.0f}s (shard_timeout_s)")
@@ -300,8 +298,9 @@ class Pool:
             self.spawn()
 
     def stalled(self) -> bool:
-        """Workers wait to be placed and none runs or loads: the progress line says what they want and what the
-        cluster has; after worker_start_timeout_s the run stops (its committed units stay)."""
+        """Workers wait to be placed and none runs or loads: after NOTE_AFTER_S, while the cluster lacks what they
+        want, the progress line says what they want and what the cluster has; after worker_start_timeout_s the
+        run stops (its committed units stay)."""
         if self.idle or self.inflight or self.starting or not self.placing:
             if self.waiting_since is not None:
                 self.waiting_since, self.prog.note = None, ""
@@ -310,15 +309,52 @@ class Pool:
         self.waiting_since = self.waiting_since or now
         waited = now - self.waiting_since
         want, have = describe(self.wanted), self.capacity.describe()
-        self.prog.note = (f"no worker running: {len(self.placing)} waiting {waited:,.0f}s to be placed, each wants "
-                          f"{want}, the cluster has {have} (free/total); stopping after {self.start_timeout:,.0f}s "
-                          "(worker_start_timeout_s)")
+        if waited >= min(NOTE_AFTER_S, self.start_timeout / 2) and self.capacity.lacks(self.wanted):
+            self.prog.set_note(f"no worker running: {len(self.placing)} waiting {waited:,.0f}s to be placed, each "
+                               f"wants {want}, the cluster has {have} (free/total); stopping after "
+                               f"{self.start_timeout:,.0f}s (worker_start_timeout_s)")
+        else:
+            self.prog.set_note("")
         if waited < self.start_timeout:
             return False
         self.result.stopped = (f"no worker could be placed for {waited:,.0f}s (worker_start_timeout_s): each wants "
                                f"{want}, the cluster has {have} (free/total)")
         log.error("%s", self.result.stopped)
         return True
+
+    def phase(self) -> str:
+        """What the pool is doing while no unit has finished."""
+        if self.prog.shards:
+            return ""
+        if self.inflight:
+            return "processing the first unit" + ("s" if len(self.inflight) > 1 else "")
+        if self.starting:
+            n = len(self.starting)
+            return f"loading the model and SAEs ({n} worker{'s' if n > 1 else ''})"
+        if self.placing:
+            n = len(self.placing)
+            return f"starting {n} worker{'s' if n > 1 else ''} (Ray places {'them' if n > 1 else 'it'} on a node)"
+        return self.prog.phase
+
+    def poll_live(self) -> None:
+        """Ask each worker processing a unit how many of its tokens the model has had (for the progress line);
+        a worker that does not answer within a second is skipped."""
+        from ray.exceptions import RayError
+
+        procs = [(a, uid) for a, uid, kind, _ in self.inflight.values() if kind == "process"]
+        if not procs:
+            return
+        refs = [a.live.remote() for a, _ in procs]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        done = set(ready)
+        for ref, (_, uid) in zip(refs, procs):
+            if ref in done:
+                try:
+                    n = int(self.ray.get(ref))
+                except RayError:
+                    continue
+                if any(u == uid for _, u, _, _ in self.inflight.values()):
+                    self.prog.flight(uid, n)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -342,6 +378,9 @@ class Pool:
         while not self._settled():
             ready, _ = self.ray.wait([*self.inflight, *self.placing, *self.starting, *self.reads], num_returns=1,
                                      timeout=self._wait_s())
+            if time.time() - self.prog.last >= self.prog.every:
+                self.poll_live()
+            self.prog.set_phase(self.phase())
             self.prog.update()
             for ref in ready:
                 if ref in self.placing:

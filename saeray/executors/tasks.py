@@ -1,11 +1,13 @@
 """The units a run hands out, in canonical order: Parquet units from the plan, line-file units as their
-reader cuts them (one pass over each file), and the token ledger a budget needs."""
+reader cuts them (one pass over each file; `FileReader` is the Ray actor that does it), and the token ledger a budget
+needs."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..engine import sources
+from ..engine.storage import READ
 from ..engine.units import DataPlan, Ledger, Task, uid_of
 
 
@@ -42,3 +44,17 @@ def ledger_for(plan: DataPlan, budget: int) -> Ledger:
         for f in range(len(plan.files)):
             ledger.file_complete(f, sum(1 for u in plan.units if u.file == f))
     return ledger
+
+
+class FileReader:
+    """Streams one line file and returns its units one by one (a Ray actor; no CPU reserved: it mostly waits)."""
+
+    def __init__(self, plan: dict[str, Any], file: int, skip: list[int]):
+        self.stream = unit_stream(DataPlan.from_dict(plan), file, set(skip))
+
+    def next(self) -> tuple[dict[str, Any] | None, bytes | None]:
+        """(the next unit's task with `read_bytes`: stored bytes read for it, its bytes); (None, None) at the end."""
+        b0 = READ.bytes
+        for task, data in self.stream:
+            return {**task.to_dict(), "read_bytes": READ.bytes - b0}, data
+        return None, None

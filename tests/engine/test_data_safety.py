@@ -254,3 +254,13 @@ def test_a_key_given_twice_is_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "key 'workers' is given twice" in err and "keep one of them" in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_shipped_sae_folder_is_an_input_too(tmp_path):
+    from saeray.engine.saes import SHIPPED_DIR
+
+    raw = {"model": {"name": "hub-org/model"}, "data": {"dataset": str(tmp_path)},
+           "saes": [{"name": "a", "path": "shipped:gemma-3-270m-res6", "hook": "blocks.6.hook_resid_post"}]}
+    with pytest.raises(OverlapError, match="SAE 'a'"):
+        check_apart(config.from_dict(raw), str(SHIPPED_DIR / "gemma-3-270m-res6" / "run"))
+    check_apart(config.from_dict(raw), str(tmp_path.parent / "elsewhere"))

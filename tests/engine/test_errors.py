@@ -95,7 +95,7 @@ def test_width_mismatch(tiny, tmp_path, capsys):
 
 def test_missing_sae_and_model(tiny, tmp_path, capsys):
     raw = base_config(tiny["llama"], [{"name": "n", "path": str(tmp_path / "nope")}], tiny["data"], tmp_path / "run")
-    _one_line_error(*_cli(tmp_path, raw, capsys), "not a sae-lens SAE directory")
+    _one_line_error(*_cli(tmp_path, raw, capsys), "nope does not exist")
     raw = _raw(tiny, tmp_path)
     raw["model"]["name"] = str(tmp_path / "no-model")
     _one_line_error(*_cli(tmp_path, raw, capsys), "does not exist")

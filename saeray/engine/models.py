@@ -2,8 +2,9 @@
 
 Hook names are the ones sae-lens SAEs carry (`blocks.L.hook_resid_pre`, ...). They are
 mapped onto the Hugging Face decoder layers (the language model's, for a vision-language
-model); the forward pass is stopped by an exception right after the deepest hooked module,
-so later layers and the LM head never run.
+model). `Hooks` runs the full model's forward and stops it by an exception right after the deepest
+hooked module (training and probing read activations this way); a worker runs `truncated.Truncated`,
+the model up to its deepest hooked layer as a function of its own, where the model's family has one.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from .pipeline import Prefetch
 from .reading import check_token_ids, unit_rows
 from .resources import bound_malloc, default_threads, peak_rss_mb, pick_device, tokenizer_threads
 from .storage import READ, forwarded_env
+from .truncated import forward_to_hooks
 from .store import RunDir
 from .units import DataPlan, Task
 from .writing import UnitFiles, docs_schema, write_partials
@@ -75,8 +76,8 @@ class ShardWorker:
         for s, info in zip(self.cfg.saes, resolved["saes"]):
             sae = saes.load(s, self.device)
             self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
-        # registered once for the worker's life (the model runs nowhere else in this process)
-        self.hooks = models.Hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()))
+        # the model up to its deepest hooked layer, built once for the worker's life (see engine.truncated)
+        self.hooks = forward_to_hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()))
         # The model, tokenizer and libraries are ~400k long-lived Python objects: a full collection scans them
         # all (0.2 s, every thread stopped, the device idle). Frozen, later collections skip them.
         gc.collect()

@@ -40,6 +40,11 @@ class ModelConfig:
     """The attention kernel. auto: transformers' choice for the model class, which is sdpa where the class
     supports it and eager where sdpa would drop something the model needs (Gemma 2's attention logit
     soft-capping). flash_attention_2 needs the flash-attn package and a GPU; sdpa on Gemma 2 is refused."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """Compile the model's forward (up to the deepest hooked layer) with torch.compile (inductor), one graph
+    per batch shape; compiled code is cached under $SAERAY_CACHE/inductor so a later worker reuses it.
+    auto: on for a GPU, off on CPU (where compiling costs more than it saves on a run's scale: see the README's
+    throughput figures). Results agree with eager within rounding (float32: 1e-5)."""
 
 
 @dataclass(frozen=True)

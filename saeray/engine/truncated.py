@@ -85,23 +85,31 @@ class Truncated:
         self.token_types = _takes_token_types(model)
         self.pre = {(s.layer, "hook_resid_pre"): s.name for s in self.sites if s.kind == "hook_resid_pre"}
         self.post = {(s.layer, "hook_resid_post"): s.name for s in self.sites if s.kind == "hook_resid_post"}
-        self._store: dict[str, torch.Tensor] = {}
+        # one slot per inner hook, None between calls (a compiled forward's guards see the same state each call)
+        self._slots: dict[str, list[torch.Tensor | None]] = {}
         self._handles = []
         for s in self.sites:
             if s.kind in _INNER:
                 module, where = hook_target(self.layers[s.layer], s.kind)
-                self._handles.append(self._record(module, where, s.name))
-        self._forward = torch.compile(self.forward_tensors, dynamic=False) if compile else self.forward_tensors
+                self._slots[s.name] = [None]
+                self._handles.append(self._record(module, where, self._slots[s.name]))
+        self.compiled = compile
+        if compile:
+            use_compile_cache()
+            # dynamic=False: one graph per (rows, length) batch shape; the batcher's length buckets bound them
+            self._forward = torch.compile(self.forward_tensors, dynamic=False)
+        else:
+            self._forward = self.forward_tensors
 
-    def _record(self, module: nn.Module, where: str, name: str) -> Any:
-        store = self._store
+    @staticmethod
+    def _record(module: nn.Module, where: str, slot: list[torch.Tensor | None]) -> Any:
         if where == "input":
             def pre_hook(mod, args, kwargs):
-                store[name] = args[0] if args else kwargs["hidden_states"]
+                slot[0] = args[0] if args else kwargs["hidden_states"]
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
         def post_hook(mod, args, kwargs, output):
-            store[name] = _first(output)
+            slot[0] = _first(output)
         return module.register_forward_hook(post_hook, with_kwargs=True)
 
     # ---- before the layers: as the HF model's forward does it -----------------------------------
@@ -161,8 +169,9 @@ class Truncated:
             h = _first(layer(h, attention_mask=masks[t], position_embeddings=pe[t], position_ids=positions))
             if (i, "hook_resid_post") in self.post:
                 out[self.post[(i, "hook_resid_post")]] = h
-        for name in list(self._store):
-            out[name] = self._store.pop(name)
+        for name, slot in self._slots.items():
+            if slot[0] is not None:
+                out[name], slot[0] = slot[0], None
         return out
 
     @torch.inference_mode()
@@ -175,9 +184,7 @@ class Truncated:
             token_type_ids = torch.ones_like(input_ids)  # text stays causal (see models.Hooks)
         if not self.token_types:
             token_type_ids = None
-        self._store.clear()
         out = self._forward(input_ids, attention_mask, pixel_values, token_type_ids)
-        self._store.clear()
         missing = {s.name for s in self.sites} - set(out)
         if missing:
             raise ModelError(f"hooks {sorted(missing)} never fired during the truncated forward pass")
@@ -193,6 +200,30 @@ class Truncated:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """model.compile resolved for `device`: auto compiles on a GPU only (measured on CPU: bench/throughput.py)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
+
+
+def use_compile_cache() -> None:
+    """Inductor's compiled kernels and FX graphs under $SAERAY_CACHE/inductor (unless TORCHINDUCTOR_CACHE_DIR
+    says elsewhere), so a later worker process loads them instead of compiling again."""
+    import os
+
+    from .embedded import cache_root
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # inductor writes its default into the environment once used (imports may have used it already)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+
+    inductor_config.fx_graph_cache = True
 
 
 def forward_to_hooks(model: nn.Module, sites: list[HookSite], compile: bool = False) -> Any:

@@ -28,8 +28,8 @@ from .pipeline import Prefetch
 from .reading import check_token_ids, unit_rows
 from .resources import bound_malloc, default_threads, peak_rss_mb, pick_device, tokenizer_threads
 from .storage import READ, forwarded_env
-from .truncated import forward_to_hooks
 from .store import RunDir
+from .truncated import forward_to_hooks, resolve_compile
 from .units import DataPlan, Task
 from .writing import UnitFiles, docs_schema, write_partials
 
@@ -77,13 +77,15 @@ class ShardWorker:
             sae = saes.load(s, self.device)
             self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
         # the model up to its deepest hooked layer, built once for the worker's life (see engine.truncated)
-        self.hooks = forward_to_hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()))
+        self.hooks = forward_to_hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()),
+                                      compile=resolve_compile(self.cfg.model.compile, self.device))
         # The model, tokenizer and libraries are ~400k long-lived Python objects: a full collection scans them
         # all (0.2 s, every thread stopped, the device idle). Frozen, later collections skip them.
         gc.collect()
         gc.freeze()
-        log.info("worker on %s: model %s attention %s, SAEs %s, %d tokenizer threads", self.device,
+        log.info("worker on %s: model %s attention %s%s, SAEs %s, %d tokenizer threads", self.device,
                  self.cfg.model.name, getattr(self.model.config, "_attn_implementation", "?"),
+                 " compiled" if getattr(self.hooks, "compiled", False) else "",
                  ", ".join(f"{h.name} {h.sae.dtype}" for h in self.handles), self.tokenizer_threads)
         self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
                                 context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -96,3 +98,36 @@ def test_hooks_removed_on_close(family_models):
     assert isinstance(trunc, Truncated) and len(mlp._forward_hooks) == before + 1
     trunc.close()
     assert len(mlp._forward_hooks) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_compiled_equals_eager(family_models, fam, tmp_path, monkeypatch):
+    """model.compile: the inductor-compiled truncated forward agrees with eager in float32 (fusions reorder
+    sums: 1e-5), and a second call of the same shape runs the compiled graph again without recompiling."""
+    import torch._dynamo
+
+    monkeypatch.setenv("SAERAY_CACHE", str(tmp_path))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # as inductor leaves it once used: its default in the environment (use_compile_cache moves it)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    model, _, processor = family_models[fam]
+    n = models.n_layers_of(model.config)
+    sites = [models.parse_hook(s, n) for s in ("blocks.0.hook_resid_pre", "blocks.2.hook_attn_out",
+                                               "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out",
+                                               "blocks.3.hook_resid_post")]
+    ids, mask, extra = _batch(model, processor, fam, seed=2)
+    torch._dynamo.reset()
+    with Truncated(model, sites) as eager:
+        want = eager(ids, mask, **extra)
+    with Truncated(model, sites, compile=True) as compiled:
+        got = compiled(ids, mask, **extra)
+        frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        again = compiled(ids, mask, **extra)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before  # no recompilation
+    valid = mask.bool()
+    for name in want:
+        torch.testing.assert_close(got[name][valid], want[name][valid], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again[name][valid], want[name][valid], rtol=1e-5, atol=1e-5)
+    assert any((tmp_path / "inductor").iterdir())  # compiled code cached where SAERAY_CACHE says

@@ -22,6 +22,7 @@ from .contexts import Document, Tokenization
 from .feature_stats import FeatureStats
 from .models import Hooks, HookSite, run_to_hooks
 from .partials import UnitExamples
+from .resources import free_device_bytes
 from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
@@ -213,15 +214,18 @@ class Extractor:
         item.block.found[key].append((d, p, f, v, rank))
 
 
-def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25) -> int:
+def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25,
+              report: Any = None) -> int:
     """Batches a GPU keeps queued ahead of the one the host reads: 2, or fewer when the queued batches'
     dense codes and masks (every SAE's, whole batches: (ahead + 1) x tokens x sum of d_sae x (bytes + 1))
-    would pass `share` of the GPU's free memory (0: each batch is encoded and read a chunk at a time, as on
-    CPU, where nothing runs asynchronously and queued codes would only take memory)."""
+    would pass `share` of the GPU's free memory, counting what PyTorch holds reserved but unused as free
+    (resources.free_device_bytes: after a unit, its codes' blocks stay cached, not returned to the driver).
+    0: each batch is encoded and read a chunk at a time, as on CPU, where nothing runs asynchronously and
+    queued codes would only take memory. `report`: see free_device_bytes."""
     if device.type != "cuda":
         return 0
     per_batch = batch_tokens * sum(int(h.sae.cfg.d_sae) * (h.sae.dtype.itemsize + 1) for h in saes)
-    free = torch.cuda.mem_get_info(device)[0]
+    free = free_device_bytes(device, report)
     for ahead in (2, 1):
         if (ahead + 1) * per_batch <= share * free:
             return ahead

@@ -21,7 +21,7 @@ from . import config as config_mod
 from . import models, saes
 from .batching import blocks
 from .contexts import Document, Tokenization
-from .extract import Extractor, SAEHandle
+from .extract import Extractor, SAEHandle, in_flight
 from .folder import OutputWriteError
 from .images import load_image
 from .pipeline import Prefetch
@@ -79,6 +79,9 @@ class ShardWorker:
         # the model up to its deepest hooked layer, built once for the worker's life (see engine.truncated)
         self.hooks = forward_to_hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()),
                                       compile=resolve_compile(self.cfg.model.compile, self.device))
+        # batches in flight, sized once from the memory left with the model and SAEs loaded (a later unit would
+        # see the previous unit's cached blocks as taken)
+        self.ahead = in_flight(self.batch_tokens, self.handles, self.device)
         # The model, tokenizer and libraries are ~400k long-lived Python objects: a full collection scans them
         # all (0.2 s, every thread stopped, the device idle). Frozen, later collections skip them.
         gc.collect()
@@ -219,6 +222,7 @@ class ShardWorker:
         out = self.cfg.output
         ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                                    device=self.device, reconstruction=out.reconstruction, hooks=self.hooks,
+                                   ahead=self.ahead,
                                    top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius,
                                    last_values=out.keeps_last_values(self.cfg.data))
         files = UnitFiles(tmp, out, self.docs_schema, self.keep_schema)

@@ -1,0 +1,53 @@
+"""Device-path pieces a CPU can check: sized nonzero, the in-flight depth's memory accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeray.assets.tiny import make_sae
+from saeray.engine import saes
+from saeray.engine.config import SAEConfig
+from saeray.engine.extract import SAEHandle, in_flight
+from saeray.engine.models import HookSite
+from saeray.engine.resources import free_device_bytes
+
+
+@pytest.mark.parametrize("shape,density", [((7, 33), 0.2), ((5, 9), 0.0), ((0, 16), 0.5), ((4, 4), 1.0)])
+def test_nonzero_sized_equals_nonzero(shape, density):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(shape, generator=g) < density
+    want = mask.nonzero()
+    got = saes.nonzero_sized(mask, int(mask.sum()))
+    assert torch.equal(got, want)
+
+
+def _fake_report(free: int, reserved: int, allocated: int):
+    """A stand-in for a GPU's memory report (torch.cuda's needs a GPU): (driver free, reserved, allocated)."""
+    return lambda device: (free, reserved, allocated)
+
+
+def test_free_bytes_count_reserved_but_unallocated():
+    mb = 1 << 20
+    assert free_device_bytes(torch.device("cuda"), _fake_report(1 * mb, 6 * mb, 1 * mb)) == 6 * mb
+    assert free_device_bytes(torch.device("cuda"), _fake_report(3 * mb, 2 * mb, 2 * mb)) == 3 * mb
+
+
+def test_in_flight_depth_survives_cached_blocks(tmp_path):
+    """After a unit, its dense codes' blocks stay in PyTorch's cache: the driver reports them as used. The depth
+    counts them as free, so a later sizing gives what the first did (it fell to 0 when only the driver's free
+    memory counted)."""
+    sae = saes.load(SAEConfig(name="s", path=str(make_sae(tmp_path / "sae", "standard", 64, "blocks.1.hook_resid_pre"))),
+                    torch.device("cpu"))
+    handles = [SAEHandle("s", sae, HookSite("blocks.1.hook_resid_pre", 1, "hook_resid_pre"), 0.0)]
+    per_batch = 1000 * 96 * (4 + 1)  # tokens x d_sae x (float32 code + mask byte)
+    cuda = torch.device("cuda")  # only its type is read: nothing runs on a GPU here
+    mb = 1 << 20
+    fresh = _fake_report(free=6 * mb, reserved=0, allocated=0)
+    after_unit = _fake_report(free=1 * mb, reserved=5 * mb, allocated=0)  # the unit's blocks cached, none in use
+    assert 3 * per_batch <= 0.25 * 6 * mb
+    assert in_flight(1000, handles, cuda, report=fresh) == 2
+    assert in_flight(1000, handles, cuda, report=after_unit) == 2
+    busy = _fake_report(free=1 * mb, reserved=5 * mb, allocated=5 * mb)  # cached blocks that tensors do hold
+    assert in_flight(1000, handles, cuda, report=busy) == 0
+    assert in_flight(1000, handles, torch.device("cpu")) == 0

@@ -51,3 +51,18 @@ def test_in_flight_depth_survives_cached_blocks(tmp_path):
     busy = _fake_report(free=1 * mb, reserved=5 * mb, allocated=5 * mb)  # cached blocks that tensors do hold
     assert in_flight(1000, handles, cuda, report=busy) == 0
     assert in_flight(1000, handles, torch.device("cpu")) == 0
+
+
+@pytest.mark.parametrize("n,size", [(1000, 37), (0, 5), (3, 1), (500, 4000)])
+def test_segment_sum_equals_index_add(n, size):
+    """The GPU's deterministic sum (sort + segment_reduce) against index_add_, both run here on CPU."""
+    from saeray.engine.feature_stats import segment_sum
+
+    g = torch.Generator().manual_seed(n + size)
+    index = torch.randint(0, size, (n,), generator=g)
+    values = torch.rand(n, generator=g, dtype=torch.float64) * 10
+    want = torch.zeros(size, dtype=torch.float64).index_add_(0, index, values)
+    got = segment_sum(index, values, size, deterministic=True)
+    assert got.dtype == torch.float64 and got.shape == (size,)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    assert torch.equal(segment_sum(index, values, size), want)  # CPU default: index_add_ itself

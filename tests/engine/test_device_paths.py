@@ -66,3 +66,21 @@ def test_segment_sum_equals_index_add(n, size):
     assert got.dtype == torch.float64 and got.shape == (size,)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
     assert torch.equal(segment_sum(index, values, size), want)  # CPU default: index_add_ itself
+
+
+def test_auto_attention_choice():
+    """auto: flex_attention on a GPU for soft-capped Gemma 2, transformers' choice otherwise (the device is only read
+    for its type); the config accepts flex_attention."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    from saeray.engine import config
+    from saeray.engine.models import auto_attention
+
+    capped = Gemma2Config(num_hidden_layers=2, attn_logit_softcapping=50.0)
+    assert auto_attention(capped, torch.device("cuda")) == "flex_attention"
+    assert auto_attention(capped, torch.device("cpu")) is None
+    assert auto_attention(LlamaConfig(num_hidden_layers=2), torch.device("cuda")) is None
+    built = config._build(config.ModelConfig, {"name": "x", "attn_implementation": "flex_attention", "compile": True}, "model")
+    assert built.attn_implementation == "flex_attention" and built.compile is True
+    with pytest.raises(config.ConfigError):
+        config._build(config.ModelConfig, {"name": "x", "compile": "yes"}, "model")

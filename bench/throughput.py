@@ -408,7 +408,8 @@ def run_gpu_sized(a: argparse.Namespace) -> dict:
     full = a.scale == "full"
     spec = {"scale": a.scale, "docs": a.gpu_docs if full else min(a.gpu_docs, 24), "layer": 12, "d_sae": 16384,
             "context": 1024 if full else 64, "batch_tokens": a.gpu_batch_tokens if full else 512,
-            "dtype": "bfloat16", "sae_dtype": a.gpu_sae_dtype, "density": 0.005, "threads": a.threads}
+            "dtype": "bfloat16", "sae_dtype": a.gpu_sae_dtype, "density": 0.005, "threads": a.threads,
+            "compile": {"auto": "auto", "true": True, "false": False}[a.gpu_compile]}
     res = paths.gpu_sized(spec)  # one measurement: no separate process needed
     on_gpu = res["device"] != "cpu"
     d = res["model"]
@@ -491,8 +492,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-sized", action="store_true", help="Gemma-2-2B-sized model + 16k JumpReLU SAE, random weights")
     p.add_argument("--scale", choices=["full", "toy"], default="full", help="with --gpu-sized: toy = the CPU test size")
     p.add_argument("--gpu-docs", type=num, default=512)
-    p.add_argument("--gpu-batch-tokens", type=num, default=65536)
-    p.add_argument("--gpu-sae-dtype", default="bfloat16")
+    p.add_argument("--gpu-batch-tokens", type=num, default=16384, help="jobs/configs/gemmascope-pile-rates.yaml's")
+    p.add_argument("--gpu-sae-dtype", default="float32", help="saeray's default SAE dtype")
+    p.add_argument("--gpu-compile", choices=["auto", "true", "false"], default="auto", help="model.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(ROOT / "bench" / "throughput.json"))
     p.add_argument("--step", help=argparse.SUPPRESS)

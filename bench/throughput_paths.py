@@ -516,12 +516,15 @@ def gpu_sized(spec: dict) -> dict:
         docs.append(Document(i, ids, {}, tok.select(ids)))
     site = models.parse_hook(hook, dims["num_hidden_layers"])
     _calibrate_jumprelu(sae, model, site, docs[:4], tok, device, spec["density"])
+    from saeray.engine.truncated import forward_to_hooks, resolve_compile
+
+    compiled = resolve_compile(spec.get("compile", "auto"), device)
     ext_args = dict(batch_tokens=spec["batch_tokens"], device=device,
-                    hooks=models.Hooks(model, [site]))  # as the worker: registered once
+                    hooks=forward_to_hooks(model, [site], compile=compiled))  # as the worker: built once
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "scale": spec["scale"], "model": dims, "hook": hook, "d_sae": d_sae,
                            "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"], "docs": len(docs),
-                           "attn_implementation": model.config._attn_implementation}
+                           "attn_implementation": model.config._attn_implementation, "compiled": compiled}
     for mode, keep in (("stats_only", False), ("rows", True)):
         ext = Extractor(model, [SAEHandle("sae", sae, site, 0.0)], tok, **ext_args)
         ext.process(docs[:max(1, len(docs) // 8)], keep)  # warm-up: kernels, allocator, autotuning

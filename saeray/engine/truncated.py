@@ -203,7 +203,8 @@ class Truncated:
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """model.compile resolved for `device`: auto compiles on a GPU only (measured on CPU: bench/throughput.py)."""
+    """model.compile resolved for `device`: auto compiles on a GPU only (on CPU the first compile costs minutes:
+    see ModelConfig.compile and bench/throughput.py --compile)."""
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)

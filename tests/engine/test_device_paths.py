@@ -84,3 +84,37 @@ def test_auto_attention_choice():
     assert built.attn_implementation == "flex_attention" and built.compile is True
     with pytest.raises(config.ConfigError):
         config._build(config.ModelConfig, {"name": "x", "compile": "yes"}, "model")
+
+
+def test_host_reads_per_block(tiny):
+    """A block's bookkeeping reads the device through partials.to_host: per (SAE, group), one transfer each for the
+    example contexts, the last values and the rows (each a single copy of all their columns)."""
+    import numpy as np
+
+    from saeray.engine import models
+    from saeray.engine.batching import blocks
+    from saeray.engine.config import ModelConfig, PositionsConfig
+    from saeray.engine.contexts import Tokenization
+    from saeray.engine.partials import HOST_READS, packed_to_host, to_host
+
+    cpu = torch.device("cpu")
+    model, tok = models.load_model(ModelConfig(name=str(tiny["llama"]), dtype="float32"), cpu)
+    sae_cfg = SAEConfig(name="s", path=str(tiny["sae_standard"]))
+    handle = SAEHandle("s", saes.load(sae_cfg, cpu), models.parse_hook(saes.describe(sae_cfg).hook, 4), 0.0)
+    t = Tokenization(tok, PositionsConfig(), prepend_bos=True, context_size=24, exclude_special=True)
+    docs = t.text_documents([(i, text, {}) for i, text in enumerate(tiny["docs"])])
+    from saeray.engine.extract import Extractor
+
+    ext = Extractor(model, [handle], t, batch_tokens=64, device=cpu, top_k=2, per_bin=1, radius=2, last_values=True)
+    n_blocks = 0
+    for block in blocks(docs, 200):
+        before = HOST_READS["transfers"]
+        ext.process(block, True)
+        assert HOST_READS["transfers"] - before == 3
+        n_blocks += 1
+    assert n_blocks > 3
+    # the packed transfer gives back each tensor's values and dtype
+    cols = [torch.tensor([3, -1]), torch.tensor([1.5, -0.25]), torch.tensor([7], dtype=torch.int32)]
+    assert to_host() == []
+    for got, want in zip(packed_to_host(tuple(cols)), cols):  # the GPU's packing, run here on CPU tensors
+        assert got.dtype == want.numpy().dtype and np.array_equal(got, want.numpy())

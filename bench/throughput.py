@@ -7,6 +7,8 @@
     python bench/throughput.py --gpu-sized                # Gemma-2-2B-sized model + 16k JumpReLU SAE, random weights, CUDA
     python bench/throughput.py --gpu-sized --scale toy    # the same code at toy size (runs on CPU in seconds)
     python bench/throughput.py --tiny --skip-aggregate    # a tiny random in-process model (seconds; numbers mean nothing)
+    python bench/throughput.py --compile --docs 40 --notebook-docs 0 --skip-saelens --skip-ray --skip-aggregate \
+        --rounds 1 --json bench/throughput_compile.json   # compiled worker vs eager, forward alone vs the bf16 limit
 
 One invocation runs, on the same documents, model, hook and SAE (each in its own process, so
 each gets its own peak RSS):
@@ -183,6 +185,9 @@ def run_cpu(a: argparse.Namespace, work: Path) -> dict:
         if a.baseline_src:  # the same worker path in an older checkout: the ratio is the change's effect
             runs.append((f"c_worker_{tag}@baseline", "worker", {**sae_cfg, "out": str(work / f"worker-{tag}-base"),
                                                                 "activations": act, "src": a.baseline_src}))
+        if a.compile and not act:  # the same worker with model.compile on; model_only: its compiled forward
+            runs.append((f"c_worker_{tag}@compiled", "worker", {**sae_cfg, "out": str(work / f"worker-{tag}-compiled"),
+                                                                "activations": act, "profile": True, "compile": True}))
         if not a.skip_ray:
             runs.append((f"c_ray_{tag}", "ray", {**sae_cfg, "out": str(work / f"ray-{tag}"), "activations": act}))
     for r in range(a.rounds):  # every path once per round: a slow spell on the machine hits them alike
@@ -258,10 +263,16 @@ def summarize(report: dict) -> None:
         if r.get("cpu_seconds"):
             r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"]
             r["limit_fraction_bf16_cpu_time"] = r["tokens_per_cpu_s"] / report["limit"]["tokens_per_cpu_s_bf16"]
-    mo = p.get("c_worker_stats", {}).get("model_only")
-    if mo:
-        mo["tokens_per_s"] = mo["tokens"] / mo["seconds"]
-        mo["limit_fraction_bf16"] = mo["tokens_per_s"] / limit["bfloat16"]
+    for key in ("c_worker_stats", "c_worker_stats@compiled"):
+        mo = p.get(key, {}).get("model_only")
+        if mo:
+            mo["tokens_per_s"] = mo["tokens"] / mo["seconds"]
+            mo["limit_fraction_bf16"] = mo["tokens_per_s"] / limit["bfloat16"]
+    if "c_worker_stats@compiled" in p and "c_worker_stats" in p:
+        comp, eager = p["c_worker_stats@compiled"], p["c_worker_stats"]
+        comp["vs_eager"] = comp["tokens_per_s"] / eager["tokens_per_s"]
+        if comp.get("model_only") and eager.get("model_only"):
+            comp["model_only"]["vs_eager"] = comp["model_only"]["tokens_per_s"] / eager["model_only"]["tokens_per_s"]
     ref_a = p.get("a_notebook", {}).get("tokens_per_s")
     ref_b = p.get("b_saelens_float32", {}).get("tokens_per_s")
     for r in p.values():
@@ -289,6 +300,9 @@ def targets(report: dict) -> list[dict]:
                     "status": "met" if vals[worst] >= want else ("met by some saeray paths" if vals[best] >= want
                                                                  else "missed"), "unit": unit})
 
+    if "c_worker_stats@compiled" in p:
+        add("compiled worker >= 1.25x the eager worker (stats only, tokens/s, same run)", 1.25,
+            {"c_worker_stats@compiled": p["c_worker_stats@compiled"].get("vs_eager")})
     if any(k.endswith("@baseline") for k in p):
         add("worker >= the --baseline-src worker (tokens/s, same run)", 1.0,
             {k: v.get("vs_baseline") for k, v in ours.items() if "vs_baseline" in v})
@@ -354,6 +368,14 @@ def fmt_table(report: dict) -> str:
                       f"or I/O): {mo['tokens_per_s']:,.0f} tok/s = {100 * mo['limit_fraction_bf16']:.0f}% of the bf16 "
                       "limit, a ceiling for any SAE pipeline running this model's ops; its time (torch.profiler):"]
         lines += [f"  {k:<62} {v['seconds']:>7.2f}s {100 * v['share']:>5.1f}%" for k, v in mo["profile"]["by_kind"].items()]
+    comp = report["paths"].get("c_worker_stats@compiled")
+    if comp:
+        cmo = comp.get("model_only") or {}
+        lines += ["", f"model.compile: true (inductor): worker {comp['vs_eager']:.2f}x eager (statistics only); first pass "
+                      f"{comp.get('first_pass_s', 0):.1f}s ({comp.get('graphs_compiled', '?')} graphs compiled: one per "
+                      f"batch shape); forward alone {cmo.get('tokens_per_s', 0):,.0f} tok/s = "
+                      f"{100 * cmo.get('limit_fraction_bf16', 0):.0f}% of the bf16 limit "
+                      f"({cmo.get('vs_eager', 0):.2f}x eager's forward)"]
     agg = report.get("aggregate")
     if agg:
         lines += ["", f"aggregation over {agg.get('generate', {}).get('rows', agg['config']['rows']):,} synthetic "
@@ -386,7 +408,8 @@ def run_gpu_sized(a: argparse.Namespace) -> dict:
     full = a.scale == "full"
     spec = {"scale": a.scale, "docs": a.gpu_docs if full else min(a.gpu_docs, 24), "layer": 12, "d_sae": 16384,
             "context": 1024 if full else 64, "batch_tokens": a.gpu_batch_tokens if full else 512,
-            "dtype": "bfloat16", "sae_dtype": a.gpu_sae_dtype, "density": 0.005, "threads": a.threads}
+            "dtype": "bfloat16", "sae_dtype": a.gpu_sae_dtype, "density": 0.005, "threads": a.threads,
+            "compile": {"auto": "auto", "true": True, "false": False}[a.gpu_compile]}
     res = paths.gpu_sized(spec)  # one measurement: no separate process needed
     on_gpu = res["device"] != "cpu"
     d = res["model"]
@@ -460,6 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agg-dir", help="keep the synthetic run here, and reuse it when it exists")
     p.add_argument("--memory-growth", action="store_true", help="also run bench/memory_growth.py (minutes)")
     p.add_argument("--memory-small", type=num, default=10_000, help="tokens of memory_growth's small corpus")
+    p.add_argument("--compile", action="store_true",
+                   help="also the worker with model.compile: true (statistics only; its forward alone beside eager's)")
     p.add_argument("--baseline-src", help="an older saeray checkout: its worker path runs beside this one's")
     p.add_argument("--simulate", action="store_true",
                    help="a SIMULATED H100 fed by the real host pipeline: bench/simulate.py (its own options)")
@@ -467,8 +492,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-sized", action="store_true", help="Gemma-2-2B-sized model + 16k JumpReLU SAE, random weights")
     p.add_argument("--scale", choices=["full", "toy"], default="full", help="with --gpu-sized: toy = the CPU test size")
     p.add_argument("--gpu-docs", type=num, default=512)
-    p.add_argument("--gpu-batch-tokens", type=num, default=65536)
-    p.add_argument("--gpu-sae-dtype", default="bfloat16")
+    p.add_argument("--gpu-batch-tokens", type=num, default=16384, help="jobs/configs/gemmascope-pile-rates.yaml's")
+    p.add_argument("--gpu-sae-dtype", default="float32", help="saeray's default SAE dtype")
+    p.add_argument("--gpu-compile", choices=["auto", "true", "false"], default="auto", help="model.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(ROOT / "bench" / "throughput.json"))
     p.add_argument("--step", help=argparse.SUPPRESS)

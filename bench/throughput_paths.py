@@ -212,7 +212,7 @@ def saelens(spec: dict) -> dict:
 
 
 def saeray_config(spec: dict, out: str, activations: bool) -> dict:
-    return {"model": {"name": spec["model_dir"], "dtype": spec["dtype"]},
+    return {"model": {"name": spec["model_dir"], "dtype": spec["dtype"], "compile": spec.get("compile", "auto")},
             "saes": [{"name": "sae", "path": spec["sae"], "dtype": spec["sae_dtype"]}],
             "data": {"dataset": str(Path(spec["data"]).parent), "text_column": "text"},
             "tokens": {"batch_tokens": spec["batch_tokens"], "context_size": spec["context"]},
@@ -238,12 +238,22 @@ def worker(spec: dict) -> dict:
         return {"tokens": sum(s["tokens"] for s in done), "seconds": t.seconds, "cpu_seconds": t.cpu,
                 "rows": sum(s["rows"] for s in done), "forward_tokens": sum(s["forward_tokens"] for s in done)}
 
+    warmup = {}
+    if spec.get("compile") is True:  # the first pass compiles one graph per batch shape: timed apart
+        import torch._dynamo
+
+        with Timer() as t:
+            first = one_pass()
+        warmup = {"first_pass_s": t.seconds, "first_pass_tokens_per_s": first["tokens"] / t.seconds,
+                  "graphs_compiled": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+                  "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     if spec.get("profile"):  # the model's forward alone takes turns with the worker's passes
         forward_pass, forward_profile = model_forward(w, spec)
         best, forward = best_of(spec, one_pass, forward_pass)
     else:
         best = best_of(spec, one_pass)
-    out = {**best, "peak_rss_mb": peak_rss_mb(), "batch_tokens": w.batch_tokens,
+    out = {**best, **warmup, "compiled": bool(getattr(w.hooks, "compiled", False)), "peak_rss_mb": peak_rss_mb(),
+           "batch_tokens": w.batch_tokens,
            "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"]}
     if spec.get("profile"):
         out["profile"] = profile_worker(w, prepared.plan.units, spec)
@@ -506,12 +516,15 @@ def gpu_sized(spec: dict) -> dict:
         docs.append(Document(i, ids, {}, tok.select(ids)))
     site = models.parse_hook(hook, dims["num_hidden_layers"])
     _calibrate_jumprelu(sae, model, site, docs[:4], tok, device, spec["density"])
+    from saeray.engine.truncated import forward_to_hooks, resolve_compile
+
+    compiled = resolve_compile(spec.get("compile", "auto"), device)
     ext_args = dict(batch_tokens=spec["batch_tokens"], device=device,
-                    hooks=models.Hooks(model, [site]))  # as the worker: registered once
+                    hooks=forward_to_hooks(model, [site], compile=compiled))  # as the worker: built once
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "scale": spec["scale"], "model": dims, "hook": hook, "d_sae": d_sae,
                            "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"], "docs": len(docs),
-                           "attn_implementation": model.config._attn_implementation}
+                           "attn_implementation": model.config._attn_implementation, "compiled": compiled}
     for mode, keep in (("stats_only", False), ("rows", True)):
         ext = Extractor(model, [SAEHandle("sae", sae, site, 0.0)], tok, **ext_args)
         ext.process(docs[:max(1, len(docs) // 8)], keep)  # warm-up: kernels, allocator, autotuning

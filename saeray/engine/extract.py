@@ -21,7 +21,8 @@ from .batching import Batch
 from .contexts import Document, Tokenization
 from .feature_stats import FeatureStats
 from .models import Hooks, HookSite, run_to_hooks
-from .partials import UnitExamples
+from .partials import UnitExamples, to_host
+from .resources import free_device_bytes
 from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
@@ -157,16 +158,15 @@ class Extractor:
                 self.examples[key].add(pf, block.doc_ids[pr], ppos, pmax, (pair, pos, val))
             if self.last is not None:
                 at = pos == block.last[g][rank]
-                self.last[key].append((feat[at].to(torch.int32).cpu().numpy(), doc[at].cpu().numpy(),
-                                       val[at].cpu().numpy()))
+                self.last[key].append(tuple(to_host(feat[at].to(torch.int32), doc[at], val[at])))
             if block.keep_rows:
                 # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by the
                 # token's key (rank of doc_id in the block << 32 | pos; doc ids themselves use 63 bits): a
                 # quarter of the time of numpy's 3-key lexsort on CPU
                 order = torch.sort(feat, stable=True).indices
                 order = order[torch.sort((rank[order] << _KEY_SHIFT) | pos[order], stable=True).indices]
-                out[key] = {"doc_id": doc[order].cpu().numpy(), "pos": pos[order].to(torch.int32).cpu().numpy(),
-                            "feature": feat[order].to(torch.int32).cpu().numpy(), "value": val[order].cpu().numpy()}
+                cols = to_host(doc[order], pos[order].to(torch.int32), feat[order].to(torch.int32), val[order])
+                out[key] = dict(zip(("doc_id", "pos", "feature", "value"), cols))
         return out
 
     def _launch(self, batch: Batch, block: "_Block") -> "_InFlight":
@@ -213,15 +213,18 @@ class Extractor:
         item.block.found[key].append((d, p, f, v, rank))
 
 
-def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25) -> int:
+def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25,
+              report: Any = None) -> int:
     """Batches a GPU keeps queued ahead of the one the host reads: 2, or fewer when the queued batches'
     dense codes and masks (every SAE's, whole batches: (ahead + 1) x tokens x sum of d_sae x (bytes + 1))
-    would pass `share` of the GPU's free memory (0: each batch is encoded and read a chunk at a time, as on
-    CPU, where nothing runs asynchronously and queued codes would only take memory)."""
+    would pass `share` of the GPU's free memory, counting what PyTorch holds reserved but unused as free
+    (resources.free_device_bytes: after a unit, its codes' blocks stay cached, not returned to the driver).
+    0: each batch is encoded and read a chunk at a time, as on CPU, where nothing runs asynchronously and
+    queued codes would only take memory. `report`: see free_device_bytes."""
     if device.type != "cuda":
         return 0
     per_batch = batch_tokens * sum(int(h.sae.cfg.d_sae) * (h.sae.dtype.itemsize + 1) for h in saes)
-    free = torch.cuda.mem_get_info(device)[0]
+    free = free_device_bytes(device, report)
     for ahead in (2, 1):
         if (ahead + 1) * per_batch <= share * free:
             return ahead

@@ -41,6 +41,22 @@ DENSE_PAIR_CELLS = 1 << 23
 float32 at most), larger ones by sorting."""
 
 
+def segment_sum(index: torch.Tensor, values: torch.Tensor, size: int, deterministic: bool | None = None
+                ) -> torch.Tensor:
+    """[size] sums of `values` per `index` (index_add_), in an order that is the same every run: on a GPU,
+    index_add_ adds float64 with atomics in whatever order threads arrive, so sums differ in the last bits
+    from run to run. There (`deterministic` None: not on CPU) the values are sorted by index (stable) and each
+    segment summed by torch.segment_reduce (CUB's segmented reduction, no atomics). On CPU index_add_ adds in
+    order already."""
+    if deterministic is None:
+        deterministic = values.device.type != "cpu"
+    if not deterministic:
+        return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    order = torch.sort(index, stable=True).indices
+    lengths = torch.bincount(index, minlength=size)
+    return torch.segment_reduce(values[order], "sum", lengths=lengths, unsafe=True)
+
+
 class FeatureStats:
     """Mergeable per-feature partials for one (SAE, position group), kept on the device.
 
@@ -72,10 +88,10 @@ class FeatureStats:
             return
         v = val.double()
         count = counts(feat, self.d_sae)
-        s = torch.zeros(self.d_sae, dtype=torch.float64, device=v.device).index_add_(0, feat, v)
+        s = segment_sum(feat, v, self.d_sae)
         mean_b = s / n
         dev = v - mean_b[feat]
-        m2_b = torch.zeros_like(s).index_add_(0, feat, dev * dev) + (n - count) * mean_b * mean_b
+        m2_b = segment_sum(feat, dev * dev, self.d_sae) + (n - count) * mean_b * mean_b
         na, nb = self.n_tokens, n
         tot = na + nb
         delta = mean_b - self.mean
@@ -129,7 +145,7 @@ class FeatureStats:
                 pmax = torch.full((len(uniq),), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce(
                     0, inv, val, "amax")
             n = len(uniq)
-            psum = torch.zeros(n, dtype=torch.float64, device=feat.device).index_add_(0, inv, val.double())
+            psum = segment_sum(inv, val.double(), n)
             at_max = torch.where(val == pmax[inv], pos, _NO_KEY)
             ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos.device).scatter_reduce(0, inv, at_max, "amin")
             pf, pr = uniq % d, uniq // d
@@ -140,10 +156,10 @@ class FeatureStats:
         self.n_docs += docs_per_feature
         if n_counted_docs:
             x = psum / counted[pr]
-            s = torch.zeros(d, dtype=torch.float64, device=x.device).index_add_(0, pf, x)
+            s = segment_sum(pf, x, d)
             mean_b = s / n_counted_docs
             dev = x - mean_b[pf]
-            m2_b = (torch.zeros_like(s).index_add_(0, pf, dev * dev)
+            m2_b = (segment_sum(pf, dev * dev, d)
                     + (n_counted_docs - docs_per_feature) * mean_b * mean_b)
             na, nb = self.doc_n, n_counted_docs
             delta = mean_b - self.doc_mean

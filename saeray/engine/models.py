@@ -2,8 +2,9 @@
 
 Hook names are the ones sae-lens SAEs carry (`blocks.L.hook_resid_pre`, ...). They are
 mapped onto the Hugging Face decoder layers (the language model's, for a vision-language
-model); the forward pass is stopped by an exception right after the deepest hooked module,
-so later layers and the LM head never run.
+model). `Hooks` runs the full model's forward and stops it by an exception right after the deepest
+hooked module (training and probing read activations this way); a worker runs `truncated.Truncated`,
+the model up to its deepest hooked layer as a function of its own, where the model's family has one.
 """
 
 from __future__ import annotations
@@ -155,6 +156,17 @@ def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def auto_attention(config: Any, device: torch.device) -> str | None:
+    """model.attn_implementation auto: flex_attention on a GPU for a model whose attention logits are soft-capped
+    (Gemma 2; flex applies the cap, sdpa cannot and transformers would pick eager), else None: transformers'
+    choice for the class. Logged."""
+    capped = getattr(text_config(config), "attn_logit_softcapping", None)
+    choice = "flex_attention" if device.type == "cuda" and capped else None
+    log.info("model.attn_implementation auto: %s (%s, %s)", choice or "transformers' choice for the class",
+             device.type, f"attention logits soft-capped at {capped}" if capped else "no soft-capping")
+    return choice
+
+
 def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
     """Load (model, tokenizer, processor) in eval mode on `device`; processor is None for causal LMs.
 
@@ -168,8 +180,9 @@ def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     # Weights from safetensors only (never a pickle); GGUF files are not pickles either.
     safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
-    if cfg.attn_implementation != "auto":  # auto: transformers' own choice for the class (see ModelConfig)
-        safe["attn_implementation"] = cfg.attn_implementation
+    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else auto_attention(load_config(cfg), device)
+    if attn is not None:  # None: transformers' own choice for the class (see ModelConfig)
+        safe["attn_implementation"] = attn
     try:
         if "gguf_file" not in kwargs and model_kind(cfg, load_config(cfg)) == "image_text":
             processor = AutoProcessor.from_pretrained(source, **common)
@@ -183,7 +196,8 @@ def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn
         if "attn_implementation" not in safe:
             raise
         raise ModelError(f"model.attn_implementation {cfg.attn_implementation!r} cannot run {cfg.name!r}: {e}. "
-                         "Use model.attn_implementation: auto (sdpa where the model supports it, else eager)") from None
+                         "Use model.attn_implementation: auto (flex_attention on a GPU for soft-capped Gemma 2, else "
+                         "sdpa where the model supports it, else eager)") from None
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer, processor

@@ -187,6 +187,34 @@ def _threshold(current: torch.Tensor, group: torch.Tensor, key: torch.Tensor, k:
     return torch.where(full, bar, current)
 
 
+HOST_READS = {"transfers": 0}
+"""Device-to-host transfers made through `to_host` (tests read it: one per call, whatever the tensors)."""
+
+
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """The 1-D `tensors` as numpy arrays, read from the device in one transfer (on a GPU, one sync instead of one
+    per tensor): integers go as int64, floats as their float64 bits, in one buffer cut apart on the host. Their
+    dtypes come back as they were (float32 values are exact in float64)."""
+    HOST_READS["transfers"] += 1
+    if all(t.device.type == "cpu" for t in tensors):  # already on the host: no copy
+        return [t.reshape(-1).numpy() for t in tensors]
+    return packed_to_host(tensors)
+
+
+def packed_to_host(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """`to_host`'s single transfer: the tensors packed into one int64 buffer, copied, and cut apart."""
+    flat = [t.reshape(-1) for t in tensors]
+    packed = torch.cat([t.double().view(torch.int64) if t.is_floating_point() else t.to(torch.int64) for t in flat])
+    host = packed.cpu().numpy()
+    out, at = [], 0
+    for t in flat:
+        part = host[at:at + t.numel()]
+        at += t.numel()
+        want = np.dtype(str(t.dtype).removeprefix("torch."))
+        out.append(part.view(np.float64).astype(want) if t.is_floating_point() else part.astype(want, copy=False))
+    return out
+
+
 class UnitExamples:
     """Top documents and binned samples of one (SAE, position group) over a unit, kept on the device.
 
@@ -234,9 +262,8 @@ class UnitExamples:
             pair, epos, evalue = entries
             near = entered[pair] & ((epos - pos[pair]).abs() <= self.radius)
             pair, epos, evalue = pair[near], epos[near], evalue[near]
-            self.contexts.append(np.stack([feat[pair].cpu().numpy(), doc[pair].cpu().numpy(),
-                                           (epos - pos[pair]).cpu().numpy(),
-                                           evalue.double().cpu().numpy().view(np.int64)], axis=1))
+            f, d, off, v = to_host(feat[pair], doc[pair], epos - pos[pair], evalue.double())
+            self.contexts.append(np.stack([f, d, off, v.view(np.int64)], axis=1))
             self._ctx_rows += len(pair)
             if self._ctx_rows > max(self.COMPACT_ROWS, 4 * self._ctx_kept):
                 self._compact()

@@ -164,7 +164,7 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
 
     files, fmt = reading.list_dataset(cfg.data)  # what the store says about each file: no data is read
     identity = {
-        "model": cfg.model.__dict__,
+        "model": {k: v for k, v in cfg.model.__dict__.items() if k != "compile"},  # compiling changes no result
         "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
         "data": {**cfg.data.__dict__, "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
         "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,

@@ -53,7 +53,8 @@ def list_dataset(cfg: DataConfig) -> tuple[list[FileInfo], str]:
         try:
             files = list_files(cfg.dataset, lambda name: sources.format_of(name) is not None or cfg.format != "auto")
         except FileNotFoundError as e:
-            raise DataError(str(e) if is_remote(cfg.dataset) else _missing(cfg.dataset)) from None
+            there = is_remote(cfg.dataset) or os.path.lexists(os.path.expanduser(cfg.dataset))
+            raise DataError(str(e) if there else _missing(cfg.dataset)) from None
     elif _looks_local(cfg.dataset):
         raise DataError(_missing(cfg.dataset))
     else:

@@ -7,6 +7,7 @@ import ctypes
 import os
 import resource
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,6 +15,21 @@ import torch
 def pick_device() -> torch.device:
     """The GPU when there is one, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def free_device_bytes(device: torch.device, report: Callable[[torch.device], tuple[int, int, int]] | None = None
+                      ) -> int:
+    """Bytes a GPU can still give this process: the driver's free memory plus what PyTorch's caching allocator
+    holds reserved but unallocated (the driver counts that as used; a later tensor takes it first). `report`:
+    (driver free, reserved, allocated) of the device; None: torch.cuda's (`cuda_memory_report`)."""
+    free, reserved, allocated = (report or cuda_memory_report)(device)
+    return free + max(reserved - allocated, 0)
+
+
+def cuda_memory_report(device: torch.device) -> tuple[int, int, int]:
+    """(driver free bytes, bytes reserved by PyTorch's caching allocator, bytes allocated in tensors)."""
+    return (torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device),
+            torch.cuda.memory_allocated(device))
 
 
 def bound_malloc() -> None:

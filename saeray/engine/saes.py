@@ -278,9 +278,18 @@ def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int,
         return DenseCodes(chunks, stacked)
     host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
     host.copy_(stacked, non_blocking=True)
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event(blocking=True)  # the host sleeps on it (a non-blocking event's wait spins a core)
     ready.record()
     return DenseCodes(chunks, host, ready)
+
+
+def nonzero_sized(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """`mask.nonzero()` when its count `size` is known on the host: no sync on a GPU (torch.nonzero_static, whose
+    CUDA kernel came with torch 2.6). An empty mask takes nonzero() (nonzero_static's CUDA kernel failed on empty
+    input before torch 2.9), which needs no sync either: there is nothing to count."""
+    if mask.numel() == 0:
+        return mask.nonzero()
+    return torch.nonzero_static(mask, size=size)
 
 
 def active_entries(codes: DenseCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -294,7 +303,7 @@ def active_entries(codes: DenseCodes) -> tuple[torch.Tensor, torch.Tensor, torch
     parts = []
     while codes.chunks:
         start, acts, mask = codes.chunks.pop(0)  # each chunk's code is freed once read
-        parts.append(_entries(start, acts, torch.nonzero_static(mask, size=int(sizes.pop(0)))))
+        parts.append(_entries(start, acts, nonzero_sized(mask, int(sizes.pop(0)))))
         del acts, mask
     return _concat(parts, device)
 

@@ -22,7 +22,7 @@ from . import config as config_mod
 from . import models, saes
 from .batching import blocks
 from .contexts import Document, Tokenization
-from .extract import Extractor, SAEHandle
+from .extract import Extractor, SAEHandle, in_flight
 from .folder import OutputWriteError
 from .images import load_image
 from .pipeline import Prefetch
@@ -30,6 +30,7 @@ from .reading import check_token_ids, unit_rows
 from .resources import bound_malloc, default_threads, peak_rss_mb, pick_device, tokenizer_threads
 from .storage import READ, forwarded_env
 from .store import RunDir
+from .truncated import forward_to_hooks, resolve_compile
 from .units import DataPlan, Task
 from .writing import UnitFiles, docs_schema, write_partials
 
@@ -76,14 +77,19 @@ class ShardWorker:
         for s, info in zip(self.cfg.saes, resolved["saes"]):
             sae = saes.load(s, self.device)
             self.handles.append(SAEHandle(s.name, sae, models.parse_hook(info["hook"], n_layers), s.threshold))
-        # registered once for the worker's life (the model runs nowhere else in this process)
-        self.hooks = models.Hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()))
+        # the model up to its deepest hooked layer, built once for the worker's life (see engine.truncated)
+        self.hooks = forward_to_hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()),
+                                      compile=resolve_compile(self.cfg.model.compile, self.device))
+        # batches in flight, sized once from the memory left with the model and SAEs loaded (a later unit would
+        # see the previous unit's cached blocks as taken)
+        self.ahead = in_flight(self.batch_tokens, self.handles, self.device)
         # The model, tokenizer and libraries are ~400k long-lived Python objects: a full collection scans them
         # all (0.2 s, every thread stopped, the device idle). Frozen, later collections skip them.
         gc.collect()
         gc.freeze()
-        log.info("worker on %s: model %s attention %s, SAEs %s, %d tokenizer threads", self.device,
+        log.info("worker on %s: model %s attention %s%s, SAEs %s, %d tokenizer threads", self.device,
                  self.cfg.model.name, getattr(self.model.config, "_attn_implementation", "?"),
+                 " compiled" if getattr(self.hooks, "compiled", False) else "",
                  ", ".join(f"{h.name} {h.sae.dtype}" for h in self.handles), self.tokenizer_threads)
         self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
                                 context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special,
@@ -220,6 +226,7 @@ class ShardWorker:
         out = self.cfg.output
         ext = self.extractor_class(self.model, self.handles, self.tok, batch_tokens=self.batch_tokens,
                                    device=self.device, reconstruction=out.reconstruction, hooks=self.hooks,
+                                   ahead=self.ahead,
                                    top_k=out.top_k, per_bin=out.samples_per_bin, radius=out.context_radius,
                                    last_values=out.keeps_last_values(self.cfg.data))
         files = UnitFiles(tmp, out, self.docs_schema, self.keep_schema)

@@ -184,6 +184,7 @@ def test_hub_code_path_resolves_a_local_folder_in_the_piles_layout(tmp_path, mon
         (train / f"{i:02d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
             _jsonl([{"text": f"file {i} row {r}", "meta": {"pile_set_name": "Pile-CC"}} for r in range(5)])))
     monkeypatch.setattr(reading, "_is_path", lambda spec: False)  # as for a hub id
+    monkeypatch.setattr(reading, "_looks_local", lambda spec: False)
     cfg = DataConfig(dataset=str(tmp_path / "pile"), split="train", keep_columns=("meta",))
     files, fmt = reading.list_dataset(cfg)
     assert fmt == "json" and [Path(f.url).name for f in files] == ["00.jsonl.zst", "01.jsonl.zst", "02.jsonl.zst"]

@@ -1,0 +1,239 @@
+"""The model up to its deepest hooked layer, as a module of its own that returns the hooked tensors.
+
+`Truncated` runs the Hugging Face modules themselves (the token embedding, with Gemma's scaling inside it;
+the rotary embedding, once per layer type for Gemma 3's local and global attention; transformers' own
+causal / sliding-window mask functions; the decoder layers 0..L) in the order the HF model's forward calls
+them, and stops after layer L: no final norm, no LM head, no exception to end the pass. A vision-language
+model (PaliGemma) first merges its image features into the embeddings and builds the bidirectional
+image + prompt prefix mask the way its own forward does. Being one plain function of tensors, it is what
+`torch.compile` compiles (model.compile).
+
+Hook points inside a layer (attn_out, mlp_out, resid_mid) are read by recording forward hooks on the same
+submodules `models.hook_target` names; resid_pre and resid_post are the loop's own values.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import HookSite, ModelError, _first, _takes_token_types, decoder_layers, hook_target, is_image_text
+
+log = logging.getLogger(__name__)
+
+_INNER = ("hook_attn_out", "hook_mlp_out", "hook_resid_mid")
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    """The module holding embed_tokens, rotary_emb and the decoder layers (the language model of a VLM)."""
+    layers = decoder_layers(model)
+    for m in model.modules():
+        if getattr(m, "layers", None) is layers and hasattr(m, "embed_tokens") and hasattr(m, "rotary_emb"):
+            return m
+    raise ModelError(f"{type(model).__name__} has no text model with embed_tokens, rotary_emb and layers")
+
+
+def why_not(model: nn.Module) -> str | None:
+    """Why `Truncated` cannot run this model (None: it can); the caller falls back to `models.Hooks`."""
+    try:
+        tm = _text_model(model)
+    except ModelError as e:
+        return str(e)
+    if getattr(tm.config, "use_bidirectional_attention", False) and _reads_bidirectional(type(tm)):
+        return "its text model attends bidirectionally (use_bidirectional_attention)"
+    if is_image_text(model.config) and not hasattr(model, "model"):
+        return "its vision-language base model is not at .model"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_bidirectional(cls: type) -> bool:
+    """Whether the text model's forward acts on config.use_bidirectional_attention (Gemma 3's does; Gemma 2's,
+    under PaliGemma, which sets it, does not); True when its source cannot be read."""
+    try:
+        return "use_bidirectional_attention" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+
+
+class Truncated:
+    """The model's forward up to the deepest layer of `sites`; calling it returns {hook name: [batch, seq, d]}.
+
+    Same call as `models.Hooks` (input_ids, attention_mask, pixel_values, token_type_ids), so the extractor
+    takes either. `compile`: wrap the forward in torch.compile (inductor, one graph per batch shape;
+    see `compile_forward`)."""
+
+    def __init__(self, model: nn.Module, sites: list[HookSite], compile: bool = False):
+        reason = why_not(model)
+        if reason:
+            raise ModelError(f"no truncated forward for {type(model).__name__}: {reason}")
+        self.model = model
+        self.sites = list(sites)
+        tm = _text_model(model)
+        self.text = tm
+        self.vlm = model.model if is_image_text(model.config) else None
+        self.depth = max(s.layer for s in self.sites) + 1
+        self.layers = list(decoder_layers(model))[: self.depth]
+        types = getattr(tm.config, "layer_types", None) or ["full_attention"] * len(decoder_layers(model))
+        self.layer_types = list(types[: self.depth])
+        self.rope_per_type = "layer_type" in inspect.signature(tm.rotary_emb.forward).parameters
+        self.token_types = _takes_token_types(model)
+        self.pre = {(s.layer, "hook_resid_pre"): s.name for s in self.sites if s.kind == "hook_resid_pre"}
+        self.post = {(s.layer, "hook_resid_post"): s.name for s in self.sites if s.kind == "hook_resid_post"}
+        # one slot per inner hook, None between calls (a compiled forward's guards see the same state each call)
+        self._slots: dict[str, list[torch.Tensor | None]] = {}
+        self._handles = []
+        for s in self.sites:
+            if s.kind in _INNER:
+                module, where = hook_target(self.layers[s.layer], s.kind)
+                self._slots[s.name] = [None]
+                self._handles.append(self._record(module, where, self._slots[s.name]))
+        self.compiled = compile
+        if compile:
+            use_compile_cache()
+            # dynamic=False: one graph per (rows, length) batch shape; the batcher's length buckets bound them
+            self._forward = torch.compile(self.forward_tensors, dynamic=False)
+        else:
+            self._forward = self.forward_tensors
+
+    @staticmethod
+    def _record(module: nn.Module, where: str, slot: list[torch.Tensor | None]) -> Any:
+        if where == "input":
+            def pre_hook(mod, args, kwargs):
+                slot[0] = args[0] if args else kwargs["hidden_states"]
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(mod, args, kwargs, output):
+            slot[0] = _first(output)
+        return module.register_forward_hook(post_hook, with_kwargs=True)
+
+    # ---- before the layers: as the HF model's forward does it -----------------------------------
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds, position_ids)."""
+        if self.vlm is None:
+            emb = self.text.embed_tokens(input_ids)
+            return emb, torch.arange(emb.shape[1], device=emb.device).unsqueeze(0)
+        vlm = self.vlm
+        ids = input_ids
+        if vlm.config.image_token_id >= vlm.vocab_size:  # an out-of-vocabulary image token embeds as id 0
+            ids = torch.where(input_ids == vlm.config.image_token_id, torch.zeros_like(input_ids), input_ids)
+        emb = vlm.get_input_embeddings()(ids)
+        positions = torch.arange(emb.shape[1], device=emb.device).unsqueeze(0) + 1  # PaliGemma counts from 1
+        if pixel_values is not None:
+            feats = vlm.get_image_features(pixel_values).pooler_output.to(emb.device, emb.dtype)
+            mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
+            emb = emb.masked_scatter(mask, feats)
+        return emb, positions
+
+    def _masks(self, emb: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+               token_type_ids: torch.Tensor | None) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kw: dict[str, Any] = dict(config=self.text.config, inputs_embeds=emb, attention_mask=attention_mask,
+                                  cache=None, position_ids=positions)
+        if token_type_ids is not None:  # the image + prompt prefix attends bidirectionally
+            kw["block_sequence_ids"] = torch.where(token_type_ids == 0, 0, -1)
+        masks: dict[str, Any] = {}
+        for t in set(self.layer_types):
+            if t == "sliding_attention":
+                masks[t] = create_sliding_window_causal_mask(**kw)
+            elif t == "full_attention":
+                masks[t] = create_causal_mask(**kw)
+            else:
+                raise ModelError(f"layer type {t!r} of {type(self.model).__name__} has no truncated forward")
+        return masks
+
+    def forward_tensors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        pixel_values: torch.Tensor | None = None,
+                        token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The pure forward (what torch.compile traces): {hook name: tensor}."""
+        emb, positions = self._embed(input_ids, pixel_values)
+        masks = self._masks(emb, attention_mask, positions, token_type_ids)
+        rope = self.text.rotary_emb
+        if self.rope_per_type:
+            pe = {t: rope(emb, positions, t) for t in set(self.layer_types)}
+        else:
+            shared = rope(emb, positions)
+            pe = {t: shared for t in set(self.layer_types)}
+        out: dict[str, torch.Tensor] = {}
+        h = emb
+        for i, (layer, t) in enumerate(zip(self.layers, self.layer_types)):
+            if (i, "hook_resid_pre") in self.pre:
+                out[self.pre[(i, "hook_resid_pre")]] = h
+            h = _first(layer(h, attention_mask=masks[t], position_embeddings=pe[t], position_ids=positions))
+            if (i, "hook_resid_post") in self.post:
+                out[self.post[(i, "hook_resid_post")]] = h
+        for name, slot in self._slots.items():
+            if slot[0] is not None:
+                out[name], slot[0] = slot[0], None
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Forward `input_ids` to the deepest hooked layer; the hooked values (see `models.Hooks.__call__`)."""
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(input_ids.device, dtype=next(self.model.parameters()).dtype)
+        if self.token_types and token_type_ids is None:
+            token_type_ids = torch.ones_like(input_ids)  # text stays causal (see models.Hooks)
+        if not self.token_types:
+            token_type_ids = None
+        out = self._forward(input_ids, attention_mask, pixel_values, token_type_ids)
+        missing = {s.name for s in self.sites} - set(out)
+        if missing:
+            raise ModelError(f"hooks {sorted(missing)} never fired during the truncated forward pass")
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Truncated":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """model.compile resolved for `device`: auto compiles on a GPU only (on CPU the first compile costs minutes:
+    see ModelConfig.compile and bench/throughput.py --compile)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
+
+
+def use_compile_cache() -> None:
+    """Inductor's compiled kernels and FX graphs under $SAERAY_CACHE/inductor (unless TORCHINDUCTOR_CACHE_DIR
+    says elsewhere), so a later worker process loads them instead of compiling again."""
+    import os
+
+    from .embedded import cache_root
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # inductor writes its default into the environment once used (imports may have used it already)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+
+    inductor_config.fx_graph_cache = True
+
+
+def forward_to_hooks(model: nn.Module, sites: list[HookSite], compile: bool = False) -> Any:
+    """The worker's forward: `Truncated` where the model's family has one, else `models.Hooks` (eager, stopped
+    by an exception at the deepest hook; never compiled)."""
+    from .models import Hooks
+
+    reason = why_not(model)
+    if reason is None:
+        return Truncated(model, sites, compile=compile)
+    log.info("hooked full forward for %s (%s)%s", type(model).__name__, reason, ", not compiled" if compile else "")
+    return Hooks(model, sites)

@@ -36,7 +36,14 @@ def _wait_for_marker(out: Path, proc: subprocess.Popen, limit_s: float = 300) ->
 
 
 def _raylets_under(pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "raylet"]
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:  # a short-lived child may exit between the listing and this look
+            if p.name() == "raylet":
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 # ---- 1. the local node's raylet killed mid-run ------------------------------------------------

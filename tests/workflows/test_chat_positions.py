@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ def chat_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     prompts = build_chat(root / "prompts", "smollm2-135m-instruct", n=12, n_files=2)
     cfg = config.load(CONFIG, [f"data.dataset={prompts}", f"output.dir={root / 'run'}"])
-    cfg = dataclasses.replace(cfg, saes=tuple(dataclasses.replace(s, path=str(ROOT / s.path)) for s in cfg.saes))
     run(cfg, executor="local")
     return root / "run"
 

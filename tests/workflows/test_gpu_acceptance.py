@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_gpu_acceptance_toy(tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_acceptance.sh")], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "SCALE": "toy", "OUT": str(tmp_path)})
+                          timeout=600, env={**os.environ, "SCALE": "toy", "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:]
     check = json.loads((tmp_path / "gpu_check.json").read_text())
     assert check["ok"] and [r["family"] for r in check["families"]] == ["llama", "gemma3"]

@@ -84,8 +84,11 @@ def main() -> None:
             cfg_path = root / f"cfg-{len(results)}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg))
             peak, secs, _ = run_peak(cfg_path)
-            results.append({"data": kind, "budget": budget, "peak_rss_mb": round(peak, 1), "seconds": round(secs, 1)})
-            print(f"{kind:>9} budget {str(budget):>7}: peak RSS {peak:8.1f} MB  {secs:6.1f} s", flush=True)
+            tokens = sum(json.loads(p.read_text())["tokens"] for p in Path(cfg["output"]["dir"], "completions").glob("*.json"))
+            results.append({"data": kind, "budget": budget, "tokens": tokens, "peak_rss_mb": round(peak, 1),
+                            "seconds": round(secs, 1)})
+            print(f"{kind:>9} budget {str(budget):>7}: {tokens:>10,} tokens  peak RSS {peak:8.1f} MB  {secs:6.1f} s",
+                  flush=True)
     for budget in (None, args.budget):
         one, ordinary = [next(r for r in results if r["data"] == k and r["budget"] == budget) for k in data]
         print(f"budget {budget}: one line / ordinary = {one['peak_rss_mb'] / ordinary['peak_rss_mb']:.2f}x")

@@ -19,13 +19,17 @@ from torch.profiler import record_function
 
 from .batching import Batch
 from .contexts import Document, Tokenization
-from .feature_stats import FeatureStats
+from .feature_stats import FeatureStats, PairSums, reduce_pairs
 from .models import Hooks, HookSite, run_to_hooks
 from .partials import UnitExamples, to_host
 from .resources import free_device_bytes
 from .saes import ReconStats, active_entries, encode_chunk_tokens, encode_dense, encode_sparse
 
 _KEY_SHIFT = 32  # a block's sort key: (rank of doc_id in the block) << 32 | pos
+COMPACT_BATCHES = 8
+"""A block that keeps no rows reduces its entries to (document, feature) pairs every this many batches' tokens
+(Extractor._compact): ordinary blocks (a few batches of whole documents) never do; a long document's block
+then holds memory for its pairs, not for all its entries."""
 
 
 def hidden_at_positions(model: Any, sites: list[HookSite], batch: Batch, hooks: Hooks | None = None
@@ -148,12 +152,13 @@ class Extractor:
         for key, parts in block.found.items():
             st = self.stats[key]
             g = key[1]
-            if parts:
-                doc, pos, feat, val, rank = (torch.cat(p) for p in zip(*parts))
-            else:
-                z = torch.zeros(0, dtype=torch.int64, device=self.device)
-                doc, pos, feat, val, rank = z, z, z, torch.zeros(0, dtype=torch.float32, device=self.device), z
-            pf, pr, ppos, pmax, pair = st.add_docs(feat, rank, pos, val, block.counted[g], block.n_counted[g])
+            doc, pos, feat, val, rank = self._entries_of(parts)
+            pre = block.pre.get(key)
+            pf, pr, ppos, pmax, pair = st.add_docs(feat, rank, pos, val, block.counted[g], block.n_counted[g], pre)
+            kept = block.kept.get(key)
+            if kept is not None:  # entries of a compacted block kept for contexts and last values (reduced in `pre`)
+                pair = torch.cat([torch.searchsorted(pr * st.d_sae + pf, kept[4] * st.d_sae + kept[2]), pair])
+                doc, pos, feat, val, rank = (torch.cat([a, b]) for a, b in zip(kept, (doc, pos, feat, val, rank)))
             if key in self.examples:
                 self.examples[key].add(pf, block.doc_ids[pr], ppos, pmax, (pair, pos, val))
             if self.last is not None:
@@ -168,6 +173,44 @@ class Extractor:
                 cols = to_host(doc[order], pos[order].to(torch.int32), feat[order].to(torch.int32), val[order])
                 out[key] = dict(zip(("doc_id", "pos", "feature", "value"), cols))
         return out
+
+    def _entries_of(self, parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """(doc, pos, feature, value, rank) of a block's entries found so far, concatenated."""
+        if parts:
+            return tuple(torch.cat(p) for p in zip(*parts))
+        z = torch.zeros(0, dtype=torch.int64, device=self.device)
+        return z, z, z, torch.zeros(0, dtype=torch.float32, device=self.device), z
+
+    def _compact(self, block: "_Block") -> None:
+        """Reduce a long block's entries found so far to its (document, feature) pairs (`FeatureStats.add_docs`'s
+        sums, maxima and their positions), keeping only the entries the block's end still reads: those within
+        the examples' context radius of a pair's maximum, the last `radius` positions of each document (the
+        left context of a maximum still to come: a document's windows run in position order), and those at a
+        document's last counted position (last values). A document of any length then holds memory for its
+        pairs, not for its tokens. Blocks that keep rows are not compacted (their rows are the output)."""
+        for key, parts in block.found.items():
+            if not parts:
+                continue
+            st, ex = self.stats[key], self.examples.get(key)
+            doc, pos, feat, val, rank = self._entries_of(parts)
+            kept = block.kept.get(key)
+            pre = reduce_pairs(st.d_sae, feat, rank, pos, val, block.pre.get(key))
+            if kept is not None:
+                pair = torch.cat([torch.searchsorted(pre.key, kept[4] * st.d_sae + kept[2]), pre.inv])
+                doc, pos, feat, val, rank = (torch.cat([a, b]) for a, b in zip(kept, (doc, pos, feat, val, rank)))
+            else:
+                pair = pre.inv
+            keep = torch.zeros(len(pos), dtype=torch.bool, device=pos.device)
+            if ex is not None:
+                top = torch.full((len(block.counted[key[1]]),), -1, dtype=pos.dtype, device=pos.device)
+                top = top.scatter_reduce(0, rank, pos, "amax")
+                keep |= ((pos - pre.ppos[pair]).abs() <= ex.radius) | (pos >= top[rank] - ex.radius)
+            if self.last is not None:
+                keep |= pos == block.last[key[1]][rank]
+            block.kept[key] = tuple(t[keep] for t in (doc, pos, feat, val, rank))
+            block.pre[key] = pre
+            parts.clear()
+        block.since = 0
 
     def _launch(self, batch: Batch, block: "_Block") -> "_InFlight":
         """Queue the batch's forward pass and dense encodes on the device (no host sync)."""
@@ -197,7 +240,11 @@ class Extractor:
         with record_function("saeray.sae"):
             for key in self._keys(item.batch):
                 self._fold(item, key, *self._entries(item, key))
-        item.block.left -= 1
+        block = item.block
+        block.left -= 1
+        block.since += item.batch.n_tokens
+        if block.left and not block.keep_rows and block.since >= COMPACT_BATCHES * self.batch_tokens:
+            self._compact(block)
 
     def _keys(self, batch: Batch) -> list[tuple[str, str]]:
         """The (SAE, group)s that have positions in the batch."""
@@ -248,6 +295,12 @@ class _Block:
     """Per group: the block's documents with at least one counted position."""
     last: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per group (Extractor last_values): each document's last counted position (-1: none), in `doc_ids` order."""
+    since: int = 0
+    """Tokens of the batches finished since the block's entries were last compacted (Extractor._compact)."""
+    pre: dict[tuple[str, str], PairSums] = field(default_factory=dict)
+    """Per (SAE, group) of a compacted block: the pairs of the entries compacted so far."""
+    kept: dict[tuple[str, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    """Per (SAE, group) of a compacted block: (doc, pos, feature, value, rank) of the entries kept (in `pre`)."""
 
 
 @dataclass

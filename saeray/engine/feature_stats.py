@@ -5,6 +5,8 @@ per-document moments; `to_table` is a unit's `stats` partial (partials.DEFINITIO
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -55,6 +57,41 @@ def segment_sum(index: torch.Tensor, values: torch.Tensor, size: int, determinis
     order = torch.sort(index, stable=True).indices
     lengths = torch.bincount(index, minlength=size)
     return torch.segment_reduce(values[order], "sum", lengths=lengths, unsafe=True)
+
+
+@dataclass
+class PairSums:
+    """(document, feature) pairs of a set of entries, reduced: key = rank * d_sae + feature (ascending), the sum
+    of the values (float64), the maximum and the smallest position holding it; `inv`: the pair of each entry
+    of the last reduction."""
+
+    key: torch.Tensor
+    psum: torch.Tensor
+    pmax: torch.Tensor
+    ppos: torch.Tensor
+    inv: torch.Tensor
+
+
+def reduce_pairs(d: int, feat: torch.Tensor, rank: torch.Tensor, pos: torch.Tensor, val: torch.Tensor,
+                 pre: PairSums | None = None) -> PairSums:
+    """The (document, feature) pairs of the entries (feature, rank, pos, value), merged with the pairs `pre`
+    of earlier entries: sums add, maxima and their smallest positions combine, as if every entry had been
+    reduced at once (sums to float64 rounding)."""
+    key = rank * d + feat
+    if pre is not None:
+        key = torch.cat([pre.key, key])
+        val_all, pos_all = torch.cat([pre.pmax, val]), torch.cat([pre.ppos, pos])
+        sums = torch.cat([pre.psum, val.double()])
+    else:
+        val_all, pos_all, sums = val, pos, val.double()
+    uniq, inv_all = torch.unique(key, return_inverse=True)  # a host sync on a GPU
+    n = len(uniq)
+    pmax = torch.full((n,), float("-inf"), dtype=val_all.dtype, device=val_all.device).scatter_reduce(
+        0, inv_all, val_all, "amax")
+    at_max = torch.where(val_all == pmax[inv_all], pos_all, _NO_KEY)
+    ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos_all.device).scatter_reduce(0, inv_all, at_max, "amin")
+    n_pre = 0 if pre is None else len(pre.key)
+    return PairSums(uniq, segment_sum(inv_all, sums, n), pmax, ppos, inv_all[n_pre:])
 
 
 class FeatureStats:
@@ -123,13 +160,19 @@ class FeatureStats:
             self.max_pos = torch.where(better, bpos, self.max_pos)
 
     def add_docs(self, feat: torch.Tensor, rank: torch.Tensor, pos: torch.Tensor, val: torch.Tensor,
-                 counted: torch.Tensor, n_counted_docs: int) -> tuple[torch.Tensor, ...]:
+                 counted: torch.Tensor, n_counted_docs: int, pre: "PairSums | None" = None
+                 ) -> tuple[torch.Tensor, ...]:
         """Fold in a set of whole documents: the active entries (feature, document's `rank` in the set, pos,
         value) and `counted` = each document's counted positions. Counts the documents per feature, folds in
         the per-document moments (doc_value, see partials.DEFINITIONS) and returns the (feature, document)
-        pairs: (feature, rank, position of the document's maximum, that maximum, each entry's pair)."""
+        pairs: (feature, rank, position of the document's maximum, that maximum, each entry's pair). `pre`:
+        pairs of earlier entries of the same documents, already reduced (`reduce_pairs`)."""
         d = self.d_sae
-        if feat.numel():
+        if pre is not None:
+            pre = reduce_pairs(d, feat, rank, pos, val, pre)
+            pf, pr = pre.key % d, pre.key // d
+            psum, pmax, ppos, inv = pre.psum, pre.pmax, pre.ppos, pre.inv
+        elif feat.numel():
             key = rank * d + feat
             cells = len(counted) * d
             if cells <= DENSE_PAIR_CELLS:  # a dense (document x feature) grid: no sort

@@ -51,10 +51,10 @@ class ModelConfig:
     compile: Union[Literal["auto"], bool] = "auto"
     """Compile the model's forward (up to the deepest hooked layer) with torch.compile (inductor), one graph
     per batch shape; compiled code is cached under $SAERAY_CACHE/inductor so a later worker reuses it.
-    auto: on for a GPU, off on CPU: there the first compile of a worker takes minutes (one graph per batch shape;
-    Gemma 3 270M: 5 shapes, 6 min on 2 shared cores) and pays back only after some 100k tokens per worker, so
-    set true for long CPU runs (3.9x the eager worker's tokens/s there: bench/throughput.py --compile). Results
-    agree with eager within rounding (float32: 1e-5)."""
+    auto: on for a GPU, off on CPU: there the first compile takes minutes (one graph per batch shape; Gemma 3
+    270M: 8 shapes, 93 s on 2 cores; a later process loads them from the cache in about 13 s) for 1.23x the eager
+    worker's tokens/s (bench/throughput.py --compile), so set true for long CPU runs only. Results agree with
+    eager within rounding (float32: 1e-5)."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ the whole prompt; correlated neurons and features are not computed (empty lists)
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,28 @@ import polars as pl
 import torch
 
 from ..engine.run import open_run
+
+log = logging.getLogger(__name__)
+
+
+class _Steps:
+    """Progress of an export in log lines: step i of n, what it covered, elapsed time and an estimate of the rest
+    (at most one line every `every` seconds, and the last one)."""
+
+    def __init__(self, what: str, total: int, every: float = 5.0):
+        self.what, self.total, self.every = what, total, every
+        self.started = self.shown = time.monotonic()
+        self.done = 0
+
+    def step(self, detail: str) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.shown < self.every and self.done < self.total:
+            return
+        self.shown = now
+        spent = now - self.started
+        left = spent / self.done * (self.total - self.done)
+        log.info("%s: %d/%d %s | elapsed %.0fs | ETA %.0fs", self.what, self.done, self.total, detail, spent, left)
 
 DIFFERENCES = {
     "frac_nonzero": "exact n_active / n_tokens over the run's counted tokens (special tokens excluded from both)",
@@ -115,10 +139,10 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
     written = []
     model_id = cfg.model.name
     window = (radius, radius)
-    for n, chunk in enumerate(chunks):
-        feats = [int(f) for f in chunk if wanted is None or int(f) in wanted]
-        if not feats:
-            continue
+    todo = [(n, feats) for n, chunk in enumerate(chunks)
+            if (feats := [int(f) for f in chunk if wanted is None or int(f) in wanted])]
+    steps = _Steps("neuronpedia", len(todo))
+    for n, feats in todo:
         tops = top_examples(run, feats, sae=sae_name, group=group, k=top, window=window)
         ivs = interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals, per_bin=per_interval,
                                 window=window)
@@ -131,6 +155,7 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
         path.write_text(json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name, "sae_id_suffix": None,
                                     "features": batch}))
         written.append(path)
+        steps.step(f"batch files ({len(feats)} features in {path.name})")
     (out_dir / "skipped_indexes.json").write_text(json.dumps(
         {"model_id": model_id, "layer": str(layer), "sae_set": sae_name, "log_sparsity": None, "skipped_indexes": []}))
     (out_dir / "run_settings.json").write_text(json.dumps(
@@ -247,13 +272,16 @@ def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: s
                          "output.samples_per_bin 0): rerun it to export it for delphi")
     k, per_bin = int(out_cfg.get("top_k", 0)), int(out_cfg.get("samples_per_bin", 0))
     parts = []
-    for a in range(0, width, features_at_a_time):
+    starts = range(0, width, features_at_a_time)
+    steps = _Steps("delphi", len(starts))
+    for a in starts:
         feats = list(range(a, min(width, a + features_at_a_time)))
         if k:
             parts.append(top_examples(run, feats, sae=sae_name, group=group, k=k, window=(radius, radius)))
         if per_bin:
             parts.append(interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals, per_bin=per_bin,
                                            window=(radius, radius)))
+        steps.step(f"feature ranges read (features {a}-{feats[-1]})")
     cols = ["feature", "doc_id", "window_start", "token_ids", "acts"]
     ex = pl.concat([p.select(cols) for p in parts]).unique(["feature", "doc_id"], keep="first").sort("feature", "doc_id")
     ctx = 2 * radius + 1

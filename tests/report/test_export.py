@@ -228,5 +228,8 @@ def test_export_commands(both, tmp_path):
         assert where.is_dir() and any(where.glob("*.json")), done.stdout
         if fmt == "delphi":
             assert where.parent.parent == tmp_path / fmt
+        # progress on stderr: the last step always, with elapsed time and an estimate of the rest
+        steps = "2/2 batch files" if fmt == "neuronpedia" else "1/1 feature ranges read"
+        assert f"{fmt}: {steps}" in done.stderr and "| ETA 0s" in done.stderr, done.stderr[-2000:]
     # 96 features in ceil(96 / 64) = 2 batches of 48 (np.array_split, as NeuronpediaRunner cuts them)
     assert len(json.loads((tmp_path / "neuronpedia" / "batch-1.json").read_text())["features"]) == 48

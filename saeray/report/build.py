@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from .data import (
 from .page import Page, context, link, table
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("saeray.report.progress")
+"""The report's stages as they start: shown on the console, where `log` (held at WARNING) is not."""
 
 MAX_HEATMAP_FEATURES = 40
 
@@ -193,6 +196,11 @@ def write_report(run: str | Path, out_dir: str | Path, *, vs: str | Path | None 
     others, loading the model's weights (no model is loaded otherwise).
     """
     run, vs = open_run(run), (open_run(vs) if vs is not None else None)  # opened once: markers, tokenizer
+    started = time.monotonic()
+
+    def step(what: str) -> None:  # the report's stages, on the console as they start (each takes seconds to minutes)
+        progress.info("report: %s (elapsed %.0fs)", what, time.monotonic() - started)
+
     if top < 1 or k < 1:
         raise ValueError(f"top and k must be at least 1, got top={top}, k={k}")
     out = Path(out_dir)
@@ -215,10 +223,12 @@ def write_report(run: str | Path, out_dir: str | Path, *, vs: str | Path | None 
         f"{int(ov.summary['tokens'].max() or 0):,} counted tokens; fingerprint {ov.manifest['fingerprint']}; "
         f"made {ov.manifest['created_at'][:19]}; report by saeray {__version__}"])
     written: list[Path] = []
+    step("statistics and their figures")
     _run_section(page, ov, figs, written)
     diff = None
     frames = {str(run): ov.features}
     if vs is not None:
+        step(f"the diff against {vs}")
         path = write_diff(run, vs, out / "diff", preset=preset)
         diff = pl.read_parquet(path)
         _diff_section(page, diff, json.loads((out / "diff" / "diff.json").read_text()), figs, written)
@@ -230,11 +240,13 @@ def write_report(run: str | Path, out_dir: str | Path, *, vs: str | Path | None 
     picks = _picks(ov, s, g, features=features, top=top, diff=diff, vs=None if vs is None else str(vs), sep=sep)
     picks = [(str(r), f, w) for r, f, w in picks]
     parts = page.section("features", "Feature cards")
+    step(f"{len(picks)} feature cards (top contexts, histograms, logit effects)")
     for card in cards(picks, frames, sae=s, group=g, k=k, window=window, logits=logits):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"feature_{card.sae}_{card.group}_{card.feature}") + ".png"
         written.append(png.feature_card(card, figs / name))
         parts.append(_card_html(page, card, name))
     if category is not None:
+        step(f"the heatmap by {category}")
         feats = (features or sorted({f for _, f, _ in picks}))[:MAX_HEATMAP_FEATURES]
         matrix, stride = heatmap_matrix(run, feats, category, sae=s, group=g)
         parts = page.section("explore", "Exploration")

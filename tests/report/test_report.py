@@ -355,3 +355,14 @@ def test_logits_saved_with_fewer_ranks_than_a_card_shows_count_as_missing(runs, 
     logits.save_logit_effects(run, [5], k=3)
     saved, missing = saved_effects(run, [3, 5], sae="s", k=LOGIT_RANKS)
     assert missing == [5] and set(saved["feature"]) == {3} and saved.height == 2 * LOGIT_RANKS
+
+
+def test_report_names_its_stages_as_they_start(runs, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="saeray.report.progress"):
+        assert cli.main(["report", str(runs["a"]), "--vs", str(runs["b"]), "--out", str(tmp_path / "r")]) == 0
+    stages = [r.getMessage() for r in caplog.records if r.name == "saeray.report.progress"]
+    assert [s.split(" (elapsed")[0] for s in stages] == [
+        "report: statistics and their figures", f"report: the diff against {runs['b']}",
+        "report: 5 feature cards (top contexts, histograms, logit effects)"], stages

@@ -60,6 +60,23 @@ class PrivateCluster:
                      f"--temp-dir={self.temp_dir}"], self.env)
 
     def _start(self, args: list[str], env: dict[str, str], hidden: Path | None = None) -> None:
+        """`ray start` a node; once more, after ending what the failed try left, when Ray reports that the node
+        timed out during startup (a loaded 2-core machine sometimes makes a raylet miss Ray's own deadline)."""
+        before = {p.pid for p in self._processes()}
+        try:
+            self._start_once(args, env, hidden)
+        except RuntimeError as e:
+            if "timed out during startup" not in str(e):
+                raise
+            for p in self._processes():
+                if p.pid not in before:
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
+            self._start_once(args, env, hidden)
+
+    def _start_once(self, args: list[str], env: dict[str, str], hidden: Path | None = None) -> None:
         node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_agent = free_ports(6)
         cmd = ["ray", "start", *args, f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",

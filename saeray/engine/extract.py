@@ -155,10 +155,8 @@ class Extractor:
             doc, pos, feat, val, rank = self._entries_of(parts)
             pre = block.pre.get(key)
             pf, pr, ppos, pmax, pair = st.add_docs(feat, rank, pos, val, block.counted[g], block.n_counted[g], pre)
-            kept = block.kept.get(key)
-            if kept is not None:  # entries of a compacted block kept for contexts and last values (reduced in `pre`)
-                pair = torch.cat([torch.searchsorted(pr * st.d_sae + pf, kept[4] * st.d_sae + kept[2]), pair])
-                doc, pos, feat, val, rank = (torch.cat([a, b]) for a, b in zip(kept, (doc, pos, feat, val, rank)))
+            (doc, pos, feat, val, rank), pair = _with_kept(block.kept.get(key), pr * st.d_sae + pf, st.d_sae,
+                                                           (doc, pos, feat, val, rank), pair)
             if key in self.examples:
                 self.examples[key].add(pf, block.doc_ids[pr], ppos, pmax, (pair, pos, val))
             if self.last is not None:
@@ -193,13 +191,9 @@ class Extractor:
                 continue
             st, ex = self.stats[key], self.examples.get(key)
             doc, pos, feat, val, rank = self._entries_of(parts)
-            kept = block.kept.get(key)
             pre = reduce_pairs(st.d_sae, feat, rank, pos, val, block.pre.get(key))
-            if kept is not None:
-                pair = torch.cat([torch.searchsorted(pre.key, kept[4] * st.d_sae + kept[2]), pre.inv])
-                doc, pos, feat, val, rank = (torch.cat([a, b]) for a, b in zip(kept, (doc, pos, feat, val, rank)))
-            else:
-                pair = pre.inv
+            (doc, pos, feat, val, rank), pair = _with_kept(block.kept.get(key), pre.key, st.d_sae,
+                                                           (doc, pos, feat, val, rank), pre.inv)
             keep = torch.zeros(len(pos), dtype=torch.bool, device=pos.device)
             if ex is not None:
                 top = torch.full((len(block.counted[key[1]]),), -1, dtype=pos.dtype, device=pos.device)
@@ -258,6 +252,17 @@ class Extractor:
         rank = torch.searchsorted(item.block.doc_ids, doc)[r]  # the document's index in its block
         self.stats[key].add(len(rows), f, v, d, p)
         item.block.found[key].append((d, p, f, v, rank))
+
+
+def _with_kept(kept: tuple[torch.Tensor, ...] | None, keys: torch.Tensor, d_sae: int,
+               entries: tuple[torch.Tensor, ...], pair: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A compacted block's kept entries (already reduced into its pairs: for contexts and last values) before
+    `entries` (doc, pos, feature, value, rank), and each entry's pair: `pair` for `entries`, the kept ones' found
+    in the sorted pair `keys` (rank * d_sae + feature)."""
+    if kept is None:
+        return entries, pair
+    pair = torch.cat([torch.searchsorted(keys, kept[4] * d_sae + kept[2]), pair])
+    return tuple(torch.cat([a, b]) for a, b in zip(kept, entries)), pair
 
 
 def in_flight(batch_tokens: int, saes: list[SAEHandle], device: torch.device, share: float = 0.25,

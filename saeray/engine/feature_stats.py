@@ -85,13 +85,21 @@ def reduce_pairs(d: int, feat: torch.Tensor, rank: torch.Tensor, pos: torch.Tens
     else:
         val_all, pos_all, sums = val, pos, val.double()
     uniq, inv_all = torch.unique(key, return_inverse=True)  # a host sync on a GPU
-    n = len(uniq)
-    pmax = torch.full((n,), float("-inf"), dtype=val_all.dtype, device=val_all.device).scatter_reduce(
+    pmax = torch.full((len(uniq),), float("-inf"), dtype=val_all.dtype, device=val_all.device).scatter_reduce(
         0, inv_all, val_all, "amax")
-    at_max = torch.where(val_all == pmax[inv_all], pos_all, _NO_KEY)
-    ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos_all.device).scatter_reduce(0, inv_all, at_max, "amin")
+    psum, ppos = _sums_and_argmax(inv_all, sums, val_all, pos_all, pmax)
     n_pre = 0 if pre is None else len(pre.key)
-    return PairSums(uniq, segment_sum(inv_all, sums, n), pmax, ppos, inv_all[n_pre:])
+    return PairSums(uniq, psum, pmax, ppos, inv_all[n_pre:])
+
+
+def _sums_and_argmax(inv: torch.Tensor, sums: torch.Tensor, val: torch.Tensor, pos: torch.Tensor,
+                     pmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair (`inv`: each entry's pair; `pmax`: each pair's maximum): the sum of `sums`, and the smallest
+    position holding the maximum."""
+    n = len(pmax)
+    at_max = torch.where(val == pmax[inv], pos, _NO_KEY)
+    ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos.device).scatter_reduce(0, inv, at_max, "amin")
+    return segment_sum(inv, sums, n), ppos
 
 
 class FeatureStats:
@@ -168,29 +176,21 @@ class FeatureStats:
         pairs: (feature, rank, position of the document's maximum, that maximum, each entry's pair). `pre`:
         pairs of earlier entries of the same documents, already reduced (`reduce_pairs`)."""
         d = self.d_sae
-        if pre is not None:
-            pre = reduce_pairs(d, feat, rank, pos, val, pre)
-            pf, pr = pre.key % d, pre.key // d
-            psum, pmax, ppos, inv = pre.psum, pre.pmax, pre.ppos, pre.inv
-        elif feat.numel():
+        cells = len(counted) * d
+        if pre is not None or (feat.numel() and cells > DENSE_PAIR_CELLS):  # by sorting (and merging `pre`)
+            r = reduce_pairs(d, feat, rank, pos, val, pre)
+            psum, pmax, ppos, inv = r.psum, r.pmax, r.ppos, r.inv
+            pf, pr = r.key % d, r.key // d
+        elif feat.numel():  # a dense (document x feature) grid: no sort
             key = rank * d + feat
-            cells = len(counted) * d
-            if cells <= DENSE_PAIR_CELLS:  # a dense (document x feature) grid: no sort
-                grid = torch.full((cells,), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce_(
-                    0, key, val, "amax")
-                uniq = torch.nonzero(grid != float("-inf")).squeeze(1)  # ascending, as unique's; a host sync on a GPU
-                lookup = torch.empty(cells, dtype=torch.int64, device=key.device)
-                lookup[uniq] = torch.arange(len(uniq), device=key.device)
-                inv = lookup[key]
-                pmax = grid[uniq]
-            else:
-                uniq, inv = torch.unique(key, return_inverse=True)  # a host sync on a GPU
-                pmax = torch.full((len(uniq),), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce(
-                    0, inv, val, "amax")
-            n = len(uniq)
-            psum = segment_sum(inv, val.double(), n)
-            at_max = torch.where(val == pmax[inv], pos, _NO_KEY)
-            ppos = torch.full((n,), _NO_KEY, dtype=torch.int64, device=pos.device).scatter_reduce(0, inv, at_max, "amin")
+            grid = torch.full((cells,), float("-inf"), dtype=val.dtype, device=val.device).scatter_reduce_(
+                0, key, val, "amax")
+            uniq = torch.nonzero(grid != float("-inf")).squeeze(1)  # ascending, as unique's; a host sync on a GPU
+            lookup = torch.empty(cells, dtype=torch.int64, device=key.device)
+            lookup[uniq] = torch.arange(len(uniq), device=key.device)
+            inv = lookup[key]
+            pmax = grid[uniq]
+            psum, ppos = _sums_and_argmax(inv, val.double(), val, pos, pmax)
             pf, pr = uniq % d, uniq // d
         else:
             psum = torch.zeros(0, dtype=torch.float64, device=feat.device)

@@ -16,7 +16,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import torch
 from torch import nn
@@ -260,7 +260,24 @@ def hook_target(block: nn.Module, kind: str) -> tuple[nn.Module, str]:
     raise ModelError(f"unknown hook kind {kind!r}")
 
 
-class Hooks:
+class HookHandles:
+    """Hooks registered on a model (`_handles`), removed by `close` or at the end of a `with` block."""
+
+    _handles: list[Any]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Hooks(HookHandles):
     """Forward hooks at `sites`, registered once (a worker keeps one for its whole life); each call runs
     the model until every hook has fired and returns {hook name: [batch, seq, d]}. The model's other
     forward passes are stopped at the hooks too while this object is open: `close` it (or use `with`)."""
@@ -326,17 +343,6 @@ class Hooks:
         if missing:
             raise ModelError(f"hooks {sorted(missing)} never fired during the forward pass")
         return out
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> "Hooks":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import HookSite, ModelError, _first, _takes_token_types, decoder_layers, hook_target, is_image_text
+from .models import HookHandles, HookSite, ModelError, _first, _takes_token_types, decoder_layers, hook_target, is_image_text
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _reads_bidirectional(cls: type) -> bool:
         return True
 
 
-class Truncated:
+class Truncated(HookHandles):
     """The model's forward up to the deepest layer of `sites`; calling it returns {hook name: [batch, seq, d]}.
 
     Same call as `models.Hooks` (input_ids, attention_mask, pixel_values, token_type_ids), so the extractor
@@ -189,17 +189,6 @@ class Truncated:
         if missing:
             raise ModelError(f"hooks {sorted(missing)} never fired during the truncated forward pass")
         return out
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> "Truncated":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:

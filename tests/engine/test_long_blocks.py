@@ -68,3 +68,26 @@ def test_compacted_blocks_equal_whole_blocks(tiny, tmp_path, monkeypatch, sae, e
             else:
                 assert a[c].equals(b[c]), (kind, c)
     assert _read(whole, "docs").equals(_read(compacted, "docs"))  # the examples' token windows
+
+
+def test_dense_grid_and_sorting_find_the_same_pairs(monkeypatch):
+    """add_docs' two ways to the (document, feature) pairs: the dense grid, and sorting (reduce_pairs)."""
+    import torch
+
+    from saeray.engine import feature_stats as fs
+
+    g = torch.Generator().manual_seed(0)
+    n, d, docs = 4000, 64, 30
+    feat, rank = torch.randint(0, d, (n,), generator=g), torch.randint(0, docs, (n,), generator=g)
+    pos = torch.randint(0, 500, (n,), generator=g)
+    val = torch.rand(n, generator=g).round(decimals=2)  # ties: the smallest position of a maximum counts
+    counted = torch.randint(1, 600, (docs,), generator=g)
+    out = []
+    for cells in (fs.DENSE_PAIR_CELLS, 0):
+        monkeypatch.setattr(fs, "DENSE_PAIR_CELLS", cells)
+        st = fs.FeatureStats(d, torch.device("cpu"))
+        out.append((st.add_docs(feat, rank, pos, val, counted, docs), st.n_docs, st.doc_mean, st.doc_m2))
+    (a, na, ma, m2a), (b, nb, mb, m2b) = out
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert torch.equal(na, nb) and torch.equal(ma, mb) and torch.equal(m2a, m2b)

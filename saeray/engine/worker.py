@@ -231,6 +231,7 @@ class ShardWorker:
                                    last_values=out.keeps_last_values(self.cfg.data))
         files = UnitFiles(tmp, out, self.docs_schema, self.keep_schema)
         wait = 0.0  # seconds the model's thread spent getting its next block (prefetch: waiting for it)
+        ok = False
         try:
             items = iter(source.blocks)
             while True:
@@ -245,10 +246,11 @@ class ShardWorker:
             for done in ext.drain():
                 files.write(*done)
             files.finish(ext.examples.values())
+            ok = True
         finally:
             if isinstance(source.blocks, Prefetch):
                 source.blocks.close()
-            files.close()
+            files.close(failed=not ok)
         write_partials(ext, tmp)
         counted_tokens = {f"{sae}/{g}": st.n_tokens for (sae, g), st in ext.stats.items()}
         if self.tok.truncated:

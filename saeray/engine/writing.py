@@ -3,6 +3,7 @@ docs, the tables of a block, the windows of `output.docs: examples`, feature-ord
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -18,6 +19,8 @@ from .extract import Extractor, recon_table
 from .feature_stats import STATS_SCHEMA
 from .partials import last_values_table
 from .store import ACTIVATIONS_SCHEMA
+
+log = logging.getLogger(__name__)
 
 POSITIONS_TYPE = pa.list_(pa.struct([("group", pa.string()), ("n", pa.int32()), ("last", pa.int32())]))
 """docs.positions: per position group, how many positions of the document count and the last one."""
@@ -147,12 +150,20 @@ class UnitFiles:
                 docs = with_windows(docs, self.token_ids, examples, self.out.context_radius)
             self.docs_writer.write_table(docs)
 
-    def close(self) -> None:
-        """Stop the writer thread and close the files (after `finish`, or after a failure)."""
+    def close(self, failed: bool = False) -> None:
+        """Stop the writer thread and close the files (after `finish`, or after a failure). After a failure
+        the attempt folder is discarded, and a writer left mid row group (a signal, an error in a block) raises
+        on close: that error is logged, never raised over the one that stopped the unit."""
         self.io.shutdown(wait=True)
-        self.docs_writer.close()
-        if self.act_writer is not None:
-            self.act_writer.close()
+        for w in (self.docs_writer, self.act_writer):
+            if w is None:
+                continue
+            try:
+                w.close()
+            except Exception as e:
+                if not failed:
+                    raise
+                log.debug("closing a writer of a failed unit: %s", e)
 
     def _wait(self) -> None:
         for f in self.pending:

@@ -10,6 +10,7 @@ from ..engine import sources
 from ..engine.folder import OutputWriteError
 from ..engine.pipeline import Prefetch
 from ..engine.units import Task
+from . import signals
 from .base import Executor, Job, register
 from .tasks import all_tasks
 
@@ -88,6 +89,8 @@ class LocalExecutor(Executor):
             job.progress.update(job.result.done[task.uid])
             return n, True
         except Exception as e:
+            if signals.pending() is not None:  # the stop surfaced as a library's error (e.g. pyarrow's, mid write)
+                raise signals.Stopped(signals.pending()) from e
             if isinstance(e, (sources.DataError, OutputWriteError)):  # says what and where in a line
                 log.error("unit %d failed: %s", task.uid, e)
             else:

@@ -40,6 +40,11 @@ def _handler(signum: int, frame: Any) -> None:
         raise Stopped(signum)
 
 
+def pending() -> int | None:
+    """The signal that asked this process to stop, if one came."""
+    return _stopping
+
+
 def check() -> None:
     """Raise `Stopped` if a signal came while raising was deferred."""
     if _stopping is not None:

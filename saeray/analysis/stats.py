@@ -13,20 +13,29 @@ from pathlib import Path
 import polars as pl
 
 from ..engine.run import open_run
+from ..engine.storage import polars_options
 
 
 def committed_files(run: str | Path, kind: str) -> list[str]:
-    """Parquet files (paths or URIs) of `kind` (activations | docs | stats | recon) of committed shards.
+    """Parquet files (paths or URIs) of `kind` (store.KINDS) of committed shards.
 
     Only the files each shard's completion marker lists: files of unfinished or concurrent
-    attempts are never read.
+    attempts are never read. For the kinds the run-level tables hold (merged.MERGED_KINDS): the merged
+    files, and the files of units committed since the merge.
     """
+    from ..engine import merged
+
     rd = open_run(run)
     rd.read_manifest()
     markers = rd.completions()
     if not markers:
         raise FileNotFoundError(f"{run} has no committed shards yet: run `saeray run` to completion first")
-    return [f for i, m in markers.items() for f in rd.shard_files(i, kind, m)]
+    if kind not in merged.MERGED_KINDS:
+        return [f for i, m in markers.items() for f in rd.shard_files(i, kind, m)]
+    rec = merged.record(rd, markers)
+    done = merged.covered(rec, kind)
+    units = {i: rd.shard_files(i, kind, m) for i, m in markers.items()}  # every marker checked, read or not
+    return merged.files(rd, rec, kind) + [f for i, fs in units.items() if i not in done for f in fs]
 
 
 def has_kind(run: str | Path, kind: str) -> bool:
@@ -52,20 +61,7 @@ def source_for(run: str | Path, source: str, kind: str) -> str:
 
 def scan_files(files: list[str]) -> pl.LazyFrame:
     """Scan parquet files; object-store URIs use the standard AWS_* / cloud variables for credentials."""
-    return pl.scan_parquet(files, storage_options=storage_options(files[0]) if files else None)
-
-
-def storage_options(uri: str) -> dict[str, str] | None:
-    """Polars storage options for an object-store URI: the endpoint of S3-compatible stores
-    (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), plain http allowed when the endpoint says http://."""
-    import os
-
-    if not uri.startswith(("s3://", "s3a://")):
-        return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return None
-    return {"aws_endpoint_url": endpoint, "aws_allow_http": str(endpoint.startswith("http://")).lower()}
+    return pl.scan_parquet(files, storage_options=polars_options(files[0]) if files else None)
 
 
 def scan_partials(run: str | Path) -> pl.LazyFrame:
@@ -147,10 +143,13 @@ def features(run: str | Path) -> pl.LazyFrame:
 
 
 def write_features(run: str | Path) -> Path | str:
-    """Write RUN/features.parquet (atomically) and return its path (its URI in an object store)."""
+    """Merge the units' partials not merged yet (merged.merge_run), write RUN/features.parquet (atomically) and
+    return its path (its URI in an object store)."""
+    from ..engine import merged
     from ..engine.store import parquet_bytes
 
     rd = open_run(run)
+    merged.merge_run(rd)
     rd.write_bytes("features.parquet", parquet_bytes(features(rd).collect().to_arrow(),
                                                      {"saeray.run": rd.completeness().meta()}))
     return rd.uri("features.parquet") if rd.remote else Path(rd.uri("features.parquet"))

@@ -218,13 +218,27 @@ def _check_window(window: tuple[int, int]) -> None:
 
 
 def _doc_tokens(run: str | Path, doc_ids: list[int]) -> dict[int, tuple[int, list[int] | None, list[dict] | None]]:
-    """doc_id -> (n_tokens, token_ids or None, windows or None) from the run's docs."""
-    from .stats import scan_docs
+    """doc_id -> (n_tokens, token_ids or None, windows or None): the merged examples' windows (merged.py) where
+    the run has them, else from the run's docs."""
+    from ..engine import merged
+    from .stats import scan_docs, scan_files
 
+    rd = open_run(run)
+    out: dict[int, tuple[int, list[int] | None, list[dict] | None]] = {}
+    windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
+    if windows:
+        got = (scan_files(windows).filter(pl.col("doc_id").is_in(pl.Series(doc_ids, dtype=pl.Int64).implode()))
+               .collect().sort("doc_id", "pos"))
+        for (d,), g in got.group_by("doc_id", maintain_order=True):
+            out[d] = (g["n_tokens"][0], None, [{"start": s, "token_ids": t}
+                                               for s, t in zip(g["start"].to_list(), g["token_ids"].to_list())])
+        doc_ids = [d for d in doc_ids if d not in out]
+        if not doc_ids:
+            return out
     docs = scan_docs(run)
     cols = ["doc_id", "n_tokens", "token_ids", *(["windows"] if "windows" in docs.collect_schema() else [])]
     got = docs.filter(pl.col("doc_id").is_in(pl.Series(doc_ids, dtype=pl.Int64).implode())).select(cols).collect()
-    return {r["doc_id"]: (r["n_tokens"], r["token_ids"], r.get("windows")) for r in got.iter_rows(named=True)}
+    return {**out, **{r["doc_id"]: (r["n_tokens"], r["token_ids"], r.get("windows")) for r in got.iter_rows(named=True)}}
 
 
 def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[int, int], tokenizer: Any) -> pl.DataFrame:

@@ -186,6 +186,15 @@ class OutputConfig:
     partial: what `separate` reads when the run has no activation rows; documents x active latents rows, e.g.
     10k labelled documents x 80 = 800k). auto: when data.keep_columns keeps columns (labels to separate by)."""
 
+    unit_partials: Literal["keep", "drop"] = "keep"
+    """What happens to each unit's own row-free partials (stats, examples, hist, lastvals) once they are merged into
+    the run-level tables (RUN/merged/, at the end of `saeray run` and by `saeray stats`; analyses read those). keep:
+    the units keep theirs too, so a data file that changes later redoes only its own units. drop: deleted, so the
+    run directory holds one set of examples per run, not one per unit (at 131k latents, gigabytes per billion
+    tokens); a run resumed or extended after its merge merges its new units into the merged tables and ends with
+    the tables of one uninterrupted run, but a run whose data files changed can then only be redone whole
+    (--overwrite)."""
+
     row_order: Literal["document", "feature"] = "document"
     """Order of the activation rows in each unit's file. document: (sae, group, doc_id, pos, feature), as the
     model produced them. feature: runs of up to 8M rows sorted by (sae, group, feature, doc_id, pos) in row groups

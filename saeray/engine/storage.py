@@ -297,6 +297,17 @@ def open_raw(url: str, *, block_size: int = 4 << 20, retries: int = RETRIES) -> 
     return RawFile(url, block_size=block_size, retries=retries)
 
 
+def polars_options(uri: str) -> dict[str, str] | None:
+    """Polars storage options for an object-store URI: the endpoint of S3-compatible stores
+    (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), plain http allowed when the endpoint says http://."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    return {"aws_endpoint_url": endpoint, "aws_allow_http": str(endpoint.startswith("http://")).lower()}
+
+
 def write_atomic(fs: Any, path: str, data: bytes) -> None:
     """Write a whole file at once: `write_local` (temporary name + fsync + rename) on local disk, one PUT on an
     object store."""

@@ -57,7 +57,9 @@ LOGITS = "logits.parquet"
 """Written by `saeray logits RUN --save`."""
 COMPLETE = "complete.json"
 """Written by the driver when a run ends with every unit of its plan (or budget) committed."""
-OWN = (MANIFEST, "completions", *KINDS, TMP, FEATURES, LOGITS, COMPLETE)
+MERGED, MERGED_FOLDER = "merged.json", "merged"
+"""The run-level tables merged from the units' partials (saeray/engine/merged.py) and their record."""
+OWN = (MANIFEST, "completions", *KINDS, TMP, FEATURES, LOGITS, COMPLETE, MERGED, MERGED_FOLDER)
 """Everything saeray puts at the top of a run directory (besides LOCK): all that --overwrite deletes."""
 
 ACTIVATIONS_SCHEMA = pa.schema([
@@ -252,7 +254,15 @@ class RunDir(Folder):
         kept = len(self.committed()) - len(stale)
         log.warning("%s: data files changed since their units were committed: redoing the units of %s (%d committed "
                     "units), keeping the other %d committed units", self.root, names, len(stale), kept)
+        merged = json.loads(self.read_bytes(MERGED)) if self.exists(MERGED) else None
+        if merged is not None and set(merged.get("dropped", [])) & set(stale):
+            raise RunDirError(
+                f"{self.root}: data files changed ({names}), and the units read from them were merged into "
+                f"{MERGED_FOLDER}/ with their own partials dropped (output.unit_partials: drop): the merged tables cannot "
+                "be rebuilt without them. Rerun with --overwrite (or into another --out)")
         self._delete([n for n in (COMPLETE,) if self.exists(n)])  # first: the run is unfinished from here on
+        self._delete([n for n in (MERGED,) if self.exists(n)])  # the merged tables hold the stale units
+        self._delete(self.list_files(MERGED_FOLDER))
         self._delete([self.marker_key(u) for u in stale])
         self._delete([n for n in (FEATURES, LOGITS) if self.exists(n)])
 

@@ -180,7 +180,7 @@ def write_partials(ext: Extractor, tmp: Path) -> None:
     pq.write_table(hist, tmp / "hist.parquet", compression="zstd")
     if ext.examples:
         examples = pa.concat_tables([e.to_table(sae, g) for (sae, g), e in ext.examples.items()])
-        pq.write_table(examples, tmp / "examples.parquet", compression="zstd", row_group_size=1 << 18)
+        pq.write_table(examples, tmp / "examples.parquet", compression="zstd", row_group_size=1 << 15)
     if ext.last is not None:
         last = pa.concat_tables([last_values_table(parts, sae, g) for (sae, g), parts in ext.last.items()])
         pq.write_table(last, tmp / "lastvals.parquet", compression="zstd", row_group_size=1 << 20)

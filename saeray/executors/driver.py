@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from ..engine import merged
 from ..engine.config import RunConfig
 from ..engine.overlap import check_apart
 from ..engine.plan import Prepared, prepare
@@ -124,6 +125,7 @@ def _report(job: Job, rd: RunDir, t_start: float, t0: float, b_start: int | None
         raise RunFailed(f"stopped: {result.stopped} (committed units: {done}; rerun the same command to go on)")
     if not result.errors and (result.done or not rd.exists(COMPLETE)):  # a rerun with nothing to do writes nothing
         _record_complete(rd, job)
+    merged.merge_run(rd)  # the committed units, failed ones aside: a rerun merges what it adds
     if result.errors:
         lines = "\n".join(f"  unit {i}: {e}" for i, e in sorted(result.errors.items()))
         raise RunFailed(f"{len(result.errors)} of {result.n_shards} units failed (the other units are committed; "

@@ -16,19 +16,23 @@ from saeray import cli
 @pytest.fixture(scope="module")
 def finished(tiny, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("partial")
-    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], tiny["data"], root / "run")
+    raw = base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], tiny["data"], root / "run",
+                      output__unit_partials="keep")
     (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
     assert cli.main(["run", str(root / "cfg.yaml"), "--local"]) == 0
     return root / "run"
 
 
 def _partial(finished: Path, tmp_path: Path) -> Path:
-    """A copy of the finished run with its last unit uncommitted, as a run stopped before it would be."""
+    """A copy of the finished run with its last unit uncommitted, as a run stopped before it would be (and so
+    before its end merged the units' partials)."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "complete.json").unlink()
+    (run / "merged.json").unlink()
+    shutil.rmtree(run / "merged")
     sorted((run / "completions").glob("*.json"))[-1].unlink()
     return run
 

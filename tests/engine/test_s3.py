@@ -98,8 +98,10 @@ def _assert_only_listed(s3: S3Server, bucket: str, prefix: str) -> dict[str, byt
     markers = {k: json.loads(v) for k, v in objects.items() if k.startswith(f"{prefix}/completions/")}
     listed = {f"{prefix}/{f}" for m in markers.values() for files in m["files"].values() for f in files}
     assert listed <= set(objects), sorted(listed - set(objects))
+    merge = json.loads(objects[f"{prefix}/merged.json"]) if f"{prefix}/merged.json" in objects else {"files": {}}
+    listed |= {f"{prefix}/{f}" for files in merge["files"].values() for f in files}
     stray = set(objects) - listed - set(markers) - {f"{prefix}/manifest.json", f"{prefix}/features.parquet",
-                                                      f"{prefix}/complete.json"}
+                                                      f"{prefix}/complete.json", f"{prefix}/merged.json"}
     assert not stray, sorted(stray)
     for m in markers.values():  # attempt-unique names: every listed file carries its attempt id
         assert all(f.rsplit(".", 2)[-2] == m["attempt"] for files in m["files"].values() for f in files)

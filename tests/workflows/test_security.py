@@ -148,7 +148,8 @@ def test_names_that_could_become_paths_are_refused(tiny, tmp_path, name):
 
 
 LAYOUT = re.compile(r"^(manifest\.json|complete\.json|driver\.lock|completions/\d{5,}\.json|(stats|recon|examples|hist)/\d{5,}\.parquet|"
-                    r"(activations|docs)/shard=\d{5,}/part-\d+\.parquet)$")
+                    r"(activations|docs)/shard=\d{5,}/part-\d+\.parquet|merged\.json|"
+                    r"merged/[0-9a-f]{8}/(stats|examples|hist|lastvals|windows)\.parquet)$")
 
 
 def test_run_directory_holds_only_names_saeray_makes(tiny, tmp_path):
@@ -168,6 +169,15 @@ def test_run_directory_holds_only_names_saeray_makes(tiny, tmp_path):
     Path(rd.marker(0)).write_text(json.dumps(marker))
     with pytest.raises(RunDirError, match="not a docs file of shard 0"):
         rd.shard_files(0, "docs")
+    # So is a merge record edited to list a file outside the merged tables.
+    from saeray.analysis.stats import committed_files
+    from saeray.engine import merged
+
+    record = json.loads((tmp_path / "run" / merged.RECORD).read_text())
+    record["files"]["stats"] = ["merged/../../../../etc/passwd"]
+    (tmp_path / "run" / merged.RECORD).write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match="not a file of the merged tables"):
+        committed_files(tmp_path / "run", "stats")
 
 
 # ---- cluster access ----------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""Outputs at corpus scale: a statistics-only run of many units, before and after merging its partials.
+
+    python bench/merged_scale.py --latents 16384             # 60 units of 65,536 tokens (minutes)
+    python bench/merged_scale.py --latents 131072
+    python bench/merged_scale.py --latents 1024 --units 4 --tokens 8192   # a quick check
+
+Each unit is built by the engine's own accumulators, fed synthetic activations block by block as a worker feeds
+them (FeatureStats for statistics, histograms and per-document moments, UnitExamples for top and sampled examples
+with their contexts, last values per document), and committed with the files a statistics-only worker writes
+(stats, hist, examples, lastvals, and docs with output.docs: examples windows). Synthetic activations: 32 latents
+per token, drawn half uniformly and half skewed to low indices, exponential values; documents of 32-512 tokens.
+Then, each in its own subprocess (peak RSS is per process):
+
+    merge      merged.merge_run (output.unit_partials: drop): wall time, peak RSS
+    top1       `top --feature F` for one feature: wall time, and the merged examples' row groups a filter on F keeps
+    sizes      the run directory by kind, before and after
+
+Figures go to stdout and bench/merged_scale.json (one entry per --latents). Units of 65,536 tokens hold fewer
+examples per latent than units of 16M tokens (a real 64 MiB unit), so one synthetic unit's examples are smaller than
+a real unit's, while the merged tables approach their full size (top_k and samples_per_bin per latent and bin)
+either way: the ratio merged / one unit printed here is an upper bound of a real run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+PER_TOKEN = 32
+BLOCK_TOKENS = 8192
+
+
+def _manifest(root: Path, d_sae: int) -> dict:
+    from saeray.engine import config
+
+    cfg = config.from_dict({"model": {"name": "synthetic"}, "saes": [{"name": "res", "path": "synthetic"}],
+                            "data": {"dataset": "synthetic", "keep_columns": ["label"]},
+                            "output": {"dir": str(root), "activations": False, "docs": "examples",
+                                       "unit_partials": "drop"}})
+    sae = {"name": "res", "hook": "blocks.0.hook_resid_post", "digest": "synthetic", "d_sae": d_sae}
+    return {"saeray_version": "bench", "fingerprint": "synthetic0000000", "config": cfg.to_dict(),
+            "resolved": {"prepend_bos": True, "context_size": 1024, "saes": [sae]},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, rng: np.random.Generator) -> int:
+    """Commit one unit built by the engine's accumulators from `tokens` synthetic tokens; return the next doc_id."""
+    import torch
+
+    from saeray.engine.feature_stats import STATS_SCHEMA, FeatureStats
+    from saeray.engine.partials import UnitExamples, last_values_table
+    from saeray.engine.writing import POSITIONS_TYPE, docs_schema, with_windows
+
+    out = rd.read_manifest()["config"]["output"]
+    cpu = torch.device("cpu")
+    st = FeatureStats(d_sae, cpu)
+    ex = UnitExamples(d_sae, out["top_k"], out["samples_per_bin"], cpu, out["context_radius"])
+    last, docs, token_ids = [], [], {}
+    doc, done = first_doc, 0
+    while done < tokens:
+        lengths = rng.integers(32, 513, size=max(1, BLOCK_TOKENS // 272))
+        tok = int(lengths.sum())
+        doc_of = np.repeat(np.arange(doc, doc + len(lengths), dtype=np.int64), lengths)
+        pos_of = np.arange(tok) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        half = PER_TOKEN // 2
+        feats = np.concatenate([(d_sae * rng.random((tok, half)) ** 2), d_sae * rng.random((tok, half))], axis=1)
+        key = np.unique(np.arange(tok, dtype=np.int64)[:, None] * d_sae + feats.astype(np.int64))
+        t, f = key // d_sae, key % d_sae
+        v = (rng.exponential(1.0, len(key)) * (1 + f % 5)).astype(np.float32)
+        tf, tv, td, tp = (torch.from_numpy(x) for x in (f, v, doc_of[t], pos_of[t].astype(np.int64)))
+        st.add(tok, tf, tv, td, tp)
+        pf, pr, ppos, pmax, pair = st.add_docs(tf, td - doc, tp, tv, torch.from_numpy(lengths.astype(np.int64)),
+                                               len(lengths))
+        ex.add(pf, pr + doc, ppos, pmax, (pair, tp, tv))
+        at = pos_of[t] == (lengths - 1)[doc_of[t] - doc]
+        last.append((f[at].astype(np.int32), doc_of[t][at], v[at]))
+        ids = rng.integers(5, 50_000, size=tok, dtype=np.int32)
+        for i, n in enumerate(lengths):
+            token_ids[doc + i] = ids[int(lengths[:i].sum()):int(lengths[:i + 1].sum())]
+        docs.append(pa.table({"doc_id": np.arange(doc, doc + len(lengths), dtype=np.int64),
+                              "n_tokens": lengths.astype(np.int32), "label": rng.integers(0, 2, len(lengths)),
+                              "positions": pa.array([[{"group": "all", "n": int(n), "last": int(n) - 1}]
+                                                     for n in lengths], POSITIONS_TYPE)}))
+        done += tok
+        doc += len(lengths)
+    tmp = rd.new_attempt(unit)
+    schema = docs_schema(pa.schema([("label", pa.int64())]))
+    table = pa.concat_tables(docs)
+    table = table.append_column("token_ids", pa.nulls(table.num_rows, pa.list_(pa.int32())))
+    table = table.append_column("windows", pa.nulls(table.num_rows, schema.field("windows").type))
+    table = with_windows(table, token_ids, [ex], out["context_radius"])
+    pq.write_table(table.select(schema.names).cast(schema), tmp / "docs" / "part-0.parquet", compression="zstd")
+    pq.write_table(st.to_table("res", "all").cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
+    pq.write_table(st.hist_table("res", "all"), tmp / "hist.parquet", compression="zstd")
+    pq.write_table(ex.to_table("res", "all"), tmp / "examples.parquet", compression="zstd", row_group_size=1 << 15)
+    pq.write_table(last_values_table(last, "res", "all"), tmp / "lastvals.parquet", compression="zstd")
+    rd.commit(unit, tmp, {"shard": unit, "docs": doc - first_doc, "tokens": done, "fingerprint": "synthetic0000000"})
+    return doc
+
+
+def sizes(root: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in root.rglob("*"):
+        if p.is_file():
+            top = p.relative_to(root).parts[0]
+            out[top] = out.get(top, 0) + p.stat().st_size
+    return out
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def step(what: str, root: Path, feature: int) -> dict:
+    from saeray.engine import merged
+    from saeray.engine.store import RunDir
+
+    rd = RunDir(root)
+    t0 = time.perf_counter()
+    if what == "merge":
+        rec = merged.merge_run(rd)
+        return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": peak_rss_mb(),
+                "units": len(rec["units"])}
+    from saeray.analysis.top import top_examples
+
+    got = top_examples(root, [feature], k=20, window=(32, 32), source="partials")
+    seconds = time.perf_counter() - t0
+    rec = merged.record(rd, rd.completions())
+    meta = pq.read_metadata(merged.files(rd, rec, "examples")[0])
+    col = meta.schema.to_arrow_schema().get_field_index("feature")
+    hits = sum(1 for g in range(meta.num_row_groups)
+               if meta.row_group(g).column(col).statistics.min <= feature <= meta.row_group(g).column(col).statistics.max)
+    return {"seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb(), "examples": got.height,
+            "row_groups_read": hits, "row_groups": meta.num_row_groups}
+
+
+def _child(what: str, root: Path, feature: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--step", what, "--dir", str(root), "--feature", str(feature)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latents", type=int, default=16384)
+    p.add_argument("--units", type=int, default=60)
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per unit")
+    p.add_argument("--feature", type=int, default=None, help="the feature `top --feature` asks for (default d/2)")
+    p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--step", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    a = p.parse_args()
+    if a.step:
+        print(json.dumps(step(a.step, a.dir, a.feature)))
+        return
+    import torch
+
+    from saeray.engine.store import RunDir
+
+    torch.set_num_threads(2)
+    root = (a.dir or Path(tempfile.mkdtemp(prefix="saeray-merged-"))) / f"run-{a.latents}"
+    shutil.rmtree(root, ignore_errors=True)
+    rd = RunDir(root)
+    rd.prepare(_manifest(root, a.latents), overwrite=False)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    doc = 0
+    for u in range(a.units):
+        doc = write_unit(rd, u, a.tokens, doc, a.latents, rng)
+    built = time.perf_counter() - t0
+    before = sizes(root)
+    one_unit = (root / "examples" / "00000.parquet").stat().st_size
+    feature = a.feature if a.feature is not None else a.latents // 2
+    merge = _child("merge", root, feature)
+    after = sizes(root)
+    top1 = _child("top1", root, feature)
+    merged_examples = sum(p.stat().st_size for p in (root / "merged").rglob("examples.parquet"))
+    tokens = a.units * a.tokens
+    partial_kinds = ("stats", "hist", "examples", "lastvals")
+    result = {
+        "latents": a.latents, "units": a.units, "tokens_per_unit": a.tokens, "tokens": tokens,
+        "build_seconds": round(built, 1), "bytes_before": before, "bytes_after": after,
+        "one_unit_examples_bytes": one_unit, "merged_examples_bytes": merged_examples,
+        "merged_over_one_unit_examples": round(sum(v for k, v in after.items() if k == "merged") / one_unit, 2),
+        "unit_partials_before_bytes": sum(before.get(k, 0) for k in partial_kinds),
+        "merge": merge, "top_feature": top1,
+        "docs_bytes_per_1b_tokens": round(before.get("docs", 0) / tokens * 1e9),
+        "lastvals_bytes_per_1b_tokens": round(before.get("lastvals", 0) / tokens * 1e9),
+        "unit_partials_bytes_per_1b_tokens_without_merge": round(
+            sum(before.get(k, 0) for k in partial_kinds) / tokens * 1e9),
+        "note": "synthetic activations through the engine's accumulators (see the module docstring); this machine",
+    }
+    print(json.dumps(result, indent=2))
+    saved = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    saved[str(a.latents)] = result
+    a.out.write_text(json.dumps(saved, indent=2) + "\n")
+    if a.dir is None:
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The run-level tables: the units' row-free partials merged into one set per run (RUN/merged/), so a reader of F
+features reads O(F) of them whatever the corpus size, and the units' copies can go (output.unit_partials: drop).
+
+Each kind is merged exactly as the readers merge the units' partials, so reading the merged tables gives what
+reading every unit gives (saeray/engine/partials.py defines the partials):
+
+* stats: per (sae, group, feature) one STATS_SCHEMA row: counts and sums added, m2 and doc_m2 by Chan's formula,
+  max the largest (ties: smaller max_doc_id, then max_pos);
+* examples: per (sae, group, feature) the top_k documents by (value desc, doc_id), and per (sae, group, feature,
+  bin) the samples_per_bin smallest (draw, doc_id). The top k of a union is the top k of its parts' top k, so
+  merged tables merged again with more units equal one merge of all the units;
+* hist: counts added per (sae, group, feature, bin);
+* lastvals: every unit's rows (one per document and latent active at its last position);
+* windows: per (doc_id, pos) of a kept example, the token ids pos - radius .. pos + radius (clipped to the
+  document), read from the units' docs, so the examples need no docs (none when output.docs is none).
+
+Files are sorted by (sae, group, feature) (windows by doc_id, pos) in row groups of ROW_GROUP_ROWS rows: readers
+skip the row groups a feature filter excludes by their statistics.
+
+Commit: the files go to merged/<generation>/, then merged.json (the units merged with their attempts, the files)
+is written in one atomic write, the commit point. A merge after more units committed merges the current tables
+with those units' partials into a new generation; the generation it replaces stays for readers that opened it,
+older ones are deleted. Units committed after the merge are read from their own files until the next merge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .feature_stats import STATS_SCHEMA
+from .partials import EXAMPLES_SCHEMA, HIST_SCHEMA, LAST_VALUES_SCHEMA
+from .storage import polars_options
+from .store import MERGED, MERGED_FOLDER, RunDir, RunDirError
+
+log = logging.getLogger(__name__)
+
+RECORD, FOLDER = MERGED, MERGED_FOLDER
+MERGED_KINDS = ("stats", "examples", "hist", "lastvals")
+"""Unit partials the merge replaces; output.unit_partials: drop deletes the units' copies once merged."""
+ROW_GROUP_ROWS = 1 << 14
+CHUNK_ROWS = 1 << 19
+"""Input rows (examples with their contexts, lastvals) merged at a time: bounds the merge's memory."""
+KEYS = ["sae", "group", "feature"]
+_GEN = re.compile(r"^[0-9a-f]{8}$")
+_NAME = re.compile(r"^merged/[0-9a-f]{8}/(stats|examples|hist|lastvals|windows)\.parquet$")
+WINDOWS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("n_tokens", pa.int32()),
+                            ("start", pa.int32()), ("token_ids", pa.list_(pa.int32()))])
+
+
+class StaleMerge(RunDirError):
+    """The merged tables hold units that are no longer committed as they were."""
+
+
+def record(rd: RunDir, markers: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's merge record, None when it has none. Raises StaleMerge when a unit it holds is no longer committed
+    by the same attempt (the merged tables then hold results the run no longer has)."""
+    if not rd.exists(RECORD):
+        return None
+    rec = json.loads(rd.read_bytes(RECORD))
+    names = [f for fs in rec.get("files", {}).values() for f in fs]
+    bad = [f for f in names if not _NAME.match(f)] or ([] if _GEN.match(str(rec.get("generation"))) else ["generation"])
+    if bad:
+        raise RunDirError(f"{rd.uri(RECORD)} lists {bad[0]!r}, which is not a file of the merged tables: the run "
+                          "directory was changed by something other than saeray")
+    for u, attempt in rec["units"].items():
+        m = markers.get(int(u))
+        if m is None or m.get("attempt") != attempt:
+            raise StaleMerge(f"{rd.uri(RECORD)} holds unit {u}, which is no longer committed as it was merged: "
+                             f"delete {rd.uri(RECORD)} and {rd.uri(FOLDER)} to read the units' own partials"
+                             + (" (its units' partials were dropped after merging: rerun with --overwrite)"
+                                if rec.get("dropped") else ""))
+    return rec
+
+
+def covered(rec: dict[str, Any] | None, kind: str) -> set[int]:
+    """The units whose `kind` partials the merged tables hold."""
+    if rec is None or kind not in rec["files"]:
+        return set()
+    return {int(u) for u in rec["units"]}
+
+
+def files(rd: RunDir, rec: dict[str, Any] | None, kind: str) -> list[str]:
+    """Paths/URIs of the merged `kind` files (kind: a MERGED_KINDS kind or windows)."""
+    return [rd.uri(f) for f in (rec or {"files": {}})["files"].get(kind, [])]
+
+
+def merge_run(rd: RunDir) -> dict[str, Any] | None:
+    """`merge` with the run's output.unit_partials (runs made before that setting keep their units' partials)."""
+    return merge(rd, drop=rd.read_manifest()["config"]["output"].get("unit_partials", "keep") == "drop")
+
+
+def merge(rd: RunDir, *, drop: bool) -> dict[str, Any] | None:
+    """Merge the partials of committed units not merged yet into a new generation; with `drop`, delete the merged
+    units' own partials (MERGED_KINDS) afterwards. Returns the record (None for a run without committed units).
+    Idempotent: with nothing new to merge it only finishes a drop."""
+    manifest = rd.read_manifest()
+    markers = rd.completions()
+    if not markers:
+        return None
+    rec = record(rd, markers)
+    done = {int(u) for u in rec["units"]} if rec else set()
+    new = sorted(u for u in markers if u not in done)
+    if new:
+        t0 = time.monotonic()
+        rec = _merge(rd, manifest, markers, rec, new)
+        log.info("%s: merged the partials of %d units (%d new) in %.1fs", rd.root, len(rec["units"]), len(new),
+                 time.monotonic() - t0)
+    if drop and rec is not None:
+        _drop(rd, markers, rec)
+    return rec
+
+
+def _merge(rd: RunDir, manifest: dict[str, Any], markers: dict[int, dict[str, Any]], rec: dict[str, Any] | None,
+           new: list[int]) -> dict[str, Any]:
+    out = manifest["config"]["output"]
+    gen = uuid.uuid4().hex[:8]
+    kinds = [k for k in MERGED_KINDS if all(k in markers[u].get("files", {}) for u in new)]
+    written: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="saeray-merge-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for kind in kinds:
+            inputs = files(rd, rec, kind) + [f for u in new for f in rd.shard_files(u, kind, markers[u])]
+            local = tmp / f"{kind}.parquet"
+            if kind == "stats":
+                _write(_merged_stats(inputs), local)
+            elif kind == "hist":
+                _write(_merged_hist(inputs), local)
+            elif kind == "lastvals":
+                _chunked(inputs, local, LAST_VALUES_SCHEMA, lambda df: df.sort([*KEYS, "doc_id"]))
+            else:
+                k, m = int(out.get("top_k", 0)), int(out.get("samples_per_bin", 0))
+                picked = _chunked(inputs, local, EXAMPLES_SCHEMA, lambda df: _pick_examples(df, k, m), source=True)
+                if out.get("docs", "all") != "none":
+                    _write_windows(rd, rec, markers, new, picked, int(out.get("context_radius", 32)),
+                                   tmp / "windows.parquet")
+            rel = f"{FOLDER}/{gen}/{kind}.parquet"
+            _put(rd, local, rel)
+            written[kind] = [rel]
+        if (tmp / "windows.parquet").is_file():
+            rel = f"{FOLDER}/{gen}/windows.parquet"
+            _put(rd, tmp / "windows.parquet", rel)
+            written["windows"] = [rel]
+    units = {str(u): markers[u].get("attempt") for u in sorted({*map(int, (rec or {"units": {}})["units"]), *new})}
+    new_rec = {"version": 1, "generation": gen, "units": units, "files": written,
+               "dropped": sorted(set((rec or {}).get("dropped", [])))}
+    rd.write_json(RECORD, new_rec)
+    _prune(rd, keep={gen, (rec or {}).get("generation")})
+    return new_rec
+
+
+def _put(rd: RunDir, local: Path, rel: str) -> None:
+    if rd.remote:
+        rd._upload(local, rel)
+    else:
+        dest = Path(rd.uri(rel))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(local), dest)
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+
+
+def _scan(inputs: list[str], **kw: Any) -> pl.LazyFrame:
+    return pl.scan_parquet(inputs, storage_options=polars_options(inputs[0]) if inputs else None, **kw)
+
+
+def _merged_stats(inputs: list[str]) -> pa.Table:
+    """One STATS_SCHEMA row per (sae, group, feature) of the units' rows (the module docstring says how)."""
+    p = _scan(inputs).with_columns(
+        (pl.col("sum") / pl.col("n_tokens")).fill_nan(0.0).alias("_m"),
+        (pl.col("doc_sum") / pl.col("n_docs")).fill_nan(0.0).alias("_dm"))
+    tot = p.group_by(KEYS).agg(
+        pl.col("n_tokens").sum(), pl.col("n_active").sum(), pl.col("n_docs_active").sum(), pl.col("sum").sum(),
+        pl.col("n_docs").sum(), pl.col("doc_sum").sum(),
+    ).with_columns((pl.col("sum") / pl.col("n_tokens")).alias("_mean"),
+                   (pl.col("doc_sum") / pl.col("n_docs")).fill_nan(0.0).alias("_dmean"))
+    spread = p.join(tot.select(*KEYS, "_mean", "_dmean"), on=KEYS).group_by(KEYS).agg(
+        (pl.col("m2") + pl.col("n_tokens") * (pl.col("_m") - pl.col("_mean")) ** 2).sum().alias("m2"),
+        (pl.col("doc_m2") + pl.col("n_docs") * (pl.col("_dm") - pl.col("_dmean")) ** 2).sum().alias("doc_m2"))
+    best = (p.filter(pl.col("max").is_not_null())
+            .sort(["max", "max_doc_id", "max_pos"], descending=[True, False, False])
+            .group_by(KEYS).first().select(*KEYS, "max", "max_doc_id", "max_pos"))
+    merged = (tot.join(spread, on=KEYS).join(best, on=KEYS, how="left").sort(KEYS)
+              .select(STATS_SCHEMA.names).collect())
+    return merged.to_arrow().cast(STATS_SCHEMA)
+
+
+def _merged_hist(inputs: list[str]) -> pa.Table:
+    return (_scan(inputs).group_by([*KEYS, "bin"]).agg(pl.col("count").sum()).sort([*KEYS, "bin"])
+            .select(HIST_SCHEMA.names).collect().to_arrow().cast(HIST_SCHEMA))
+
+
+def _pick_examples(df: pl.DataFrame, k: int, m: int) -> pl.DataFrame:
+    """The run's examples among candidates: per feature the top k, per (feature, bin) the m samples."""
+    top = (df.filter(pl.col("kind") == "top")
+           .sort([*KEYS, "value", "doc_id"], descending=[False, False, False, True, False])
+           .group_by(KEYS, maintain_order=True).head(k))
+    smp = (df.filter(pl.col("kind") == "sample").sort([*KEYS, "bin", "draw", "doc_id"])
+           .group_by([*KEYS, "bin"], maintain_order=True).head(m))
+    return pl.concat([top.select(df.columns), smp.select(df.columns)]).sort([*KEYS, "kind", "bin", "value", "doc_id"],
+                                      descending=[False, False, False, True, False, True, False])
+
+
+def _feature_ranges(inputs: list[str]) -> list[tuple[int, int]]:
+    """[a, b) feature ranges holding about CHUNK_ROWS input rows each (from the files' row counts, evenly spread)."""
+    if any("://" in f for f in inputs):
+        return _remote_ranges(inputs)
+    rows, hi = 0, 0
+    for f in inputs:
+        meta = pq.read_metadata(f)
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(meta.schema.to_arrow_schema().get_field_index("feature")).statistics
+            if st is not None and st.has_min_max:
+                hi = max(hi, int(st.max) + 1)
+    if hi == 0:
+        return []
+    n = max(1, -(-rows // CHUNK_ROWS))
+    step = -(-hi // n)
+    return [(a, min(hi, a + step)) for a in range(0, hi, step)]
+
+
+def _remote_ranges(inputs: list[str]) -> list[tuple[int, int]]:
+    """`_feature_ranges` for files in an object store (the footers read through Polars)."""
+    stats = _scan(inputs).select(pl.len().alias("n"), pl.col("feature").max().alias("hi")).collect()
+    rows, hi = int(stats["n"][0]), int(stats["hi"][0] or -1) + 1
+    if hi == 0:
+        return []
+    step = -(-hi // max(1, -(-rows // CHUNK_ROWS)))
+    return [(a, min(hi, a + step)) for a in range(0, hi, step)]
+
+
+def _chunked(inputs: list[str], path: Path, schema: pa.Schema, pick: Any, source: bool = False) -> pl.DataFrame | None:
+    """Write `pick`(rows of each feature range) to `path` range by range; with `source`, return (doc_id, pos,
+    _src: the input file) of the rows written."""
+    kept = []
+    with pq.ParquetWriter(path, schema, compression="zstd") as w:
+        for a, b in _feature_ranges(inputs):
+            lf = _scan(inputs, **({"include_file_paths": "_src"} if source else {}))
+            df = pick(lf.filter(pl.col("feature").is_between(a, b, closed="left")).collect())
+            if source:
+                kept.append(df.select("doc_id", "pos", "_src"))
+                df = df.drop("_src")
+            w.write_table(df.select(schema.names).to_arrow().cast(schema), row_group_size=ROW_GROUP_ROWS)
+    if not source:
+        return None
+    return pl.concat(kept) if kept else pl.DataFrame(schema={"doc_id": pl.Int64, "pos": pl.Int32, "_src": pl.String})
+
+
+def _write_windows(rd: RunDir, rec: dict[str, Any] | None, markers: dict[int, dict[str, Any]], new: list[int],
+                   picked: pl.DataFrame, radius: int, path: Path) -> None:
+    """windows.parquet: the token window of each (doc_id, pos) the merged examples hold, from the previous
+    generation's windows or the new units' docs."""
+    need = picked.unique(["doc_id", "pos"])
+    parts = []
+    prev = files(rd, rec, "windows")
+    if prev:
+        parts.append(_scan(prev).join(need.lazy().select("doc_id", "pos"), on=["doc_id", "pos"], how="semi").collect())
+    for u in new:
+        mine = set(rd.shard_files(u, "examples", markers[u]))
+        want = need.filter(pl.col("_src").is_in(list(mine))).select("doc_id", "pos")
+        if want.height:
+            parts.append(_unit_windows(rd.shard_files(u, "docs", markers[u]), want, radius))
+    table = (pl.concat(parts) if parts else pl.from_arrow(WINDOWS_SCHEMA.empty_table())).sort("doc_id", "pos")
+    _write(table.select(WINDOWS_SCHEMA.names).to_arrow().cast(WINDOWS_SCHEMA), path)
+
+
+def _unit_windows(docs_files: list[str], want: pl.DataFrame, radius: int) -> pl.DataFrame:
+    """(doc_id, pos, n_tokens, start, token_ids) of the windows `want` asks for, from one unit's docs (its token
+    ids, or the windows of output.docs: examples)."""
+    docs = _scan(docs_files)
+    cols = [c for c in ("doc_id", "n_tokens", "token_ids", "windows") if c in docs.collect_schema().names()]
+    w = want.with_columns(pl.col("pos").cast(pl.Int32))
+    rows = docs.filter(pl.col("doc_id").is_in(want["doc_id"].unique().implode())).select(cols).collect()
+    got = w.join(rows, on="doc_id").with_columns(
+        (pl.col("pos") - radius).clip(lower_bound=0).alias("start"),
+        (pl.col("pos") + radius + 1).clip(upper_bound=pl.col("n_tokens")).alias("_end"))
+    parts = [got.filter(pl.col("token_ids").is_not_null()).with_columns(  # output.docs: all
+        pl.col("token_ids").list.slice(pl.col("start"), pl.col("_end") - pl.col("start")))]
+    if "windows" in cols:  # output.docs: examples: the unit's span that holds the window
+        spans = (got.filter(pl.col("token_ids").is_null()).drop("token_ids").explode("windows").drop_nulls("windows")
+                 .with_columns(pl.col("windows").struct.rename_fields(["_s", "_t"])).unnest("windows"))
+        spans = spans.filter((pl.col("_s") <= pl.col("start")) & (pl.col("_end") <= pl.col("_s") + pl.col("_t").list.len()))
+        parts.append(spans.unique(["doc_id", "pos"], keep="first").with_columns(
+            pl.col("_t").list.slice(pl.col("start") - pl.col("_s"), pl.col("_end") - pl.col("start")).alias("token_ids")))
+    got = pl.concat([p.select("doc_id", "pos", "n_tokens", "start", "token_ids") for p in parts])
+    return got.select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32), pl.col("n_tokens").cast(pl.Int32),
+                      pl.col("start").cast(pl.Int32), pl.col("token_ids").cast(pl.List(pl.Int32)))
+
+
+def _prune(rd: RunDir, keep: set[str | None]) -> None:
+    """Delete the generations other than `keep` (the current one and the one it replaced)."""
+    stale = [f for f in rd.list_files(FOLDER) if f.split("/")[1] not in keep]
+    rd._delete(stale)
+    if not rd.remote:
+        for d in Path(rd.uri(FOLDER)).iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _drop(rd: RunDir, markers: dict[int, dict[str, Any]], rec: dict[str, Any]) -> None:
+    """Delete the merged units' own copies of what the merged tables hold; merged.json records which units."""
+    units = {int(u) for u in rec["units"]}
+    gone = set(rec.get("dropped", []))
+    todo = sorted(units - gone)
+    if not todo:
+        return
+    rels = []
+    for u in todo:
+        for kind in MERGED_KINDS:
+            if kind in rec["files"]:
+                rels += [f for f in markers[u].get("files", {}).get(kind, []) if rd.exists(f)]
+    rd.write_json(RECORD, {**rec, "dropped": sorted(gone | set(todo))})  # first: a unit listed may have lost them
+    rd._delete(rels)
+    rec["dropped"] = sorted(gone | set(todo))
+
+
+def size_by_kind(rd: RunDir) -> dict[str, int]:
+    """Bytes per top-level entry of the run directory (for benches and `saeray stats`)."""
+    out: dict[str, int] = {}
+    for rel in rd.list_files():
+        top = rel.split("/", 1)[0]
+        out[top] = out.get(top, 0) + int(rd.fs.size(rd._key(rel)))
+    return out
+
+
+__all__ = ["merge", "merge_run", "record", "covered", "files", "MERGED_KINDS", "RECORD", "FOLDER", "StaleMerge", "size_by_kind"]

@@ -1,0 +1,124 @@
+"""The run-level tables (saeray/engine/merged.py) give every analysis what the units' own partials give: top and
+interval examples with their contexts and tokens, histograms, statistics, per-document moments and last values, on
+1- and 7-unit runs and a statistics-only run; dropped unit partials are gone; a run merged part-way and then resumed
+ends with the merged tables of an uninterrupted run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from helpers import base_config, corpus, write_dataset
+from polars.testing import assert_frame_equal
+
+from saeray.analysis.stats import committed_files, features, histograms, merged_doc_moments, scan_files
+from saeray.analysis.top import interval_examples, top_examples
+from saeray.engine import config, merged
+from saeray.engine.store import RunDir
+from saeray.engine.worker import ShardWorker
+from saeray.executors import RunFailed, run
+
+FEATURES = list(range(96))
+RUNS = {"one": dict(data__shards=1), "seven": dict(data__shards=7),
+        "stats": dict(data__shards=7, output__activations=False, output__docs="examples")}
+
+
+def _config(tiny: dict, data: Path, out: Path, partials: str, **over) -> dict:
+    return base_config(tiny["llama"], [{"name": "a", "path": str(tiny["sae_standard"])}], data, out,
+                       tokens__batch_tokens=128, output__last_values=True, output__top_k=4,
+                       output__samples_per_bin=2, output__context_radius=6, output__unit_partials=partials, **over)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory) -> dict:
+    """Per kind of run: the run with its unit partials dropped, and a copy read unit by unit (no merged tables)."""
+    root = tmp_path_factory.mktemp("merged")
+    data = write_dataset(root / "data", corpus(84, seed=5, min_words=20, max_words=60), n_files=1)
+    out = {"data": data}
+    for name, over in RUNS.items():
+        run(config.from_dict(_config(tiny, data, root / name, "drop", **over)), executor="local")
+        kept = root / f"{name}-units"
+        run(config.from_dict(_config(tiny, data, kept, "keep", **over)), executor="local")
+        (kept / merged.RECORD).unlink()
+        shutil.rmtree(kept / merged.FOLDER)
+        out[name] = (root / name, kept)
+    return out
+
+
+def _same_stats(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert_frame_equal(a, b, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_merged_tables_answer_as_the_units_do(runs, name):
+    run_dir, units = runs[name]
+    rd = RunDir(run_dir)
+    rec = merged.record(rd, rd.completions())
+    assert sorted(map(int, rec["units"])) == sorted(rd.committed()) == list(range(int(RUNS[name]["data__shards"])))
+    assert set(rec["files"]) == {*merged.MERGED_KINDS, "windows"}
+    for kind in merged.MERGED_KINDS:  # readers read the merged files only, and the units' own are gone
+        assert committed_files(run_dir, kind) == merged.files(rd, rec, kind)
+        listed = [f for m in rd.completions().values() for f in m["files"][kind]]
+        assert listed and not any((run_dir / f).exists() for f in listed)
+        assert all((units / f).exists() for f in listed)
+    tables = _tables(run_dir)  # a window per example (doc_id, pos), so examples need no docs
+    assert tables["windows"].select("doc_id", "pos").equals(
+        tables["examples"].select("doc_id", "pos").unique().sort("doc_id", "pos"))
+    _same_stats(features(run_dir).collect(), features(units).collect())
+    _same_stats(merged_doc_moments(run_dir), merged_doc_moments(units))
+    assert_frame_equal(histograms(run_dir, FEATURES, sae="a", group="all"), histograms(units, FEATURES, sae="a", group="all"))
+    last = lambda r: scan_files(committed_files(r, "lastvals")).collect().sort("sae", "group", "feature", "doc_id")  # noqa: E731
+    assert last(run_dir).height and last(run_dir).equals(last(units))
+    for window in ((6, 6), (2, 5)):
+        got = top_examples(run_dir, FEATURES, k=4, window=window, source="partials")
+        assert got.height > 40 and got.equals(top_examples(units, FEATURES, k=4, window=window, source="partials"))
+        got = interval_examples(run_dir, FEATURES, per_bin=2, window=window, source="partials")
+        assert got.height > 40 and got.equals(interval_examples(units, FEATURES, per_bin=2, window=window,
+                                                                 source="partials"))
+    if name != "stats":  # and what the activation rows give
+        assert top_examples(run_dir, FEATURES, k=4, window=(3, 3)).equals(
+            top_examples(run_dir, FEATURES, k=4, window=(3, 3), source="rows"))
+
+
+def test_merging_again_changes_nothing(runs):
+    run_dir = runs["seven"][0]
+    rd = RunDir(run_dir)
+    before = merged.record(rd, rd.completions())
+    assert merged.merge_run(rd) == before
+
+
+def _tables(run_dir: Path) -> dict[str, pl.DataFrame]:
+    rd = RunDir(run_dir)
+    rec = merged.record(rd, rd.completions())
+    return {k: pl.read_parquet(merged.files(rd, rec, k)) for k in rec["files"]}
+
+
+def test_merged_then_resumed_equals_uninterrupted(tiny, runs, tmp_path, monkeypatch):
+    """Units 2 and 5 fail in the first run, whose end merges (and drops) the other five; the rerun commits 2 and 5
+    and merges them into those tables: the result is the uninterrupted run's."""
+    out = tmp_path / "run"
+    raw = _config(tiny, runs["data"], out, "drop", data__shards=7)
+    real = ShardWorker.process
+
+    def failing(self, task, *args, **kw):
+        if task["uid"] in (2, 5):
+            raise RuntimeError("a failure for this test")
+        return real(self, task, *args, **kw)
+
+    monkeypatch.setattr(ShardWorker, "process", failing)
+    with pytest.raises(RunFailed):
+        run(config.from_dict(raw), executor="local")
+    rd = RunDir(out)
+    first = merged.record(rd, rd.completions())
+    assert sorted(map(int, first["units"])) == [0, 1, 3, 4, 6] and first["dropped"] == [0, 1, 3, 4, 6]
+    monkeypatch.setattr(ShardWorker, "process", real)
+    run(config.from_dict(raw), executor="local")
+    want, got = _tables(runs["seven"][0]), _tables(out)
+    assert set(got) == set(want)
+    for kind in ("examples", "hist", "lastvals", "windows"):
+        assert got[kind].equals(want[kind]), kind
+    _same_stats(got["stats"], want["stats"])
+    gens = {d.name for d in (out / merged.FOLDER).iterdir()}  # the current generation and the one it replaced
+    assert gens == {first["generation"], merged.record(rd, rd.completions())["generation"]}

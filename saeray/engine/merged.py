@@ -25,6 +25,7 @@ older ones are deleted. Units committed after the merge are read from their own 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 from .feature_stats import STATS_SCHEMA
 from .partials import EXAMPLES_SCHEMA, HIST_SCHEMA, LAST_VALUES_SCHEMA
 from .storage import polars_options
-from .store import MERGED, MERGED_FOLDER, RunDir, RunDirError
+from .store import MERGED, MERGED_FOLDER, RunDir, RunDirError, parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,15 @@ def files(rd: RunDir, rec: dict[str, Any] | None, kind: str) -> list[str]:
 
 def merge_run(rd: RunDir) -> dict[str, Any] | None:
     """`merge` with the run's output.unit_partials (runs made before that setting keep their units' partials)."""
-    return merge(rd, drop=rd.read_manifest()["config"]["output"].get("unit_partials", "keep") == "drop")
+    out = rd.read_manifest()["config"]["output"]
+    return merge(rd, drop=out.get("unit_partials", "keep") == "drop", strip_docs=not out.get("activations", True))
 
 
-def merge(rd: RunDir, *, drop: bool) -> dict[str, Any] | None:
+def merge(rd: RunDir, *, drop: bool, strip_docs: bool = False) -> dict[str, Any] | None:
     """Merge the partials of committed units not merged yet into a new generation; with `drop`, delete the merged
-    units' own partials (MERGED_KINDS) afterwards. Returns the record (None for a run without committed units).
-    Idempotent: with nothing new to merge it only finishes a drop."""
+    units' own partials (MERGED_KINDS) afterwards, and with `strip_docs` too their docs' token ids (`_drop`).
+    Returns the record (None for a run without committed units). Idempotent: with nothing new to merge it only
+    finishes a drop."""
     manifest = rd.read_manifest()
     markers = rd.completions()
     if not markers:
@@ -118,7 +121,7 @@ def merge(rd: RunDir, *, drop: bool) -> dict[str, Any] | None:
         log.info("%s: merged the partials of %d units (%d new) in %.1fs", rd.root, len(rec["units"]), len(new),
                  time.monotonic() - t0)
     if drop and rec is not None:
-        _drop(rd, markers, rec)
+        _drop(rd, markers, rec, strip_docs)
     return rec
 
 
@@ -154,7 +157,7 @@ def _merge(rd: RunDir, manifest: dict[str, Any], markers: dict[int, dict[str, An
             written["windows"] = [rel]
     units = {str(u): markers[u].get("attempt") for u in sorted({*map(int, (rec or {"units": {}})["units"]), *new})}
     new_rec = {"version": 1, "generation": gen, "units": units, "files": written,
-               "dropped": sorted(set((rec or {}).get("dropped", [])))}
+               **{k: (rec or {}).get(k, []) for k in ("dropped", "stripped")}}
     rd.write_json(RECORD, new_rec)
     _prune(rd, keep={gen, (rec or {}).get("generation")})
     return new_rec
@@ -311,30 +314,32 @@ def _prune(rd: RunDir, keep: set[str | None]) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _drop(rd: RunDir, markers: dict[int, dict[str, Any]], rec: dict[str, Any]) -> None:
-    """Delete the merged units' own copies of what the merged tables hold; merged.json records which units."""
-    units = {int(u) for u in rec["units"]}
-    gone = set(rec.get("dropped", []))
-    todo = sorted(units - gone)
-    if not todo:
-        return
-    rels = []
-    for u in todo:
-        for kind in MERGED_KINDS:
-            if kind in rec["files"]:
-                rels += [f for f in markers[u].get("files", {}).get(kind, []) if rd.exists(f)]
-    rd.write_json(RECORD, {**rec, "dropped": sorted(gone | set(todo))})  # first: a unit listed may have lost them
-    rd._delete(rels)
-    rec["dropped"] = sorted(gone | set(todo))
+def _drop(rd: RunDir, markers: dict[int, dict[str, Any]], rec: dict[str, Any], strip_docs: bool) -> None:
+    """Delete the merged units' own copies of what the merged tables hold (merged.json lists them as dropped
+    first); with `strip_docs` (statistics-only runs) also their docs' token ids and windows, which only the merge
+    read: the merged windows hold the tokens the examples show. What a crash leaves undone, the next merge does."""
+    units = sorted(int(u) for u in rec["units"])
+    if set(rec.get("dropped", [])) != set(units):
+        rec["dropped"] = units
+        rd.write_json(RECORD, rec)  # first: _redo refuses to redo units whose partials may be gone
+    rels = [f for u in units for kind in MERGED_KINDS if kind in rec["files"]
+            for f in markers[u].get("files", {}).get(kind, [])]
+    rd._delete([f for f in rels if rd.exists(f)])
+    if strip_docs and "windows" in rec["files"]:
+        todo = sorted(set(units) - set(rec.get("stripped", [])))
+        for u in todo:
+            for rel in markers[u].get("files", {}).get("docs", []):
+                _strip_tokens(rd, rel)
+        if todo:
+            rec["stripped"] = units
+            rd.write_json(RECORD, rec)
 
 
-def size_by_kind(rd: RunDir) -> dict[str, int]:
-    """Bytes per top-level entry of the run directory (for benches and `saeray stats`)."""
-    out: dict[str, int] = {}
-    for rel in rd.list_files():
-        top = rel.split("/", 1)[0]
-        out[top] = out.get(top, 0) + int(rd.fs.size(rd._key(rel)))
-    return out
-
-
-__all__ = ["merge", "merge_run", "record", "covered", "files", "MERGED_KINDS", "RECORD", "FOLDER", "StaleMerge", "size_by_kind"]
+def _strip_tokens(rd: RunDir, rel: str) -> None:
+    """Rewrite a docs file (atomically, same name) with token_ids and windows null."""
+    table = pq.read_table(io.BytesIO(rd.read_bytes(rel)))
+    for name in ("token_ids", "windows"):
+        i = table.schema.get_field_index(name)
+        if i >= 0:
+            table = table.set_column(i, table.schema.field(i), pa.nulls(table.num_rows, table.schema.field(i).type))
+    rd.write_bytes(rel, parquet_bytes(table))

@@ -63,6 +63,10 @@ def test_merged_tables_answer_as_the_units_do(runs, name):
         listed = [f for m in rd.completions().values() for f in m["files"][kind]]
         assert listed and not any((run_dir / f).exists() for f in listed)
         assert all((units / f).exists() for f in listed)
+    if name == "stats":  # the docs' windows were only for the merge: the merged windows answer alone
+        docs = pl.read_parquet(run_dir / "docs" / "**" / "*.parquet")
+        assert docs.height == 84 and docs["windows"].null_count() == docs["token_ids"].null_count() == 84
+        assert pl.read_parquet(units / "docs" / "**" / "*.parquet")["windows"].null_count() < 84
     tables = _tables(run_dir)  # a window per example (doc_id, pos), so examples need no docs
     assert tables["windows"].select("doc_id", "pos").equals(
         tables["examples"].select("doc_id", "pos").unique().sort("doc_id", "pos"))

@@ -13,6 +13,9 @@ Then, each in its own subprocess (peak RSS is per process):
 
     merge      merged.merge_run (output.unit_partials: drop): wall time, peak RSS
     top1       `top --feature F` for one feature: wall time, and the merged examples' row groups a filter on F keeps
+    export     `saeray export neuronpedia` of every latent: wall time, peak RSS, bytes written (the model and SAE
+               weights are the tests' tiny Llama, d_model 64 and a 405-token vocabulary, with an SAE of --latents
+               random latents: the logits cost nothing here, the examples and statistics are the run's)
     sizes      the run directory by kind, before and after
 
 Figures go to stdout and bench/merged_scale.json (one entry per --latents). Units of 65,536 tokens hold fewer
@@ -43,20 +46,35 @@ PER_TOKEN = 32
 BLOCK_TOKENS = 8192
 
 
-def _manifest(root: Path, d_sae: int) -> dict:
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _weights(root: Path, d_sae: int) -> tuple[Path, Path, int]:
+    """(model, SAE, vocabulary size): the tiny Llama of the tests and an SAE of `d_sae` random latents on it, for
+    the export (its logits and decoder rows; the activations are synthetic, not this model's)."""
+    from saeray.assets.tiny import make_model, make_sae
+
+    model = make_model(root / "model", "llama")
+    sae = make_sae(root / f"sae-{d_sae}", "standard", 64, HOOK, d_sae=d_sae)
+    import json as _json
+
+    return model, sae, int(_json.loads((model / "config.json").read_text())["vocab_size"])
+
+
+def _manifest(root: Path, d_sae: int, model: Path, sae_path: Path) -> dict:
     from saeray.engine import config
 
-    cfg = config.from_dict({"model": {"name": "synthetic"}, "saes": [{"name": "res", "path": "synthetic"}],
+    cfg = config.from_dict({"model": {"name": str(model)}, "saes": [{"name": "res", "path": str(sae_path)}],
                             "data": {"dataset": "synthetic", "keep_columns": ["label"]},
                             "output": {"dir": str(root), "activations": False, "docs": "examples",
                                        "unit_partials": "drop"}})
-    sae = {"name": "res", "hook": "blocks.0.hook_resid_post", "digest": "synthetic", "d_sae": d_sae}
+    sae = {"name": "res", "hook": HOOK, "digest": "synthetic", "d_sae": d_sae}
     return {"saeray_version": "bench", "fingerprint": "synthetic0000000", "config": cfg.to_dict(),
             "resolved": {"prepend_bos": True, "context_size": 1024, "saes": [sae]},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, rng: np.random.Generator) -> int:
+def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, vocab: int, rng: np.random.Generator) -> int:
     """Commit one unit built by the engine's accumulators from `tokens` synthetic tokens; return the next doc_id."""
     import torch
 
@@ -87,7 +105,7 @@ def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, rng: np.r
         ex.add(pf, pr + doc, ppos, pmax, (pair, tp, tv))
         at = pos_of[t] == (lengths - 1)[doc_of[t] - doc]
         last.append((f[at].astype(np.int32), doc_of[t][at], v[at]))
-        ids = rng.integers(5, 50_000, size=tok, dtype=np.int32)
+        ids = rng.integers(5, vocab, size=tok, dtype=np.int32)
         for i, n in enumerate(lengths):
             token_ids[doc + i] = ids[int(lengths[:i].sum()):int(lengths[:i + 1].sum())]
         docs.append(pa.table({"doc_id": np.arange(doc, doc + len(lengths), dtype=np.int64),
@@ -134,6 +152,14 @@ def step(what: str, root: Path, feature: int) -> dict:
         rec = merged.merge_run(rd)
         return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": peak_rss_mb(),
                 "units": len(rec["units"])}
+    if what == "export":
+        from saeray.report.export import neuronpedia
+
+        dest = root.parent / "neuronpedia"
+        shutil.rmtree(dest, ignore_errors=True)
+        files = neuronpedia(root, dest)
+        return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": peak_rss_mb(), "batch_files": len(files),
+                "bytes": sum(p.stat().st_size for p in dest.iterdir())}
     from saeray.analysis.top import top_examples
 
     got = top_examples(root, [feature], k=20, window=(32, 32), source="partials")
@@ -162,11 +188,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=65536, help="tokens per unit")
     p.add_argument("--feature", type=int, default=None, help="the feature `top --feature` asks for (default d/2)")
     p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--no-export", action="store_true", help="skip the Neuronpedia export of every latent")
+    p.add_argument("--export-only", action="store_true", help="only the export, on the run kept in --dir")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     a = p.parse_args()
     if a.step:
         print(json.dumps(step(a.step, a.dir, a.feature)))
+        return
+    if a.export_only:  # the export again, on a run this bench built and kept (--dir), e.g. after changing the export
+        root = a.dir / f"run-{a.latents}"
+        saved = json.loads(a.out.read_text())
+        saved[str(a.latents)]["export_neuronpedia"] = _child("export", root, 0)
+        print(json.dumps(saved[str(a.latents)]["export_neuronpedia"], indent=2))
+        a.out.write_text(json.dumps(saved, indent=2) + "\n")
         return
     import torch
 
@@ -174,14 +209,16 @@ def main() -> None:
 
     torch.set_num_threads(2)
     root = (a.dir or Path(tempfile.mkdtemp(prefix="saeray-merged-"))) / f"run-{a.latents}"
+    shutil.rmtree(root.parent / "neuronpedia", ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
+    model, sae, vocab = _weights(root.parent, a.latents)
     rd = RunDir(root)
-    rd.prepare(_manifest(root, a.latents), overwrite=False)
+    rd.prepare(_manifest(root, a.latents, model, sae), overwrite=False)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     doc = 0
     for u in range(a.units):
-        doc = write_unit(rd, u, a.tokens, doc, a.latents, rng)
+        doc = write_unit(rd, u, a.tokens, doc, a.latents, vocab, rng)
     built = time.perf_counter() - t0
     before = sizes(root)
     one_unit = (root / "examples" / "00000.parquet").stat().st_size
@@ -189,17 +226,24 @@ def main() -> None:
     merge = _child("merge", root, feature)
     after = sizes(root)
     top1 = _child("top1", root, feature)
-    merged_examples = sum(p.stat().st_size for p in (root / "merged").rglob("examples.parquet"))
+    export = _child("export", root, feature) if not a.no_export else None
+    merged_kinds = {p.stem: p.stat().st_size for p in (root / "merged").rglob("*.parquet")}
     tokens = a.units * a.tokens
     partial_kinds = ("stats", "hist", "examples", "lastvals")
     result = {
         "latents": a.latents, "units": a.units, "tokens_per_unit": a.tokens, "tokens": tokens,
         "build_seconds": round(built, 1), "bytes_before": before, "bytes_after": after,
-        "one_unit_examples_bytes": one_unit, "merged_examples_bytes": merged_examples,
-        "merged_over_one_unit_examples": round(sum(v for k, v in after.items() if k == "merged") / one_unit, 2),
+        "one_unit_examples_bytes": one_unit, "merged_bytes_by_kind": merged_kinds,
+        "merged_examples_and_windows_over_one_unit_examples": round(
+            (merged_kinds.get("examples", 0) + merged_kinds.get("windows", 0)) / one_unit, 2),
+        "merged_over_one_unit_examples": round(after.get("merged", 0) / one_unit, 2),
         "unit_partials_before_bytes": sum(before.get(k, 0) for k in partial_kinds),
-        "merge": merge, "top_feature": top1,
+        "merge": merge, "top_feature": top1, "export_neuronpedia": export,
         "docs_bytes_per_1b_tokens": round(before.get("docs", 0) / tokens * 1e9),
+        "docs_after_merge_bytes_per_1b_tokens": round(after.get("docs", 0) / tokens * 1e9),
+        "growth_after_merge_bytes_per_1b_tokens": round((after.get("docs", 0) + after.get("completions", 0))
+                                                        / tokens * 1e9),
+        "merged_bytes": after.get("merged", 0),
         "lastvals_bytes_per_1b_tokens": round(before.get("lastvals", 0) / tokens * 1e9),
         "unit_partials_bytes_per_1b_tokens_without_merge": round(
             sum(before.get(k, 0) for k in partial_kinds) / tokens * 1e9),

@@ -270,7 +270,8 @@ def separate(a: SeparateArgs) -> int:
 
 
 COMMANDS = (
-    Command("stats", "merge per-shard partials into RUN/features.parquet and print a summary", (StatsArgs,), stats),
+    Command("stats", "merge the units' partials into RUN/merged/ and RUN/features.parquet, and print a summary",
+            (StatsArgs,), stats),
     Command("top", "top-activating contexts per feature", (TopArgs,), top),
     Command("explore", "strongest / most frequent / most selective features, category specialists, co-activation "
             "(a run in positions.mode last, with a category column)", (ExploreArgs,), explore),

@@ -305,7 +305,9 @@ def _unit_windows(docs_files: list[str], want: pl.DataFrame, radius: int) -> pl.
 
 
 def _prune(rd: RunDir, keep: set[str | None]) -> None:
-    """Delete the generations other than `keep` (the current one and the one it replaced)."""
+    """Delete the generations other than `keep` (the current one and the one it replaced) and the one merged.json
+    names now (a concurrent merge may have committed after this one)."""
+    keep = {*keep, json.loads(rd.read_bytes(RECORD)).get("generation")}
     stale = [f for f in rd.list_files(FOLDER) if f.split("/")[1] not in keep]
     rd._delete(stale)
     if not rd.remote:

@@ -368,25 +368,19 @@ def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: s
     ctx = 2 * radius + 1
     tok = run.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    # a sequence per distinct (doc_id, window_start), numbered in order of first appearance
     seqs: dict[tuple[int, int], int] = {}
-    rows: list[list[int]] = []
-    loc_seq, loc_pos, loc_lat, loc_val = [], [], [], []
-    for e in ex.iter_rows(named=True):
-        key = (e["doc_id"], e["window_start"])
-        if key not in seqs:
-            seqs[key] = len(rows)
-            ids = list(e["token_ids"])
-            rows.append(ids + [pad] * (ctx - len(ids)))
-        s = seqs[key]
-        for j, a in enumerate(e["acts"]):
-            if abs(a) > 1e-5:  # what delphi's cache keeps
-                loc_seq.append(s)
-                loc_pos.append(j)
-                loc_lat.append(e["feature"])
-                loc_val.append(a)
-    tokens = np.array(rows, dtype=np.int64).reshape(-1, ctx)
-    seq, pos, lat = np.array(loc_seq, np.int64), np.array(loc_pos, np.int64), np.array(loc_lat, np.int64)
-    val = np.array(loc_val, np.float32)
+    keys = zip(ex["doc_id"].to_list(), ex["window_start"].to_list())
+    seq_of = np.fromiter((seqs.setdefault(key, len(seqs)) for key in keys), np.int64, ex.height)
+    firsts = ex["token_ids"].gather(np.unique(seq_of, return_index=True)[1])
+    row, col, ids = _flat(firsts)
+    tokens = np.full((len(firsts), ctx), pad, np.int64)
+    tokens[row, col] = ids
+    row, pos, acts = _flat(ex["acts"])
+    acts = acts.astype(np.float64)
+    kept = np.abs(acts) > 1e-5  # what delphi's cache keeps
+    seq, pos, lat = seq_of[row[kept]], pos[kept], ex["feature"].to_numpy().astype(np.int64)[row[kept]]
+    val = acts[kept].astype(np.float32)
     order = np.lexsort((lat, pos, seq))
     seq, pos, lat, val = seq[order], pos[order], lat[order], val[order]
     hook = hookpoint or next(s["hook"] for s in manifest["resolved"]["saes"] if s["name"] == sae_name)
@@ -404,8 +398,16 @@ def delphi(run: str | Path, out: str | Path, *, sae: str | None = None, group: s
         written.append(path)
     (d / "config.json").write_text(json.dumps({
         "dataset_repo": cfg.data.dataset, "dataset_split": cfg.data.split, "dataset_name": "",
-        "dataset_column": cfg.data.text_column, "batch_size": len(rows), "cache_ctx_len": ctx,
+        "dataset_column": cfg.data.text_column, "batch_size": len(tokens), "cache_ctx_len": ctx,
         "n_tokens": int(tokens.size), "n_splits": n_splits, "model_name": cfg.model.name,
         "saeray": {"run": str(run), "fingerprint": manifest["fingerprint"], "sae": sae_name, "group": group,
                    "radius": radius, "sequences": DELPHI_NOTE}}, indent=2))
     return written
+
+
+def _flat(lists: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list column's items flattened: (the row of each, its position in its list, the values)."""
+    lengths = lists.list.len().to_numpy().astype(np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return row, np.arange(len(row)) - starts[row], lists.explode(empty_as_null=False).to_numpy()

@@ -90,23 +90,39 @@ def vocab_strings(tokenizer: Any, d_vocab: int) -> list[str]:
     return out
 
 
-def ranked(x: torch.Tensor, k: int, *, largest: bool = True) -> np.ndarray:
+def ranked(x: torch.Tensor, k: int, *, largest: bool = True, block: int = 256) -> np.ndarray:
     """Column indices [rows, k] of each row's k largest values, largest first, ties to the smaller index (the first
     k of `np.argsort(-row, kind="stable")`); with largest=False its k smallest, smallest first, ties to the larger
-    index (the first k of that order reversed). One torch.topk for all rows; a row whose k-th value is tied past
-    the cut is resolved from the whole row."""
-    n = x.shape[1]
+    index (the first k of that order reversed). `x` holds no NaN.
+
+    Each row is first narrowed to the blocks of `block` columns whose maximum reaches the k-th largest block maximum
+    (k blocks, more where maxima tie), and the columns past the last whole block: every value that can be among the
+    k is there, ties at the cut included."""
+    rows, n = x.shape
     k = min(k, n)
-    values, indices = torch.topk(x, min(k + 1, n), dim=1, largest=largest)
-    v, i = values.numpy(), indices.numpy().astype(np.int64)
-    sign = 1 if largest else -1
-    out = np.take_along_axis(i, np.lexsort((sign * i, -sign * v), axis=-1), axis=-1)[:, :k]
-    if k < n:
-        for r in np.flatnonzero(v[:, k] == v[:, k - 1]):
-            row, cut = x[r], x[r, indices[r, k - 1]]
-            idx = torch.cat([(row > cut if largest else row < cut).nonzero(), (row == cut).nonzero()])[:, 0].numpy()
-            out[r] = idx[np.lexsort((sign * idx, -sign * row[idx].numpy()))][:k]
+    whole = n // block
+    if whole <= k:
+        return _ranked(x, torch.arange(n).expand(rows, n), k, largest)
+    blocks = x[:, :whole * block].view(rows, whole, block)
+    extremes = blocks.amax(2) if largest else blocks.amin(2)
+    ends, which = torch.topk(extremes, k + 1, dim=1, largest=largest)
+    offsets, rest = torch.arange(block), torch.arange(whole * block, n)
+    narrowed = torch.cat([(which[:, :k, None] * block + offsets).reshape(rows, k * block),
+                          rest.expand(rows, len(rest))], dim=1)
+    out = _ranked(x.gather(1, narrowed), narrowed, k, largest)
+    for r in torch.nonzero(ends[:, k] == ends[:, k - 1])[:, 0].tolist():  # every block that reaches the k-th's end
+        reach = (extremes[r] >= ends[r, k - 1]) if largest else (extremes[r] <= ends[r, k - 1])
+        cols = torch.cat([(reach.nonzero() * block + offsets).reshape(-1), rest])
+        out[r] = _ranked(x[r, cols][None], cols[None], k, largest)[0]
     return out
+
+
+def _ranked(values: torch.Tensor, columns: torch.Tensor, k: int, largest: bool) -> np.ndarray:
+    """`ranked` of `values` [rows, m] (float32) whose entries are the columns `columns` [rows, m] of the matrix
+    ranked: one torch.topk over int64 keys that order by value, then column (no two equal in a row)."""
+    bits = (values.numpy() + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0.0: -0.0 is 0.0, as in argsort
+    keys = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * 2**32 + (2**32 - 1 - columns.numpy())
+    return columns.gather(1, torch.topk(torch.from_numpy(keys), k, dim=1, largest=largest).indices).numpy()
 
 
 def _histc(x: torch.Tensor, lo: float, hi: float, bins: int = 50) -> tuple[list[int], list[float]]:

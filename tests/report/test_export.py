@@ -237,7 +237,8 @@ def test_export_commands(both, tmp_path):
 
 def test_ranked_equals_stable_argsort_with_ties():
     """export.ranked (one batched torch.topk) gives, per row, the first k of np.argsort(-row, kind="stable") and
-    the first k of that order reversed, on rows full of ties: at the cut, inside the k, and 0.0 against -0.0."""
+    the first k of that order reversed, on rows full of ties: at the cut, inside the k, between the maxima of
+    blocks, and 0.0 against -0.0; with blocks that divide the row and blocks that leave columns over."""
     from saeray.report.export import ranked
 
     gen = torch.Generator().manual_seed(0)
@@ -247,12 +248,13 @@ def test_ranked_equals_stable_argsort_with_ties():
     x[9, ::2] = -0.0
     x[10, :20] = 7.0  # more of the largest value than k
     x[11, -20:] = -7.0
-    for k in (1, 3, 10, 299, 300, 400):
-        top, bottom = ranked(x, k), ranked(x, k, largest=False)
+    x[12, 5::8] = 9.0  # one per block of 8: blocks whose maxima tie
+    for k, block in [(k, block) for k in (1, 3, 10, 299, 300, 400) for block in (256, 8, 7)]:
+        top, bottom = ranked(x, k, block=block), ranked(x, k, largest=False, block=block)
         for r, row in enumerate(x.numpy()):
             order = np.argsort(-row, kind="stable")
-            assert top[r].tolist() == order[:k].tolist(), (k, r)
-            assert bottom[r].tolist() == order[::-1][:k].tolist(), (k, r)
+            assert top[r].tolist() == order[:k].tolist(), (k, block, r)
+            assert bottom[r].tolist() == order[::-1][:k].tolist(), (k, block, r)
 
 
 def test_rounded_activations_equal_pythons_round():

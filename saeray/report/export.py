@@ -23,6 +23,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,6 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
     hook = next(s for s in manifest["resolved"]["saes"] if s["name"] == sae_name)["hook"]
     layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else 0
     n_docs = sum(int(m.get("docs", 0)) for m in run.completions().values())
-    w_u, gain, w_dec, strings = _weights(cfg, sae_cfg)
     corpus = {"n_prompts_total": n_docs, "n_tokens_in_prompt": int(manifest["resolved"]["context_size"]),
               "dataset": cfg.data.dataset}
     chunks = np.array_split(np.arange(d_sae), math.ceil(d_sae / features_per_batch))
@@ -187,20 +187,32 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
             if (feats := [int(f) for f in chunk if wanted is None or int(f) in wanted])]
     density, n_tokens = stats["density"].to_list(), stats["n_tokens"].to_list()
     steps = _Steps("neuronpedia", len(todo))
-    for reads in _reads(todo, READ_FEATURES):
-        feats = [f for _, batch in reads for f in batch]
-        tops = _Examples(top_examples(run, feats, sae=sae_name, group=group, k=top, window=window), strings)
-        ivs = _Examples(interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals,
-                                          per_bin=per_interval, window=window), strings)
-        hists = activation_histograms(run, feats, sae=sae_name, group=group)
-        for n, batch in reads:
-            entries = [_feature(f, float(density[f]), int(n_tokens[f]), lf, hists.get(f, (None, None)), tops, ivs,
-                                corpus) for f, lf in zip(batch, _logit_fields(w_dec[batch], gain, w_u, strings))]
-            path = out_dir / f"batch-{n}.json"
-            write_local(path, json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name,
-                                          "sae_id_suffix": None, "features": entries}).encode(), fsync=False)
-            written.append(path)
-            steps.step(f"batch files ({len(batch)} features in {path.name})")
+    # One worker loads the model, then computes every batch's logit fields in turn (torch releases the GIL),
+    # while this thread reads the examples and writes the batch files.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        weights = pool.submit(_weights, cfg, sae_cfg)
+
+        def fields(batch: list[int]) -> list[dict[str, Any]]:
+            w_u, gain, w_dec, strings = weights.result()
+            return _logit_fields(w_dec[batch], gain, w_u, strings)
+
+        for reads in _reads(todo, READ_FEATURES):
+            logit_fields = [pool.submit(fields, batch) for _, batch in reads]
+            feats = [f for _, batch in reads for f in batch]
+            tops = top_examples(run, feats, sae=sae_name, group=group, k=top, window=window)
+            ivs = interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals, per_bin=per_interval,
+                                    window=window)
+            hists = activation_histograms(run, feats, sae=sae_name, group=group)
+            strings = weights.result()[3]
+            tops, ivs = _Examples(tops, strings), _Examples(ivs, strings)
+            for (n, batch), done in zip(reads, logit_fields):
+                entries = [_feature(f, float(density[f]), int(n_tokens[f]), lf, hists.get(f, (None, None)), tops, ivs,
+                                    corpus) for f, lf in zip(batch, done.result())]
+                path = out_dir / f"batch-{n}.json"
+                write_local(path, json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name,
+                                              "sae_id_suffix": None, "features": entries}).encode(), fsync=False)
+                written.append(path)
+                steps.step(f"batch files ({len(batch)} features in {path.name})")
     (out_dir / "skipped_indexes.json").write_text(json.dumps(
         {"model_id": model_id, "layer": str(layer), "sae_set": sae_name, "log_sparsity": None, "skipped_indexes": []}))
     (out_dir / "run_settings.json").write_text(json.dumps(
@@ -278,7 +290,7 @@ class _Examples:
         self.qualifying = (frame["pos"] - frame["window_start"]).to_list()
         self.value = frame["value"].to_list()
         if "bin" in frame.columns:
-            self.bin, self.bin_lo, self.bin_hi = frame["bin"].to_list(), frame["bin_lo"].to_list(), frame["bin_hi"].to_list()
+            self.bin, self.bin_lo, self.bin_hi = (frame[c].to_list() for c in ("bin", "bin_lo", "bin_hi"))
         self.rows: dict[int, list[int]] = {}
         for i, f in enumerate(frame["feature"].to_list()):
             self.rows.setdefault(f, []).append(i)
@@ -304,7 +316,8 @@ def _feature(f: int, density: float, n_tok: int, logit_fields: dict[str, Any], h
         "neuron_alignment_l1": lf["neuron_alignment_l1"],
         "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
         "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
-        "neg_str": lf["neg_str"], "neg_values": lf["neg_values"], "pos_str": lf["pos_str"], "pos_values": lf["pos_values"],
+        "neg_str": lf["neg_str"], "neg_values": lf["neg_values"],
+        "pos_str": lf["pos_str"], "pos_values": lf["pos_values"],
         "frac_nonzero": density,
         "freq_hist_data_bar_values": [] if edges is None else np.sqrt(edges[:-1] * edges[1:]).round(5).tolist(),
         "freq_hist_data_bar_heights": [] if counts is None else counts.tolist(),

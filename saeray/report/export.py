@@ -23,6 +23,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -187,37 +188,31 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
             if (feats := [int(f) for f in chunk if wanted is None or int(f) in wanted])]
     density, n_tokens = stats["density"].to_list(), stats["n_tokens"].to_list()
     steps = _Steps("neuronpedia", len(todo))
-    # Workers, one torch thread each (as many as torch has threads), compute the batches' logit fields (torch
-    # releases the GIL), the first after loading the model, while this thread reads the examples and writes the files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            weights = pool.submit(_weights, cfg, sae_cfg)
+    # the workers load the model, then compute the batches' logit fields while this thread reads and writes
+    with _workers() as pool:
+        weights = pool.submit(_weights, cfg, sae_cfg)
 
-            def fields(batch: list[int]) -> list[dict[str, Any]]:
-                w_u, gain, w_dec, strings = weights.result()
-                return _logit_fields(w_dec[batch], gain, w_u, strings)
+        def fields(batch: list[int]) -> list[dict[str, Any]]:
+            w_u, gain, w_dec, strings = weights.result()
+            return _logit_fields(w_dec[batch], gain, w_u, strings)
 
-            for reads in _reads(todo, READ_FEATURES):
-                logit_fields = [pool.submit(fields, batch) for _, batch in reads]
-                feats = [f for _, batch in reads for f in batch]
-                tops = top_examples(run, feats, sae=sae_name, group=group, k=top, window=window)
-                ivs = interval_examples(run, feats, sae=sae_name, group=group, bins=n_intervals, per_bin=per_interval,
-                                        window=window)
-                hists = activation_histograms(run, feats, sae=sae_name, group=group)
-                strings = weights.result()[3]
-                tops, ivs = _Examples(tops, strings), _Examples(ivs, strings)
-                for (n, batch), done in zip(reads, logit_fields):
-                    entries = [_feature(f, float(density[f]), int(n_tokens[f]), lf, hists.get(f, (None, None)), tops,
-                                        ivs, corpus) for f, lf in zip(batch, done.result())]
-                    path = out_dir / f"batch-{n}.json"
-                    write_local(path, json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name,
-                                                  "sae_id_suffix": None, "features": entries}).encode(), fsync=False)
-                    written.append(path)
-                    steps.step(f"batch files ({len(batch)} features in {path.name})")
-    finally:
-        torch.set_num_threads(threads)
+        pair = {"sae": sae_name, "group": group, "window": window}
+        for reads in _reads(todo, READ_FEATURES):
+            logit_fields = [pool.submit(fields, batch) for _, batch in reads]
+            feats = [f for _, batch in reads for f in batch]
+            tops = top_examples(run, feats, k=top, **pair)
+            ivs = interval_examples(run, feats, bins=n_intervals, per_bin=per_interval, **pair)
+            hists = activation_histograms(run, feats, sae=sae_name, group=group)
+            strings = weights.result()[3]
+            tops, ivs = _Examples(tops, strings), _Examples(ivs, strings)
+            for (n, batch), done in zip(reads, logit_fields):
+                entries = [_feature(f, float(density[f]), int(n_tokens[f]), lf, hists.get(f, (None, None)), tops, ivs,
+                                    corpus) for f, lf in zip(batch, done.result())]
+                path = out_dir / f"batch-{n}.json"
+                write_local(path, json.dumps({"model_id": model_id, "layer": layer, "sae_set": sae_name,
+                                              "sae_id_suffix": None, "features": entries}).encode(), fsync=False)
+                written.append(path)
+                steps.step(f"batch files ({len(batch)} features in {path.name})")
     (out_dir / "skipped_indexes.json").write_text(json.dumps(
         {"model_id": model_id, "layer": str(layer), "sae_set": sae_name, "log_sparsity": None, "skipped_indexes": []}))
     (out_dir / "run_settings.json").write_text(json.dumps(
@@ -227,6 +222,24 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
          "top_acts_group_size": top, "n_quantiles": n_intervals, "quantile_group_size": per_interval,
          "context_radius": radius, "differences_from_saedashboard": DIFFERENCES}, indent=2))
     return written
+
+
+@contextmanager
+def _workers() -> Iterator[ThreadPoolExecutor]:
+    """A pool of as many threads as torch has, torch set to one thread meanwhile: the workers' matrix products run
+    side by side (torch releases the GIL) instead of each one's threads waiting on each other. On an error or a
+    stop the tasks not started are dropped."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(threads)
 
 
 def _reads(todo: list[tuple[int, list[int]]], most: int) -> Iterator[list[tuple[int, list[int]]]]:

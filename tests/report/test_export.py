@@ -233,3 +233,34 @@ def test_export_commands(both, tmp_path):
         assert f"{fmt}: {steps}" in done.stderr and "| ETA 0s" in done.stderr, done.stderr[-2000:]
     # 96 features in ceil(96 / 64) = 2 batches of 48 (np.array_split, as NeuronpediaRunner cuts them)
     assert len(json.loads((tmp_path / "neuronpedia" / "batch-1.json").read_text())["features"]) == 48
+
+
+def test_ranked_equals_stable_argsort_with_ties():
+    """export.ranked (one batched torch.topk) gives, per row, the first k of np.argsort(-row, kind="stable") and
+    the first k of that order reversed, on rows full of ties: at the cut, inside the k, between the maxima of
+    blocks, and 0.0 against -0.0; with blocks that divide the row and blocks that leave columns over."""
+    from saeray.report.export import ranked
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (64, 300), generator=gen).float() / 2  # 9 distinct values: ties everywhere
+    x[:8] = torch.randn(8, 300, generator=gen)  # rows without ties
+    x[8] = 0.0
+    x[9, ::2] = -0.0
+    x[10, :20] = 7.0  # more of the largest value than k
+    x[11, -20:] = -7.0
+    x[12, 5::8] = 9.0  # one per block of 8: blocks whose maxima tie
+    for k, block in [(k, block) for k in (1, 3, 10, 299, 300, 400) for block in (256, 8, 7)]:
+        top, bottom = ranked(x, k, block=block), ranked(x, k, largest=False, block=block)
+        for r, row in enumerate(x.numpy()):
+            order = np.argsort(-row, kind="stable")
+            assert top[r].tolist() == order[:k].tolist(), (k, block, r)
+            assert bottom[r].tolist() == order[::-1][:k].tolist(), (k, block, r)
+
+
+def test_rounded_activations_equal_pythons_round():
+    """The batch files' activations are rounded for all examples at once with numpy; for float32 values that is
+    Python's round(value, 5) (value * 1e5 is exact in float64), halves and every magnitude included."""
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal(100_000) * 10.0 ** rng.integers(-7, 5, 100_000),
+                        np.arange(-4096, 4096) / 64, np.arange(-4096, 4096) / 2 ** 17]).astype(np.float32)
+    assert v.astype(np.float64).round(5).tolist() == [round(float(a), 5) for a in v]

@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--export-only", action="store_true", help="only the export, on the run kept in --dir")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    p.add_argument("--label", default=None, help="the figures' key in --out (default: --latents)")
     a = p.parse_args()
     if a.step:
         print(json.dumps(step(a.step, a.dir, a.feature)))
@@ -199,8 +200,9 @@ def main() -> None:
     if a.export_only:  # the export again, on a run this bench built and kept (--dir), e.g. after changing the export
         root = a.dir / f"run-{a.latents}"
         saved = json.loads(a.out.read_text())
-        saved[str(a.latents)]["export_neuronpedia"] = _child("export", root, 0)
-        print(json.dumps(saved[str(a.latents)]["export_neuronpedia"], indent=2))
+        key = a.label or str(a.latents)
+        saved[key]["export_neuronpedia"] = _child("export", root, 0)
+        print(json.dumps(saved[key]["export_neuronpedia"], indent=2))
         a.out.write_text(json.dumps(saved, indent=2) + "\n")
         return
     import torch
@@ -251,7 +253,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     saved = json.loads(a.out.read_text()) if a.out.is_file() else {}
-    saved[str(a.latents)] = result
+    saved[a.label or str(a.latents)] = result
     a.out.write_text(json.dumps(saved, indent=2) + "\n")
     if a.dir is None:
         shutil.rmtree(root.parent, ignore_errors=True)

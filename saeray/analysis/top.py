@@ -217,58 +217,68 @@ def _check_window(window: tuple[int, int]) -> None:
         raise ValueError(f"window must be two non-negative token counts (before, after), got {window}")
 
 
-def _doc_tokens(run: str | Path, doc_ids: list[int]) -> dict[int, tuple[int, list[int] | None, list[dict] | None]]:
-    """doc_id -> (n_tokens, token_ids or None, windows or None): the merged examples' windows (merged.py) where
-    the run has them, else from the run's docs."""
+def _doc_spans(run: str | Path, doc_ids: pl.Series) -> pl.DataFrame:
+    """Token ids of the documents `doc_ids` as spans (doc_id, n_tokens, start, token_ids): the merged examples'
+    windows (merged.py) where the run has them, else the run's docs (a document's whole ids as one span from 0, or
+    the windows of output.docs: examples); a document kept without token ids has one span of null ids."""
     from ..engine import merged
     from .stats import scan_docs, scan_files
 
     rd = open_run(run)
-    out: dict[int, tuple[int, list[int] | None, list[dict] | None]] = {}
+    ids = doc_ids.unique().cast(pl.Int64)
+    cols = {"doc_id": pl.Int64, "n_tokens": pl.Int32, "start": pl.Int32, "token_ids": pl.List(pl.Int32)}
+    parts = []
     windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
     if windows:
-        got = (scan_files(windows).filter(pl.col("doc_id").is_in(pl.Series(doc_ids, dtype=pl.Int64).implode()))
-               .collect().sort("doc_id", "pos"))
-        for (d,), g in got.group_by("doc_id", maintain_order=True):
-            out[d] = (g["n_tokens"][0], None, [{"start": s, "token_ids": t}
-                                               for s, t in zip(g["start"].to_list(), g["token_ids"].to_list())])
-        doc_ids = [d for d in doc_ids if d not in out]
-        if not doc_ids:
-            return out
-    docs = scan_docs(run)
-    cols = ["doc_id", "n_tokens", "token_ids", *(["windows"] if "windows" in docs.collect_schema() else [])]
-    got = docs.filter(pl.col("doc_id").is_in(pl.Series(doc_ids, dtype=pl.Int64).implode())).select(cols).collect()
-    return {**out, **{r["doc_id"]: (r["n_tokens"], r["token_ids"], r.get("windows")) for r in got.iter_rows(named=True)}}
+        parts.append(scan_files(windows).filter(pl.col("doc_id").is_in(ids.implode())).select(*cols).collect())
+        ids = ids.filter(~ids.is_in(parts[0]["doc_id"].unique()))
+    if ids.len():
+        docs = scan_docs(run)
+        have = [c for c in ("doc_id", "n_tokens", "token_ids", "windows") if c in docs.collect_schema()]
+        got = docs.filter(pl.col("doc_id").is_in(ids.implode())).select(have).collect()
+        whole = got.filter(pl.col("token_ids").is_not_null() | pl.lit("windows" not in have))
+        parts.append(whole.select("doc_id", "n_tokens", pl.lit(0).alias("start"), "token_ids"))
+        if "windows" in have:
+            rest = got.filter(pl.col("token_ids").is_null()).explode("windows")
+            parts.append(rest.select("doc_id", "n_tokens", pl.col("windows").struct.field("start"),
+                                     pl.col("windows").struct.field("token_ids")))
+    return pl.concat([p.select(pl.col(c).cast(t) for c, t in cols.items()) for p in parts])
 
 
 def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[int, int], tokenizer: Any) -> pl.DataFrame:
     """`_examples` for examples chosen from the partials: the position and the contexts are in the partials,
-    the token ids in docs (every document's, or the windows of output.docs: examples)."""
+    the token ids in the merged windows or docs (`_doc_spans`)."""
     before, after = window
-    docs = _doc_tokens(run, chosen["doc_id"].unique().to_list())
-    starts, ids_col, acts_col, n_col = [], [], [], []
-    for r in chosen.iter_rows(named=True):
-        if r["doc_id"] not in docs:
-            raise FileNotFoundError(f"{run}: document {r['doc_id']} of an example is not in docs")
-        n, ids, windows = docs[r["doc_id"]]
-        pos = r["pos"]
-        lo, hi = max(0, pos - before), min(n, pos + after + 1)
-        if ids is None:
-            span = next((w for w in windows or () if w["start"] <= lo and hi <= w["start"] + len(w["token_ids"])), None)
-            if span is None:
-                raise FileNotFoundError(f"{run} keeps no token ids of document {r['doc_id']} around position {pos} "
-                                        "(output.docs: none): rerun with output.docs: examples or all")
-            ids, shift = span["token_ids"], span["start"]
-        else:
-            shift = 0
-        ctx = dict(zip(r["ctx_offset"], r["ctx_value"]))
-        starts.append(lo)
-        n_col.append(n)
-        ids_col.append(ids[lo - shift:hi - shift])
-        acts_col.append([ctx.get(p - pos, 0.0) for p in range(lo, hi)])
-    ex = chosen.with_columns(pl.Series("n_tokens", n_col, dtype=pl.Int32), pl.Series("window_start", starts, dtype=pl.Int32),
-                             pl.Series("token_ids", ids_col, dtype=pl.List(pl.Int32)),
-                             pl.Series("acts", acts_col, dtype=pl.List(pl.Float32)))
+    ex = chosen.with_row_index("_i")
+    spans = _doc_spans(run, chosen["doc_id"])
+    missing = ex.join(spans, on="doc_id", how="anti")
+    if missing.height:
+        raise FileNotFoundError(f"{run}: document {missing['doc_id'][0]} of an example is not in docs")
+    got = (ex.select("_i", "doc_id", "pos").join(spans, on="doc_id")
+           .with_columns((pl.col("pos") - before).clip(lower_bound=0).alias("window_start"),
+                         pl.min_horizontal(pl.col("pos") + after + 1, pl.col("n_tokens")).alias("_end"))
+           .filter(pl.col("token_ids").is_not_null() & (pl.col("start") <= pl.col("window_start"))
+                   & (pl.col("_end") <= pl.col("start") + pl.col("token_ids").list.len()))
+           .unique("_i", keep="first")
+           .select("_i", "n_tokens", "window_start", "_end",
+                   pl.col("token_ids").list.slice(pl.col("window_start") - pl.col("start"),
+                                                  pl.col("_end") - pl.col("window_start"))))
+    if got.height < ex.height:
+        bad = ex.join(got, on="_i", how="anti").row(0, named=True)
+        raise FileNotFoundError(f"{run} keeps no token ids of document {bad['doc_id']} around position {bad['pos']} "
+                                "(output.docs: none): rerun with output.docs: examples or all")
+    # each window position's activation: the context value at its offset from pos, 0.0 where the partials hold none
+    grid = (got.select("_i", pl.int_ranges("window_start", "_end", dtype=pl.Int32).alias("_p"))
+            .explode("_p").drop_nulls("_p")
+            .join(ex.select("_i", "pos"), on="_i").with_columns((pl.col("_p") - pl.col("pos")).alias("_off")))
+    ctx = (ex.select("_i", "ctx_offset", "ctx_value").explode("ctx_offset", "ctx_value").drop_nulls("ctx_offset")
+           .unique(["_i", "ctx_offset"], keep="first").rename({"ctx_offset": "_off"}))
+    acts = (grid.join(ctx, on=["_i", "_off"], how="left").sort("_i", "_p")
+            .group_by("_i", maintain_order=True).agg(pl.col("ctx_value").fill_null(0.0).cast(pl.Float32).alias("acts")))
+    ex = (ex.join(got.drop("_end"), on="_i", how="left").join(acts, on="_i", how="left").sort("_i")
+          .with_columns(pl.col("n_tokens").cast(pl.Int32), pl.col("window_start").cast(pl.Int32),
+                        pl.col("token_ids").cast(pl.List(pl.Int32)),
+                        pl.col("acts").fill_null(pl.lit([], dtype=pl.List(pl.Float32)))).drop("_i"))
     return _finish(ex, tokenizer)
 
 

@@ -217,31 +217,35 @@ def _check_window(window: tuple[int, int]) -> None:
         raise ValueError(f"window must be two non-negative token counts (before, after), got {window}")
 
 
-def _doc_spans(run: str | Path, doc_ids: pl.Series) -> pl.DataFrame:
-    """Token ids of the documents `doc_ids` as spans (doc_id, n_tokens, start, token_ids): the merged examples'
-    windows (merged.py) where the run has them, else the run's docs (a document's whole ids as one span from 0, or
-    the windows of output.docs: examples); a document kept without token ids has one span of null ids."""
+def _doc_spans(run: str | Path, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Token ids around the examples' (doc_id, pos) `pairs`, as spans (doc_id, pos, n_tokens, start, token_ids):
+    the merged examples' window of each pair (merged.py) where the run has it, else the spans of its docs with pos
+    null (a document's whole ids as one span from 0, or the windows of output.docs: examples); a document kept
+    without token ids has one span of null ids."""
     from ..engine import merged
     from .stats import scan_docs, scan_files
 
     rd = open_run(run)
-    ids = doc_ids.unique().cast(pl.Int64)
-    cols = {"doc_id": pl.Int64, "n_tokens": pl.Int32, "start": pl.Int32, "token_ids": pl.List(pl.Int32)}
+    pairs = pairs.select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32)).unique()
+    cols = {"doc_id": pl.Int64, "pos": pl.Int32, "n_tokens": pl.Int32, "start": pl.Int32, "token_ids": pl.List(pl.Int32)}
     parts = []
     windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
     if windows:
-        parts.append(scan_files(windows).filter(pl.col("doc_id").is_in(ids.implode())).select(*cols).collect())
-        ids = ids.filter(~ids.is_in(parts[0]["doc_id"].unique()))
-    if ids.len():
+        found = (scan_files(windows).filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode()))
+                 .join(pairs.lazy(), on=["doc_id", "pos"], how="semi").select(*cols).collect())
+        parts.append(found)
+        pairs = pairs.join(found, on=["doc_id", "pos"], how="anti")
+    if pairs.height:
         docs = scan_docs(run)
         have = [c for c in ("doc_id", "n_tokens", "token_ids", "windows") if c in docs.collect_schema()]
-        got = docs.filter(pl.col("doc_id").is_in(ids.implode())).select(have).collect()
+        got = docs.filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode())).select(have).collect()
         whole = got.filter(pl.col("token_ids").is_not_null() | pl.lit("windows" not in have))
-        parts.append(whole.select("doc_id", "n_tokens", pl.lit(0).alias("start"), "token_ids"))
+        parts.append(whole.select("doc_id", pl.lit(None).alias("pos"), "n_tokens", pl.lit(0).alias("start"),
+                                  "token_ids"))
         if "windows" in have:
             rest = got.filter(pl.col("token_ids").is_null()).explode("windows")
-            parts.append(rest.select("doc_id", "n_tokens", pl.col("windows").struct.field("start"),
-                                     pl.col("windows").struct.field("token_ids")))
+            parts.append(rest.select("doc_id", pl.lit(None).alias("pos"), "n_tokens",
+                                     pl.col("windows").struct.field("start"), pl.col("windows").struct.field("token_ids")))
     return pl.concat([p.select(pl.col(c).cast(t) for c, t in cols.items()) for p in parts])
 
 
@@ -250,11 +254,13 @@ def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[in
     the token ids in the merged windows or docs (`_doc_spans`)."""
     before, after = window
     ex = chosen.with_row_index("_i")
-    spans = _doc_spans(run, chosen["doc_id"])
-    missing = ex.join(spans, on="doc_id", how="anti")
+    spans = _doc_spans(run, chosen)
+    keys = ex.select("_i", "doc_id", pl.col("pos").cast(pl.Int32))
+    missing = keys.join(spans, on="doc_id", how="anti")
     if missing.height:
         raise FileNotFoundError(f"{run}: document {missing['doc_id'][0]} of an example is not in docs")
-    got = (ex.select("_i", "doc_id", "pos").join(spans, on="doc_id")
+    exact, by_doc = spans.filter(pl.col("pos").is_not_null()), spans.filter(pl.col("pos").is_null()).drop("pos")
+    got = (pl.concat([keys.join(exact, on=["doc_id", "pos"]), keys.join(by_doc, on="doc_id")])
            .with_columns((pl.col("pos") - before).clip(lower_bound=0).alias("window_start"),
                          pl.min_horizontal(pl.col("pos") + after + 1, pl.col("n_tokens")).alias("_end"))
            .filter(pl.col("token_ids").is_not_null() & (pl.col("start") <= pl.col("window_start"))

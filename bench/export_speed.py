@@ -98,8 +98,8 @@ def main() -> None:
         differences = compare(Path(tmp) / "ref", Path(tmp) / "new")
         written = sum(f.stat().st_size for f in (Path(tmp) / "new").iterdir())
     figures = {
-        "command": " ".join(["bench/export_speed.py", *sys.argv[1:]]),
-        "run": a.run, "ref": a.ref, "features": a.features, "batch_files": new["files"],
+        "command": " ".join(["bench/export_speed.py", *(Path(x).name if x == a.run else x for x in sys.argv[1:])]),
+        "run": Path(a.run).name, "ref": a.ref, "features": a.features, "batch_files": new["files"],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2),
         "ref_export_s": round(old["export_s"], 2), "new_export_s": round(new["export_s"], 2),

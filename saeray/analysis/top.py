@@ -217,74 +217,47 @@ def _check_window(window: tuple[int, int]) -> None:
         raise ValueError(f"window must be two non-negative token counts (before, after), got {window}")
 
 
-def _doc_spans(run: str | Path, pairs: pl.DataFrame) -> pl.DataFrame:
-    """Token ids around the examples' (doc_id, pos) `pairs`, as spans (doc_id, pos, n_tokens, start, token_ids):
-    the merged examples' window of each pair (merged.py) where the run has it, else the spans of its docs with pos
-    null (a document's whole ids as one span from 0, or the windows of output.docs: examples); a document kept
-    without token ids has one span of null ids."""
+def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[int, int], tokenizer: Any) -> pl.DataFrame:
+    """`_examples` for examples chosen from the partials: the position and the contexts are in the partials,
+    the token ids in the merged examples' windows (merged.py) where the run has them, else in docs."""
     from ..engine import merged
     from .stats import scan_docs, scan_files
 
-    rd = open_run(run)
-    pairs = pairs.select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32)).unique()
-    cols = {"doc_id": pl.Int64, "pos": pl.Int32, "n_tokens": pl.Int32, "start": pl.Int32, "token_ids": pl.List(pl.Int32)}
-    parts = []
-    windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
-    if windows:
-        found = (scan_files(windows).filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode()))
-                 .join(pairs.lazy(), on=["doc_id", "pos"], how="semi").select(*cols).collect())
-        parts.append(found)
-        pairs = pairs.join(found, on=["doc_id", "pos"], how="anti")
-    if pairs.height:
-        docs = scan_docs(run)
-        have = [c for c in ("doc_id", "n_tokens", "token_ids", "windows") if c in docs.collect_schema()]
-        got = docs.filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode())).select(have).collect()
-        whole = got.filter(pl.col("token_ids").is_not_null() | pl.lit("windows" not in have))
-        parts.append(whole.select("doc_id", pl.lit(None).alias("pos"), "n_tokens", pl.lit(0).alias("start"),
-                                  "token_ids"))
-        if "windows" in have:
-            rest = got.filter(pl.col("token_ids").is_null()).explode("windows")
-            parts.append(rest.select("doc_id", pl.lit(None).alias("pos"), "n_tokens",
-                                     pl.col("windows").struct.field("start"), pl.col("windows").struct.field("token_ids")))
-    return pl.concat([p.select(pl.col(c).cast(t) for c, t in cols.items()) for p in parts])
-
-
-def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[int, int], tokenizer: Any) -> pl.DataFrame:
-    """`_examples` for examples chosen from the partials: the position and the contexts are in the partials,
-    the token ids in the merged windows or docs (`_doc_spans`)."""
     before, after = window
     ex = chosen.with_row_index("_i")
-    spans = _doc_spans(run, chosen)
-    keys = ex.select("_i", "doc_id", pl.col("pos").cast(pl.Int32))
-    missing = keys.join(spans, on="doc_id", how="anti")
-    if missing.height:
-        raise FileNotFoundError(f"{run}: document {missing['doc_id'][0]} of an example is not in docs")
-    exact, by_doc = spans.filter(pl.col("pos").is_not_null()), spans.filter(pl.col("pos").is_null()).drop("pos")
-    got = (pl.concat([keys.join(exact, on=["doc_id", "pos"]), keys.join(by_doc, on="doc_id")])
-           .with_columns((pl.col("pos") - before).clip(lower_bound=0).alias("window_start"),
-                         pl.min_horizontal(pl.col("pos") + after + 1, pl.col("n_tokens")).alias("_end"))
-           .filter(pl.col("token_ids").is_not_null() & (pl.col("start") <= pl.col("window_start"))
-                   & (pl.col("_end") <= pl.col("start") + pl.col("token_ids").list.len()))
-           .unique("_i", keep="first")
-           .select("_i", "n_tokens", "window_start", "_end",
-                   pl.col("token_ids").list.slice(pl.col("window_start") - pl.col("start"),
-                                                  pl.col("_end") - pl.col("window_start"))))
+    keys = ex.select("_i", pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32))
+    parts, rest = [], keys
+    rd = open_run(run)
+    windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
+    if windows:
+        exact = (scan_files(windows).filter(pl.col("doc_id").is_in(keys["doc_id"].unique().implode()))
+                 .join(keys.lazy(), on=["doc_id", "pos"], how="semi").select(*merged.SPAN, "pos").collect())
+        parts.append(merged.cut_windows(keys, exact, before, after, on=["doc_id", "pos"]))
+        rest = keys.join(parts[0], on="_i", how="anti")
+    if rest.height:
+        spans = merged.doc_spans(scan_docs(run), rest["doc_id"])
+        missing = rest.join(spans, on="doc_id", how="anti")
+        if missing.height:
+            raise FileNotFoundError(f"{run}: document {missing['doc_id'][0]} of an example is not in docs")
+        parts.append(merged.cut_windows(rest, spans, before, after, on=["doc_id"]))
+    got = (pl.concat(parts).select("_i", "n_tokens", "window_start", "token_ids") if parts else
+           pl.DataFrame(schema={"_i": pl.UInt32, "n_tokens": pl.Int32, "window_start": pl.Int32,
+                                "token_ids": pl.List(pl.Int32)}))
     if got.height < ex.height:
         bad = ex.join(got, on="_i", how="anti").row(0, named=True)
         raise FileNotFoundError(f"{run} keeps no token ids of document {bad['doc_id']} around position {bad['pos']} "
                                 "(output.docs: none): rerun with output.docs: examples or all")
     # each window position's activation: the context value at its offset from pos, 0.0 where the partials hold none
-    grid = (got.select("_i", pl.int_ranges("window_start", "_end", dtype=pl.Int32).alias("_p"))
+    grid = (got.select("_i", pl.int_ranges("window_start", pl.col("window_start") + pl.col("token_ids").list.len(),
+                                           dtype=pl.Int32).alias("_p"))
             .explode("_p").drop_nulls("_p")
             .join(ex.select("_i", "pos"), on="_i").with_columns((pl.col("_p") - pl.col("pos")).alias("_off")))
     ctx = (ex.select("_i", "ctx_offset", "ctx_value").explode("ctx_offset", "ctx_value").drop_nulls("ctx_offset")
            .unique(["_i", "ctx_offset"], keep="first").rename({"ctx_offset": "_off"}))
     acts = (grid.join(ctx, on=["_i", "_off"], how="left").sort("_i", "_p")
             .group_by("_i", maintain_order=True).agg(pl.col("ctx_value").fill_null(0.0).cast(pl.Float32).alias("acts")))
-    ex = (ex.join(got.drop("_end"), on="_i", how="left").join(acts, on="_i", how="left").sort("_i")
-          .with_columns(pl.col("n_tokens").cast(pl.Int32), pl.col("window_start").cast(pl.Int32),
-                        pl.col("token_ids").cast(pl.List(pl.Int32)),
-                        pl.col("acts").fill_null(pl.lit([], dtype=pl.List(pl.Float32)))).drop("_i"))
+    ex = (ex.join(got, on="_i", how="left").join(acts, on="_i", how="left").sort("_i")
+          .with_columns(pl.col("acts").fill_null(pl.lit([], dtype=pl.List(pl.Float32)))).drop("_i"))
     return _finish(ex, tokenizer)
 
 

@@ -218,28 +218,9 @@ def _pick_examples(df: pl.DataFrame, k: int, m: int) -> pl.DataFrame:
 
 
 def _feature_ranges(inputs: list[str]) -> list[tuple[int, int]]:
-    """[a, b) feature ranges holding about CHUNK_ROWS input rows each (from the files' row counts, evenly spread)."""
-    if any("://" in f for f in inputs):
-        return _remote_ranges(inputs)
-    rows, hi = 0, 0
-    for f in inputs:
-        meta = pq.read_metadata(f)
-        rows += meta.num_rows
-        for g in range(meta.num_row_groups):
-            st = meta.row_group(g).column(meta.schema.to_arrow_schema().get_field_index("feature")).statistics
-            if st is not None and st.has_min_max:
-                hi = max(hi, int(st.max) + 1)
-    if hi == 0:
-        return []
-    n = max(1, -(-rows // CHUNK_ROWS))
-    step = -(-hi // n)
-    return [(a, min(hi, a + step)) for a in range(0, hi, step)]
-
-
-def _remote_ranges(inputs: list[str]) -> list[tuple[int, int]]:
-    """`_feature_ranges` for files in an object store (the footers read through Polars)."""
+    """[a, b) feature ranges holding about CHUNK_ROWS input rows each (the inputs' rows spread evenly)."""
     stats = _scan(inputs).select(pl.len().alias("n"), pl.col("feature").max().alias("hi")).collect()
-    rows, hi = int(stats["n"][0]), int(stats["hi"][0] or -1) + 1
+    rows, hi = int(stats["n"][0]), int(stats["hi"][0] if stats["hi"][0] is not None else -1) + 1
     if hi == 0:
         return []
     step = -(-hi // max(1, -(-rows // CHUNK_ROWS)))
@@ -281,27 +262,43 @@ def _write_windows(rd: RunDir, rec: dict[str, Any] | None, markers: dict[int, di
     _write(table.select(WINDOWS_SCHEMA.names).to_arrow().cast(WINDOWS_SCHEMA), path)
 
 
+SPAN = {"doc_id": pl.Int64, "n_tokens": pl.Int32, "start": pl.Int32, "token_ids": pl.List(pl.Int32)}
+
+
+def doc_spans(docs: pl.LazyFrame, doc_ids: pl.Series) -> pl.DataFrame:
+    """The token ids docs keep of the documents `doc_ids`, as spans (doc_id, n_tokens, start, token_ids): a
+    document's whole ids from 0 (output.docs: all) or each of its windows (output.docs: examples); one span of null
+    ids for a document kept without token ids."""
+    have = [c for c in ("doc_id", "n_tokens", "token_ids", "windows") if c in docs.collect_schema().names()]
+    got = docs.filter(pl.col("doc_id").is_in(doc_ids.unique().cast(pl.Int64).implode())).select(have).collect()
+    parts = [got.filter(pl.col("token_ids").is_not_null() | pl.lit("windows" not in have))
+             .select("doc_id", "n_tokens", pl.lit(0).alias("start"), "token_ids")]
+    if "windows" in have:
+        parts.append(got.filter(pl.col("token_ids").is_null()).explode("windows").select(
+            "doc_id", "n_tokens", pl.col("windows").struct.field("start"), pl.col("windows").struct.field("token_ids")))
+    return pl.concat([p.select(pl.col(c).cast(t) for c, t in SPAN.items()) for p in parts])
+
+
+def cut_windows(keys: pl.DataFrame, spans: pl.DataFrame, before: int, after: int, on: list[str]) -> pl.DataFrame:
+    """Per row of `keys` (doc_id, pos and other key columns) whose span (joined `on`) holds positions pos - before ..
+    pos + after clipped to the document: the keys, n_tokens, window_start and the window's token_ids. Rows without
+    such a span are absent."""
+    return (keys.join(spans, on=on)
+            .with_columns((pl.col("pos") - before).clip(lower_bound=0).alias("window_start"),
+                          pl.min_horizontal(pl.col("pos") + after + 1, pl.col("n_tokens")).alias("_end"))
+            .filter(pl.col("token_ids").is_not_null() & (pl.col("start") <= pl.col("window_start"))
+                    & (pl.col("_end") <= pl.col("start") + pl.col("token_ids").list.len()))
+            .unique(keys.columns, keep="first")
+            .select(*keys.columns, pl.col("n_tokens").cast(pl.Int32), pl.col("window_start").cast(pl.Int32),
+                    pl.col("token_ids").list.slice(pl.col("window_start") - pl.col("start"),
+                                                   pl.col("_end") - pl.col("window_start")).cast(pl.List(pl.Int32))))
+
+
 def _unit_windows(docs_files: list[str], want: pl.DataFrame, radius: int) -> pl.DataFrame:
-    """(doc_id, pos, n_tokens, start, token_ids) of the windows `want` asks for, from one unit's docs (its token
-    ids, or the windows of output.docs: examples)."""
-    docs = _scan(docs_files)
-    cols = [c for c in ("doc_id", "n_tokens", "token_ids", "windows") if c in docs.collect_schema().names()]
-    w = want.with_columns(pl.col("pos").cast(pl.Int32))
-    rows = docs.filter(pl.col("doc_id").is_in(want["doc_id"].unique().implode())).select(cols).collect()
-    got = w.join(rows, on="doc_id").with_columns(
-        (pl.col("pos") - radius).clip(lower_bound=0).alias("start"),
-        (pl.col("pos") + radius + 1).clip(upper_bound=pl.col("n_tokens")).alias("_end"))
-    parts = [got.filter(pl.col("token_ids").is_not_null()).with_columns(  # output.docs: all
-        pl.col("token_ids").list.slice(pl.col("start"), pl.col("_end") - pl.col("start")))]
-    if "windows" in cols:  # output.docs: examples: the unit's span that holds the window
-        spans = (got.filter(pl.col("token_ids").is_null()).drop("token_ids").explode("windows").drop_nulls("windows")
-                 .with_columns(pl.col("windows").struct.rename_fields(["_s", "_t"])).unnest("windows"))
-        spans = spans.filter((pl.col("_s") <= pl.col("start")) & (pl.col("_end") <= pl.col("_s") + pl.col("_t").list.len()))
-        parts.append(spans.unique(["doc_id", "pos"], keep="first").with_columns(
-            pl.col("_t").list.slice(pl.col("start") - pl.col("_s"), pl.col("_end") - pl.col("start")).alias("token_ids")))
-    got = pl.concat([p.select("doc_id", "pos", "n_tokens", "start", "token_ids") for p in parts])
-    return got.select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32), pl.col("n_tokens").cast(pl.Int32),
-                      pl.col("start").cast(pl.Int32), pl.col("token_ids").cast(pl.List(pl.Int32)))
+    """WINDOWS_SCHEMA rows of the windows `want` (doc_id, pos) asks for, from one unit's docs."""
+    keys = want.select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32))
+    got = cut_windows(keys, doc_spans(_scan(docs_files), keys["doc_id"]), radius, radius, on=["doc_id"])
+    return got.rename({"window_start": "start"})
 
 
 def _prune(rd: RunDir, keep: set[str | None]) -> None:
@@ -324,9 +321,9 @@ def _drop(rd: RunDir, markers: dict[int, dict[str, Any]], rec: dict[str, Any], s
     if set(rec.get("dropped", [])) != set(units):
         rec["dropped"] = units
         rd.write_json(RECORD, rec)  # first: _redo refuses to redo units whose partials may be gone
-    rels = [f for u in units for kind in MERGED_KINDS if kind in rec["files"]
-            for f in markers[u].get("files", {}).get(kind, [])]
-    rd._delete([f for f in rels if rd.exists(f)])
+    kinds = [k for k in MERGED_KINDS if k in rec["files"]]
+    present = {f for k in kinds for f in rd.list_files(k)}
+    rd._delete([f for u in units for k in kinds for f in markers[u].get("files", {}).get(k, []) if f in present])
     if strip_docs and "windows" in rec["files"]:
         todo = sorted(set(units) - set(rec.get("stripped", [])))
         for u in todo:

@@ -92,7 +92,7 @@ def build_configs(root: Path, use_tiny: bool, stats_only: bool = False) -> dict[
         if not (DEFAULT_SAE / "cfg.json").is_file():
             raise FileNotFoundError(f"the shipped SAE {DEFAULT_SAE} is missing: reinstall saeray, or run `saeray demo --tiny`")
         base = {"model": {"name": "gemma-3-270m", "dtype": "bfloat16"},
-                "saes": [{"name": "res6", "path": str(DEFAULT_SAE)}]}
+                "saes": [{"name": "res6", "path": f"shipped:{DEFAULT_SAE.name}"}]}  # survives moving the install
         data = split_corpus(root)
         budget = TOKENS_PER_CONDITION
     for kind, cfg_path in paths.items():

@@ -167,13 +167,15 @@ def auto_attention(config: Any, device: torch.device) -> str | None:
     return choice
 
 
-def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
+def load_model_and_processor(cfg: ModelConfig, device: torch.device, *, tokenizer: bool = True
+                             ) -> tuple[nn.Module, Any, Any]:
     """Load (model, tokenizer, processor) in eval mode on `device`; processor is None for causal LMs.
 
     A vision-language model is loaded with AutoModelForImageTextToText and AutoProcessor; its
-    tokenizer is the processor's.
+    tokenizer is the processor's. With tokenizer=False only the model is loaded (tokenizer and processor None):
+    a 262k-token vocabulary alone takes seconds.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     source, kwargs = resolve_source(cfg.name)
     dtype = torch_dtype(cfg.dtype, device)
@@ -184,13 +186,17 @@ def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn
     if attn is not None:  # None: transformers' own choice for the class (see ModelConfig)
         safe["attn_implementation"] = attn
     try:
+        processor = tok = None
         if "gguf_file" not in kwargs and model_kind(cfg, load_config(cfg)) == "image_text":
-            processor = AutoProcessor.from_pretrained(source, **common)
-            tokenizer = processor.tokenizer
+            if tokenizer:
+                from transformers import AutoProcessor  # its import alone takes ~2 s: only where it is needed
+
+                processor = AutoProcessor.from_pretrained(source, **common)
+                tok = processor.tokenizer
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **common, **safe)
         else:
-            processor = None
-            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            if tokenizer:
+                tok = AutoTokenizer.from_pretrained(source, **common)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **safe)
     except (ValueError, ImportError) as e:
         if "attn_implementation" not in safe:
@@ -200,7 +206,7 @@ def load_model_and_processor(cfg: ModelConfig, device: torch.device) -> tuple[nn
                          "sdpa where the model supports it, else eager)") from None
     model.to(device).eval()
     model.requires_grad_(False)
-    return model, tokenizer, processor
+    return model, tok, processor
 
 
 # ---- hooks --------------------------------------------------------------------------

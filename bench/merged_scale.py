@@ -95,9 +95,11 @@ def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, vocab: in
         pos_of = np.arange(tok) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         half = PER_TOKEN // 2
         feats = np.concatenate([(d_sae * rng.random((tok, half)) ** 2), d_sae * rng.random((tok, half))], axis=1)
-        key = np.unique(np.arange(tok, dtype=np.int64)[:, None] * d_sae + feats.astype(np.int64))
-        t, f = key // d_sae, key % d_sae
-        v = (rng.exponential(1.0, len(key)) * (1 + f % 5)).astype(np.float32)
+        feats = np.sort(feats.astype(np.int64), axis=1)  # each token's latents ascending, a repeat dropped
+        keep = np.ones(feats.shape, dtype=bool)
+        keep[:, 1:] = feats[:, 1:] != feats[:, :-1]
+        t, f = np.nonzero(keep)[0], feats[keep]
+        v = (rng.exponential(1.0, len(f)) * (1 + f % 5)).astype(np.float32)
         tf, tv, td, tp = (torch.from_numpy(x) for x in (f, v, doc_of[t], pos_of[t].astype(np.int64)))
         st.add(tok, tf, tv, td, tp)
         pf, pr, ppos, pmax, pair = st.add_docs(tf, td - doc, tp, tv, torch.from_numpy(lengths.astype(np.int64)),

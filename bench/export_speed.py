@@ -6,8 +6,9 @@
 
 Each export runs in a process of its own (imports and the model's loading included, as the command pays them):
 the reference is this checkout with only saeray/report/export.py replaced by `git show REF:saeray/report/export.py`
-(loaded as a module beside the real one), so both read the run with the same analysis code. The batch files of
-both must be equal byte for byte (else they are parsed and the first difference is shown). Writes the figures
+(loaded as a module beside the real one), so both read the run with the same analysis code. The files of both,
+parsed as JSON, must be equal (else the first difference is shown); files equal as JSON but not as bytes (the
+reference wrote spaces after separators) are counted. Writes the figures
 to bench/export_speed.json.
 """
 
@@ -66,17 +67,22 @@ def first_difference(a: object, b: object, where: str = "") -> str | None:
     return None if a == b else f"{where}: {a!r} vs {b!r}"
 
 
-def compare(ref: Path, new: Path) -> list[str]:
-    """Differences between the files of two export folders (empty: every file equal byte for byte)."""
+def compare(ref: Path, new: Path) -> tuple[list[str], int]:
+    """(differences between the files of two export folders, parsed as JSON; the number of files whose bytes differ
+    though they parse equal, e.g. JSON written without spaces)."""
     names = sorted(p.name for p in ref.iterdir())
     if names != sorted(p.name for p in new.iterdir()):
-        return [f"files differ: {names} vs {sorted(p.name for p in new.iterdir())}"]
-    out = []
+        return [f"files differ: {names} vs {sorted(p.name for p in new.iterdir())}"], 0
+    out, formatting = [], 0
     for name in names:
         a, b = (ref / name).read_bytes(), (new / name).read_bytes()
         if a != b:
-            out.append(f"{name}: bytes differ; " + (first_difference(json.loads(a), json.loads(b)) or "parsed equal"))
-    return out
+            diff = first_difference(json.loads(a), json.loads(b))
+            if diff:
+                out.append(f"{name}: {diff}")
+            else:
+                formatting += 1
+    return out, formatting
 
 
 def main() -> None:
@@ -95,8 +101,9 @@ def main() -> None:
         print(f"new: {new['export_s']:.1f} s in neuronpedia(), {new['wall_s']:.1f} s for the process", flush=True)
         old = export(old_src, "export_ref", a.run, Path(tmp) / "ref", a.features)
         print(f"{a.ref}: {old['export_s']:.1f} s in neuronpedia(), {old['wall_s']:.1f} s for the process", flush=True)
-        differences = compare(Path(tmp) / "ref", Path(tmp) / "new")
+        differences, formatting = compare(Path(tmp) / "ref", Path(tmp) / "new")
         written = sum(f.stat().st_size for f in (Path(tmp) / "new").iterdir())
+        ref_written = sum(f.stat().st_size for f in (Path(tmp) / "ref").iterdir())
     figures = {
         "command": " ".join(["bench/export_speed.py", *(Path(x).name if x == a.run else x for x in sys.argv[1:])]),
         "run": Path(a.run).name, "ref": a.ref, "features": a.features, "batch_files": new["files"],
@@ -105,11 +112,12 @@ def main() -> None:
         "ref_export_s": round(old["export_s"], 2), "new_export_s": round(new["export_s"], 2),
         "ref_process_s": round(old["wall_s"], 2), "new_process_s": round(new["wall_s"], 2),
         "speedup": round(old["export_s"] / new["export_s"], 1), "bytes_written": written,
-        "identical": not differences, "differences": differences,
+        "ref_bytes_written": ref_written, "identical": not differences,
+        "files_equal_as_json_not_bytes": formatting, "differences": differences,
     }
     Path(a.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"speedup {figures['speedup']}x, {written:,} bytes written, "
-          + ("files identical" if not differences
+          + ("files equal as JSON" if not differences
              else f"{len(differences)} files differ:\n  " + "\n  ".join(differences)))
     print(f"figures in {a.json}")
     if differences:

@@ -59,14 +59,34 @@ class ExportArgs:
     sae: str | None = option(None, WHICH_SAE)
     group: str | None = option(None, f"which position group {ONLY_PAIR}")
     features_per_batch: int = option(128, "neuronpedia: features per batch-N.json")
+    features: str | None = option(None, "neuronpedia: only these features, e.g. 0,5,10 | 0-20 (default: all)")
+    top_examples: int = option(20, "neuronpedia: top documents per feature")
+    intervals: int = option(5, "neuronpedia: activation intervals per feature")
+    per_interval: int = option(5, "neuronpedia: examples per interval")
+    context: int | None = option(None, "neuronpedia: tokens either side of an example (default: the run's "
+                                 "output.context_radius); fewer make smaller files")
+    gzip: bool = option(False, "neuronpedia: write batch-N.json.gz (a fifth of the size on the demo's run)")
     splits: int = option(5, "delphi: latent ranges (safetensors files)")
 
 
 def export(a: ExportArgs) -> int:
-    from ..report.export import delphi, neuronpedia
+    from ..report.delphi import delphi
+    from ..report.export import neuronpedia
 
+    only_neuronpedia = {"--features": a.features is not None, "--top-examples": a.top_examples != 20,
+                        "--intervals": a.intervals != 5, "--per-interval": a.per_interval != 5,
+                        "--context": a.context is not None, "--gzip": a.gzip}
+    if a.format == "delphi" and any(only_neuronpedia.values()):
+        given = ", ".join(k for k, v in only_neuronpedia.items() if v)
+        raise ValueError(f"{given}: options of `export neuronpedia`; delphi's cache holds every example the run kept "
+                         "(drop them, or export neuronpedia)")
     if a.format == "neuronpedia":
-        files = neuronpedia(a.run, a.out, sae=a.sae, group=a.group, features_per_batch=a.features_per_batch)
+        from .featlist import parse_features
+
+        files = neuronpedia(a.run, a.out, sae=a.sae, group=a.group, features_per_batch=a.features_per_batch,
+                            features=parse_features(a.features) if a.features else None, top=a.top_examples,
+                            n_intervals=a.intervals, per_interval=a.per_interval, context=a.context,
+                            compress=a.gzip)
     else:
         files = delphi(a.run, a.out, sae=a.sae, group=a.group, n_splits=a.splits)
     if not files:

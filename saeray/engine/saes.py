@@ -186,6 +186,25 @@ def load(cfg: SAEConfig, device: torch.device) -> Any:
     return sae
 
 
+def decoder(cfg: SAEConfig) -> torch.Tensor:
+    """The SAE's W_dec [d_sae, d_in] as float32 on the CPU. A disk SAE's is read from its weights file alone, as
+    sae-lens's disk loader reads it (unchanged; importing sae-lens alone takes over a second); one without a 2-D
+    W_dec there, or from the hub, is loaded with sae-lens."""
+    if cfg.path:
+        from safetensors import safe_open
+
+        path = disk_path(cfg)
+        _check_disk(path, cfg.name)
+        try:
+            with safe_open(str(path / SAE_WEIGHTS_FILENAME), framework="pt") as f:
+                if "W_dec" in f.keys() and len(f.get_slice("W_dec").get_shape()) == 2:
+                    return f.get_tensor("W_dec").float()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own on a damaged file
+            raise SAEError(f"SAE {cfg.name!r}: cannot read {path / SAE_WEIGHTS_FILENAME} ({type(e).__name__}: {e}): "
+                           "copy or download it again") from None
+    return load(cfg, torch.device("cpu")).W_dec.detach().float()
+
+
 class ReconStats:
     """Mergeable reconstruction partials for one (SAE, group): error, input moments, L0, MSE histogram."""
 

@@ -140,13 +140,17 @@ def activation_histograms(run: str | Path, features: list[int], *, sae: str, gro
                   .group_by("feature", "bin").agg(pl.len().cast(pl.Int64).alias("count")))
     step = 10 ** (1 / 8)
     display = np.concatenate([[EDGES[1] / step], EDGES[1:], [EDGES[-1] * step]]).astype(np.float64)
+    counts = counts.sort("feature", "bin")
+    feat = counts["feature"].to_numpy()
+    bins, n = counts["bin"].to_numpy().astype(np.int64), counts["count"].to_numpy().astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, feat[1:] != feat[:-1]]) if len(feat) else np.zeros(0, np.int64)
     out = {}
-    for (f,), g in counts.group_by("feature"):
-        b, n = g["bin"].to_numpy().astype(np.int64), g["count"].to_numpy()
-        lo, hi = int(b.min()), int(b.max())
+    for a, z in zip(starts.tolist(), [*starts[1:].tolist(), len(feat)]):  # one feature's bins, ascending
+        b = bins[a:z]
+        lo, hi = int(b[0]), int(b[-1])
         c = np.zeros(hi - lo + 1, dtype=np.int64)
-        c[b - lo] = n
-        out[int(f)] = (display[lo - 1:hi + 1], c)
+        c[b - lo] = n[a:z]
+        out[int(feat[a])] = (display[lo - 1:hi + 1], c)
     assert len(display) == N_BINS
     return out
 

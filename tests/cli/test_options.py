@@ -112,8 +112,11 @@ LINES = {
                          csv="o.csv")]),
     "concept": ("concept R --example a --example b --counter c --reference P --sae s --k 5 --csv o.csv",
                 [ConceptArgs(run="R", example=["a", "b"], counter=["c"], reference="P", sae="s", k=5, csv="o.csv")]),
-    "export": ("export delphi R --out D --sae s --group g --features-per-batch 4 --splits 2",
-               [ExportArgs(format="delphi", run="R", out="D", sae="s", group="g", features_per_batch=4, splits=2)]),
+    "export": ("export delphi R --out D --sae s --group g --features-per-batch 4 --features 0-9 --top-examples 3 "
+               "--intervals 2 --per-interval 1 --context 4 --gzip --splits 2",
+               [ExportArgs(format="delphi", run="R", out="D", sae="s", group="g", features_per_batch=4,
+                           features="0-9", top_examples=3, intervals=2, per_interval=1, context=4, gzip=True,
+                           splits=2)]),
     "logits": ("logits R -f 1,2 --k 3 --sae s --csv o.csv --save",
                [LogitsArgs(run="R", feature=["1,2"], k=3, sae="s", csv="o.csv", save=True)]),
     "explore": ("explore R --category kind --features 0-20 --n 4 --strong-frac 0.3 --sae s --group g --out D",

@@ -186,7 +186,7 @@ def test_delphi_latent_dataset_yields_the_runs_examples(both, tmp_path):
 
     from saeray.analysis.stats import features
     from saeray.analysis.top import interval_examples, top_examples
-    from saeray.report.export import delphi
+    from saeray.report.delphi import delphi
 
     run, tok = both["run"], both["tok"]
     files = delphi(run, tmp_path / "d", n_splits=3)
@@ -235,11 +235,70 @@ def test_export_commands(both, tmp_path):
     assert len(json.loads((tmp_path / "neuronpedia" / "batch-1.json").read_text())["features"]) == 48
 
 
+def test_record_size_against_saedashboard(both):
+    """A feature's record against SAEDashboard's for the same features and settings (the same 96 prompts, 20 top
+    examples, 5 x 5 interval examples; here contexts are the whole 24-token prompts on both sides), both written as
+    compact JSON: per context token of an example (token string, activation and its share of the example's keys),
+    and the rest of a record (logit tables and histograms, statistics). saeray writes activations to 5 decimals,
+    sae-dashboard 0.8.0 to 3, so its tokens are larger; printed with `pytest -s`."""
+    import orjson
+
+    sizes = {"ours": [0, 0, 0], "theirs": [0, 0, 0]}  # example bytes, context tokens, the rest's bytes
+    for f in both["sd"]["features"]:
+        for side, rec in (("ours", both["mine"][f["feature_index"]]), ("theirs", f)):
+            sizes[side][0] += sum(len(orjson.dumps(e)) for e in rec["activations"])
+            sizes[side][1] += sum(len(e["tokens"]) for e in rec["activations"])
+            sizes[side][2] += len(orjson.dumps({k: v for k, v in rec.items() if k != "activations"}))
+    n = len(both["sd"]["features"])
+    per_token = {side: b / t for side, (b, t, _) in sizes.items()}
+    rest = {side: r / n for side, (_, _, r) in sizes.items()}
+    print(f"\nbytes per context token: saeray {per_token['ours']:.1f}, SAEDashboard {per_token['theirs']:.1f}; "
+          f"the rest of a record: saeray {rest['ours']:.0f} B, SAEDashboard {rest['theirs']:.0f} B")
+    assert per_token["theirs"] < per_token["ours"] <= 1.35 * per_token["theirs"]
+    assert rest["ours"] <= 1.15 * rest["theirs"]
+
+
+def test_smaller_records_by_option(both, tmp_path):
+    """The export's size options: fewer top documents and interval examples, shorter contexts (each example's
+    tokens within `context` of its maximum, the same tokens and values as the full record's there) and gzip (the
+    same JSON); a context wider than the run kept is refused, and delphi refuses neuronpedia's options."""
+    import gzip
+    import subprocess
+    import sys
+
+    feats = list(range(96))
+    small = neuronpedia(both["run"], tmp_path / "small", features=feats, top=3, n_intervals=2, per_interval=1,
+                        context=4, features_per_batch=32)
+    packed = neuronpedia(both["run"], tmp_path / "gz", features=feats, top=3, n_intervals=2, per_interval=1,
+                         context=4, features_per_batch=32, compress=True)
+    assert [p.name for p in packed] == [p.name + ".gz" for p in small]
+    assert all(gzip.decompress(g.read_bytes()) == p.read_bytes() for g, p in zip(packed, small))
+    assert sum(p.stat().st_size for p in packed) < sum(p.stat().st_size for p in small) / 2
+    checked = 0
+    for f in (f for p in small for f in json.loads(p.read_text())["features"]):
+        full = both["mine"][f["feature_index"]]["activations"]
+        tops = [e for e in f["activations"] if e["bin_min"] == -1]
+        assert len(tops) == min(3, len([e for e in full if e["bin_min"] == -1]))
+        assert len(f["activations"]) - len(tops) <= 2
+        for e, ref in zip(tops, full):
+            q, rq = e["qualifying_token_index"], ref["qualifying_token_index"]
+            assert len(e["tokens"]) <= 9 and q <= 4
+            assert e["tokens"] == ref["tokens"][rq - q:rq - q + len(e["tokens"])]
+            assert e["values"] == ref["values"][rq - q:rq - q + len(e["values"])]
+            checked += 1
+    assert checked >= 20
+    with pytest.raises(ValueError, match="context 99"):
+        neuronpedia(both["run"], tmp_path / "wide", features=[0], context=99)
+    done = subprocess.run([sys.executable, "-m", "saeray.cli", "export", "delphi", str(both["run"]), "--out",
+                           str(tmp_path / "d"), "--gzip"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--gzip: options of `export neuronpedia`" in done.stderr
+
+
 def test_ranked_equals_stable_argsort_with_ties():
     """export.ranked (one batched torch.topk) gives, per row, the first k of np.argsort(-row, kind="stable") and
     the first k of that order reversed, on rows full of ties: at the cut, inside the k, between the maxima of
     blocks, and 0.0 against -0.0; with blocks that divide the row and blocks that leave columns over."""
-    from saeray.report.export import ranked
+    from saeray.report.logit_fields import ranked
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(-4, 5, (64, 300), generator=gen).float() / 2  # 9 distinct values: ties everywhere
@@ -264,3 +323,57 @@ def test_rounded_activations_equal_pythons_round():
     v = np.concatenate([rng.standard_normal(100_000) * 10.0 ** rng.integers(-7, 5, 100_000),
                         np.arange(-4096, 4096) / 64, np.arange(-4096, 4096) / 2 ** 17]).astype(np.float32)
     assert v.astype(np.float64).round(5).tolist() == [round(float(a), 5) for a in v]
+
+
+def test_file_vocab_equals_the_tokenizers_librarys(tmp_path):
+    """The batch files' token strings come from tokenizer.json read as JSON: per model type (BPE as the tiny model
+    writes it, Unigram, WordLevel, WordPiece), with added tokens, the vocabulary equals what the `tokenizers`
+    library's get_vocab gives for the same file; another model type is refused (None: the tokenizer is loaded)."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    from saeray.assets.tiny import make_tokenizer
+    from saeray.report.logit_fields import file_vocab
+
+    make_tokenizer(tmp_path / "bpe")
+    files = [tmp_path / "bpe" / "tokenizer.json"]
+    pieces = ["<unk>", "a", "b", "ab", "▁the", "Ġx"]
+    for name, model in [("unigram", models.Unigram([(p, -float(i)) for i, p in enumerate(pieces)], 0)),
+                        ("wordlevel", models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>")),
+                        ("wordpiece", models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))]:
+        tok = Tokenizer(model)
+        tok.add_special_tokens([AddedToken("<|special|>", special=True)])
+        tok.add_tokens(["newword"])
+        files.append(tmp_path / f"{name}.json")
+        tok.save(str(files[-1]))
+    for path in files:
+        assert file_vocab(path) == Tokenizer.from_file(str(path)).get_vocab(), path.name
+    assert len(file_vocab(files[1])) == len(pieces) + 2
+    odd = json.loads(files[1].read_text())
+    odd["model"]["type"] = "SomethingNew"
+    (tmp_path / "odd.json").write_text(json.dumps(odd))
+    assert file_vocab(tmp_path / "odd.json") is None
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_decoder_read_from_the_weights_file_equals_sae_lens(tmp_path, arch):
+    """The export reads W_dec from a disk SAE's weights file without sae-lens: the same tensor sae-lens loads."""
+    from saeray.engine.config import SAEConfig
+    from saeray.engine.saes import decoder, load
+
+    path = make_sae(tmp_path / arch, arch, 64, HOOK, seed=4)
+    cfg = SAEConfig(name="s", path=str(path))
+    got = decoder(cfg)
+    assert got.dtype == torch.float32 and got.shape == (96, 64)
+    assert torch.equal(got, load(cfg, torch.device("cpu")).W_dec.detach().float())
+
+
+def test_logits_in_a_reused_buffer_equal_a_new_product():
+    """The logit products of a worker reuse one buffer: each call's result equals the plain product, whatever the
+    calls before it left there (more rows, fewer rows)."""
+    from saeray.report.logit_fields import _logits
+
+    gen = torch.Generator().manual_seed(1)
+    w_u = torch.randn(1000, 16, generator=gen)
+    for rows in (7, 3, 12, 1):
+        w = torch.randn(rows, 16, generator=gen)
+        assert torch.equal(_logits(w, w_u), w @ w_u.T)

@@ -2,13 +2,17 @@
 
     python bench/merged_scale.py --latents 16384             # 60 units of 65,536 tokens (minutes)
     python bench/merged_scale.py --latents 131072
+    python bench/merged_scale.py --latents 131072 --tokens 524288 --values jumprelu --jobs 2 --block-tokens 65536 \
+        --label 131072-jumprelu                              # units whose examples fill up (about an hour here)
     python bench/merged_scale.py --latents 1024 --units 4 --tokens 8192   # a quick check
 
 Each unit is built by the engine's own accumulators, fed synthetic activations block by block as a worker feeds
 them (FeatureStats for statistics, histograms and per-document moments, UnitExamples for top and sampled examples
 with their contexts, last values per document), and committed with the files a statistics-only worker writes
 (stats, hist, examples, lastvals, and docs with output.docs: examples windows). Synthetic activations: 32 latents
-per token, drawn half uniformly and half skewed to low indices, exponential values; documents of 32-512 tokens.
+per token, drawn half uniformly and half skewed to low indices; values exponential from 0, or (--values jumprelu)
+each latent's threshold (0.5 to 2.0) plus an exponential excess, as a JumpReLU SAE's; documents of 32-512 tokens.
+Each unit has its own random stream, so --jobs (units built by that many processes) changes no unit.
 Then, each in its own subprocess (peak RSS is per process):
 
     merge      merged.merge_run (output.unit_partials: drop): wall time, peak RSS
@@ -18,10 +22,12 @@ Then, each in its own subprocess (peak RSS is per process):
                random latents: the logits cost nothing here, the examples and statistics are the run's)
     sizes      the run directory by kind, before and after
 
-Figures go to stdout and bench/merged_scale.json (one entry per --latents). Units of 65,536 tokens hold fewer
-examples per latent than units of 16M tokens (a real 64 MiB unit), so one synthetic unit's examples are smaller than
-a real unit's, while the merged tables approach their full size (top_k and samples_per_bin per latent and bin)
-either way: the ratio merged / one unit printed here is an upper bound of a real run's.
+Figures go to stdout and bench/merged_scale.json (one entry per --label, default --latents). A unit keeps, per
+latent, its top_k documents and samples_per_bin documents per value bin; the merged tables keep the same for the
+run. A real 64 MiB unit (~16M tokens) holds enough documents of nearly every latent to fill those, so its examples
+are as large as the merged ones; a small synthetic unit fills few, so its examples are smaller and the ratio
+merged / one unit printed here is larger than a real run's. 131,072 latents at 32 per token need ~500k tokens per
+unit before most latents' lists fill (the jumprelu command above).
 """
 
 from __future__ import annotations
@@ -74,8 +80,13 @@ def _manifest(root: Path, d_sae: int, model: Path, sae_path: Path) -> dict:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, vocab: int, rng: np.random.Generator) -> int:
-    """Commit one unit built by the engine's accumulators from `tokens` synthetic tokens; return the next doc_id."""
+def write_unit(rd, unit: int, tokens: int, d_sae: int, vocab: int, values: str = "exponential",
+               block_tokens: int = BLOCK_TOKENS) -> None:
+    """Commit one unit built by the engine's accumulators from `tokens` synthetic tokens (its own random stream, its
+    documents numbered unit << 32 | i as a run numbers a file's rows). `values`: exponential (from 0), or jumprelu
+    (each latent's own threshold plus an exponential excess, as a JumpReLU SAE's activations)."""
+    rng = np.random.default_rng([0, unit])
+    first_doc = unit << 32
     import torch
 
     from saeray.engine.feature_stats import STATS_SCHEMA, FeatureStats
@@ -89,7 +100,7 @@ def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, vocab: in
     last, docs, token_ids = [], [], {}
     doc, done = first_doc, 0
     while done < tokens:
-        lengths = rng.integers(32, 513, size=max(1, BLOCK_TOKENS // 272))
+        lengths = rng.integers(32, 513, size=max(1, block_tokens // 272))
         tok = int(lengths.sum())
         doc_of = np.repeat(np.arange(doc, doc + len(lengths), dtype=np.int64), lengths)
         pos_of = np.arange(tok) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -99,7 +110,10 @@ def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, vocab: in
         keep = np.ones(feats.shape, dtype=bool)
         keep[:, 1:] = feats[:, 1:] != feats[:, :-1]
         t, f = np.nonzero(keep)[0], feats[keep]
-        v = (rng.exponential(1.0, len(f)) * (1 + f % 5)).astype(np.float32)
+        if values == "jumprelu":  # thresholds 0.5 .. 2.0 by latent, excess of mean 0.5 .. 1.5
+            v = (0.5 + 0.25 * (f % 7) + rng.exponential(1.0, len(f)) * 0.5 * (1 + f % 3)).astype(np.float32)
+        else:
+            v = (rng.exponential(1.0, len(f)) * (1 + f % 5)).astype(np.float32)
         tf, tv, td, tp = (torch.from_numpy(x) for x in (f, v, doc_of[t], pos_of[t].astype(np.int64)))
         st.add(tok, tf, tv, td, tp)
         pf, pr, ppos, pmax, pair = st.add_docs(tf, td - doc, tp, tv, torch.from_numpy(lengths.astype(np.int64)),
@@ -128,7 +142,18 @@ def write_unit(rd, unit: int, tokens: int, first_doc: int, d_sae: int, vocab: in
     pq.write_table(ex.to_table("res", "all"), tmp / "examples.parquet", compression="zstd", row_group_size=1 << 15)
     pq.write_table(last_values_table(last, "res", "all"), tmp / "lastvals.parquet", compression="zstd")
     rd.commit(unit, tmp, {"shard": unit, "docs": doc - first_doc, "tokens": done, "fingerprint": "synthetic0000000"})
-    return doc
+
+
+def build(root: Path, units: list[int], tokens: int, d_sae: int, vocab: int, values: str, block_tokens: int) -> None:
+    """Write `units` of the run at `root` (one process of --jobs)."""
+    import torch
+
+    from saeray.engine.store import RunDir
+
+    torch.set_num_threads(1)
+    rd = RunDir(root)
+    for u in units:
+        write_unit(rd, u, tokens, d_sae, vocab, values, block_tokens)
 
 
 def sizes(root: Path) -> dict[str, int]:
@@ -189,6 +214,11 @@ def main() -> None:
     p.add_argument("--units", type=int, default=60)
     p.add_argument("--tokens", type=int, default=65536, help="tokens per unit")
     p.add_argument("--feature", type=int, default=None, help="the feature `top --feature` asks for (default d/2)")
+    p.add_argument("--values", choices=("exponential", "jumprelu"), default="exponential",
+                   help="synthetic activation values (see write_unit)")
+    p.add_argument("--jobs", type=int, default=1, help="processes building the units")
+    p.add_argument("--block-tokens", type=int, default=BLOCK_TOKENS,
+                   help="tokens per block fed to the accumulators (their results do not depend on it)")
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--no-export", action="store_true", help="skip the Neuronpedia export of every latent")
     p.add_argument("--export-only", action="store_true", help="only the export, on the run kept in --dir")
@@ -218,11 +248,16 @@ def main() -> None:
     model, sae, vocab = _weights(root.parent, a.latents)
     rd = RunDir(root)
     rd.prepare(_manifest(root, a.latents, model, sae), overwrite=False)
-    rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    doc = 0
-    for u in range(a.units):
-        doc = write_unit(rd, u, a.tokens, doc, a.latents, vocab, rng)
+    if a.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(a.jobs) as pool:
+            for done in [pool.submit(build, root, list(range(j, a.units, a.jobs)), a.tokens, a.latents, vocab, a.values,
+                                     a.block_tokens) for j in range(a.jobs)]:
+                done.result()
+    else:
+        build(root, list(range(a.units)), a.tokens, a.latents, vocab, a.values, a.block_tokens)
     built = time.perf_counter() - t0
     before = sizes(root)
     one_unit = (root / "examples" / "00000.parquet").stat().st_size
@@ -235,8 +270,8 @@ def main() -> None:
     tokens = a.units * a.tokens
     partial_kinds = ("stats", "hist", "examples", "lastvals")
     result = {
-        "latents": a.latents, "units": a.units, "tokens_per_unit": a.tokens, "tokens": tokens,
-        "build_seconds": round(built, 1), "bytes_before": before, "bytes_after": after,
+        "latents": a.latents, "units": a.units, "tokens_per_unit": a.tokens, "tokens": tokens, "values": a.values,
+        "build_seconds": round(built, 1), "build_jobs": a.jobs, "block_tokens": a.block_tokens, "bytes_before": before, "bytes_after": after,
         "one_unit_examples_bytes": one_unit, "merged_bytes_by_kind": merged_kinds,
         "merged_examples_and_windows_over_one_unit_examples": round(
             (merged_kinds.get("examples", 0) + merged_kinds.get("windows", 0)) / one_unit, 2),

@@ -1,16 +1,18 @@
-"""How far a bfloat16 SAE encode is from the float32 one (saes[].dtype: bfloat16 / auto on a GPU).
+"""How far bfloat16 and TF32 SAE encodes are from the float32 one (saes[].dtype: bfloat16, tf32 = auto on a GPU).
 
     python bench/sae_precision.py                  # the embedded default SAE and a 16k JumpReLU, ~100k tokens
     python bench/sae_precision.py --tokens 20000   # quicker
 
 The model runs once, as a worker runs it (gemma-3-270m, dtype auto = bfloat16), over real text (the
 stdlib corpus); the hidden states at the hook, exactly the worker's encoder inputs, are encoded by the
-same SAE loaded in float32 and in bfloat16 (sae-lens, each SAE's own encode). Measured, per SAE:
+same SAE loaded in float32 and in bfloat16 (sae-lens, each SAE's own encode), and in float32 under a SIMULATION of
+TF32 (both operands of each matrix product rounded to TF32's 10-bit mantissa, accumulation in float32, as TF32
+tensor cores compute; this machine has no GPU). Measured, per SAE and encode:
 
   - agreement of the active sets: of the (position, latent) pairs active in float32, the share also
-    active in bfloat16 (recall), of those active in bfloat16 the share active in float32 (precision),
+    active in the other encode (recall), of those active there the share active in float32 (precision),
     and |both| / |either| (Jaccard);
-  - value error on pairs active in both: median, p99 and max of |bf16 - f32| / |f32|;
+  - value error on pairs active in both: median, p99 and max of |other - f32| / |f32|;
   - per latent: density error |d_bf16 - d_f32| (absolute, and relative where d_f32 >= 1e-3) and the
     relative error of the mean activation (latents with d_f32 >= 1e-3).
 
@@ -85,7 +87,38 @@ def random_jumprelu(x, d_sae: int, density: float, hook: str):
     return sae
 
 
-def compare(sae32, sae16, x, chunk: int = 2048) -> dict:
+def tf32_round(t):
+    """float32 `t` with its mantissa rounded to TF32's 10 bits (to nearest, ties away from zero)."""
+    import torch
+
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def tf32_emulation():
+    """A torch function mode under which float32 matrix products round both operands to TF32 first and accumulate
+    in float32, as a GPU's TF32 tensor cores do: a CPU simulation of allow_tf32 for the SAE's encode."""
+    import torch
+
+    products = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
+                torch.nn.functional.linear}
+
+    def rounded(a):
+        return tf32_round(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+
+    class TF32(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                args = (*map(rounded, args[:2]), *args[2:])
+            elif func in (torch.addmm, torch.Tensor.addmm):
+                args = (args[0], *map(rounded, args[1:3]), *args[3:])
+            return func(*args, **(kwargs or {}))
+
+    return TF32()
+
+
+def compare(sae32, other, x, chunk: int = 2048) -> dict:
+    """`other(x_chunk)` (float32 activations of a lower-precision encode) against `sae32`'s float32 encode."""
     import torch
 
     d_sae = int(sae32.cfg.d_sae)
@@ -99,7 +132,7 @@ def compare(sae32, sae16, x, chunk: int = 2048) -> dict:
         for start in range(0, len(x), chunk):
             xc = x[start:start + chunk]
             a32 = sae32.encode(xc.to(torch.float32))
-            a16 = sae16.encode(xc.to(torch.bfloat16)).float()
+            a16 = other(xc)
             m32, m16 = a32 != 0, a16 != 0
             both += int((m32 & m16).sum())
             either += int((m32 | m16).sum())
@@ -117,7 +150,7 @@ def compare(sae32, sae16, x, chunk: int = 2048) -> dict:
     live = d32 >= 1e-3
     mean32, mean16 = (s32 / n).numpy(), (s16 / n).numpy()
     return {
-        "tokens": n, "d_sae": d_sae, "l0_float32": float(d32.sum()), "l0_bfloat16": float(d16.sum()),
+        "tokens": n, "d_sae": d_sae, "l0_float32": float(d32.sum()), "l0_other": float(d16.sum()),
         "active_recall": both / (both + only32), "active_precision": both / (both + only16),
         "active_jaccard": both / either,
         "value_rel_error": {"median": float(np.median(rel_all)), "p99": float(np.quantile(rel_all, 0.99)),
@@ -157,25 +190,43 @@ def main(argv: list[str] | None = None) -> None:
     cfg = json.loads((Path(a.sae) / "cfg.json").read_text())
     hook = cfg["metadata"]["hook_name"]
     x, model_dtype = hidden_states(a.model, hook, texts, a.tokens, int(cfg["metadata"].get("context_size") or 1024))
+    def bf16(sae):
+        return lambda xc: sae.encode(xc.to(torch.bfloat16)).float()
+
+    def tf32(sae):
+        def encode(xc):
+            with tf32_emulation():
+                return sae.encode(xc.to(torch.float32))
+        return encode
+
     results = {}
     sae32 = SAE.load_from_disk(a.sae, device="cpu", dtype="float32")
     sae16 = SAE.load_from_disk(a.sae, device="cpu", dtype="bfloat16")
-    results["embedded default (" + Path(a.sae).name + f", {cfg['architecture']}, trained)"] = compare(sae32, sae16, x)
+    probe = x[:64].to(torch.float32)
+    with torch.inference_mode():  # the emulation is in effect: its products differ from float32's
+        assert not torch.equal(tf32(sae32)(probe), sae32.encode(probe))
+    name = "embedded default (" + Path(a.sae).name + f", {cfg['architecture']}, trained)"
+    results[name] = {"bfloat16": compare(sae32, bf16(sae16), x), "tf32": compare(sae32, tf32(sae32), x)}
     j32 = random_jumprelu(x, a.d_sae, a.density, hook)
     j16 = random_jumprelu(x, a.d_sae, a.density, hook).to(dtype=torch.bfloat16)
     j16.load_state_dict({k: v.to(torch.bfloat16) for k, v in j32.state_dict().items()})
-    results[f"JumpReLU {a.d_sae:,} latents (random weights, calibrated thresholds)"] = compare(j32, j16, x)
+    results[f"JumpReLU {a.d_sae:,} latents (random weights, calibrated thresholds)"] = {
+        "bfloat16": compare(j32, bf16(j16), x), "tf32": compare(j32, tf32(j32), x)}
     report = {"model": a.model, "model_dtype": model_dtype, "hook": hook, "tokens": len(x), "device": "cpu",
+              "tf32": "SIMULATED on the CPU: both operands of each float32 matrix product rounded to TF32's 10-bit "
+                      "mantissa, products accumulated in float32 (what TF32 tensor cores do)",
               "results": results, "seconds": round(time.time() - t0, 1)}
-    lines = [f"bf16 vs float32 SAE encode on {len(x):,} positions of real text ({a.model} {model_dtype}, {hook}, CPU):",
-             f"{'SAE':<62} {'recall':>7} {'precis':>7} {'jaccard':>7} {'val med':>8} {'val p99':>8} "
+    lines = [f"bf16 and tf32 (SIMULATED on CPU) vs float32 SAE encode on {len(x):,} positions of real text "
+             f"({a.model} {model_dtype}, {hook}):",
+             f"{'SAE':<62} {'encode':<6} {'recall':>7} {'precis':>7} {'jaccard':>7} {'val med':>8} {'val p99':>8} "
              f"{'dens max':>9} {'dens rel':>8} {'mean rel':>8}"]
-    for name, r in results.items():
-        lines.append(f"{name:<62} {r['active_recall']:>7.4f} {r['active_precision']:>7.4f} {r['active_jaccard']:>7.4f} "
-                     f"{r['value_rel_error']['median']:>8.2e} {r['value_rel_error']['p99']:>8.2e} "
-                     f"{r['density_abs_error']['max']:>9.2e} {r['density_rel_error_live']['max']:>8.2e} "
-                     f"{r['mean_rel_error_live']['max']:>8.2e}")
-    lines.append("recall/precis/jaccard: active (position, latent) pairs; val: |bf16-f32|/|f32| on pairs active in both; "
+    for name, by in results.items():
+        for kind, r in by.items():
+            lines.append(f"{name:<62} {kind:<6} {r['active_recall']:>7.4f} {r['active_precision']:>7.4f} "
+                         f"{r['active_jaccard']:>7.4f} {r['value_rel_error']['median']:>8.2e} "
+                         f"{r['value_rel_error']['p99']:>8.2e} {r['density_abs_error']['max']:>9.2e} "
+                         f"{r['density_rel_error_live']['max']:>8.2e} {r['mean_rel_error_live']['max']:>8.2e}")
+    lines.append("recall/precis/jaccard: active (position, latent) pairs; val: |other-f32|/|f32| on pairs active in both; "
                  "dens max: largest per-latent density error; dens rel, mean rel: largest relative error of a latent's "
                  "density / mean activation among latents with density >= 1e-3")
     report["table"] = "\n".join(lines)

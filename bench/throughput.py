@@ -491,7 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=lambda s: s if s == "auto" else num(s), default="auto",
                    help="saeray tokens.batch_tokens (default auto: 2048 on CPU, 16384 on a GPU)")
     p.add_argument("--dtype", default="bfloat16", help="saeray model dtype")
-    p.add_argument("--sae-dtype", default="float32", help="saeray SAE dtype (saeray's default: float32)")
+    p.add_argument("--sae-dtype", default="float32", help="saeray SAE dtype (saeray's default auto is float32 on CPU)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--gemm-rows", type=int, default=4096, help="rows of the GEMMs timed for the matmul peak")
     p.add_argument("--flops-seconds", type=float, default=1.0, help="seconds per GEMM shape timed")
@@ -513,7 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", choices=["full", "toy"], default="full", help="with --gpu-sized: toy = the CPU test size")
     p.add_argument("--gpu-docs", type=num, default=512)
     p.add_argument("--gpu-batch-tokens", type=num, default=16384, help="jobs/configs/gemmascope-pile-rates.yaml's")
-    p.add_argument("--gpu-sae-dtype", default="float32", help="saeray's default SAE dtype")
+    p.add_argument("--gpu-sae-dtype", default="auto", help="saes[].dtype (saeray's default auto: tf32 on a GPU)")
     p.add_argument("--gpu-compile", choices=["auto", "true", "false"], default="auto", help="model.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(ROOT / "bench" / "throughput.json"))

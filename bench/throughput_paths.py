@@ -482,7 +482,7 @@ def gpu_sized(spec: dict) -> dict:
     from sae_lens.saes.sae import SAEMetadata
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from saeray.engine import models
+    from saeray.engine import models, saes
     from saeray.engine.config import PositionsConfig
     from saeray.engine.contexts import Document, Tokenization
     from saeray.engine.extract import Extractor, SAEHandle
@@ -502,10 +502,13 @@ def gpu_sized(spec: dict) -> dict:
     layer = spec["layer"] if spec["scale"] == "full" else dims["num_hidden_layers"] // 2
     hook = f"blocks.{layer}.hook_resid_post"
     d_in, d_sae = dims["hidden_size"], spec["d_sae"] if spec["scale"] == "full" else 256
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, dtype=spec["sae_dtype"], device=str(device),
+    precision = saes.resolve_dtype(spec["sae_dtype"], device)  # as a worker resolves saes[].dtype
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, dtype=saes.torch_dtype_of(precision),
+                                        device=str(device),
                                         metadata=SAEMetadata(hook_name=hook, prepend_bos=True,
                                                              context_size=spec["context"])))
     sae.eval().requires_grad_(False)
+    setattr(sae, saes.TF32_ATTR, precision == "tf32")
     rng = np.random.default_rng(0)
     lengths = rng.integers(spec["context"] // 8, 2 * spec["context"], size=spec["docs"])
     tok = Tokenization(_IdTokenizer(), PositionsConfig(), prepend_bos=True, context_size=spec["context"],

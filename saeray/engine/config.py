@@ -70,10 +70,12 @@ class SAEConfig:
     """The SAE id inside `release`, e.g. layer_12/width_16k/canonical."""
     hook: str | None = None
     """Hook name to read from; defaults to the SAE's own hook name."""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Precision of the SAE encoder; inputs are cast to it. float32: the exact reference (no TF32, unless
-    worker.tf32). auto: bfloat16 on a GPU that has it, float32 on CPU (agreement with float32 measured by
-    bench/sae_precision.py)."""
+    dtype: Literal["auto", "float32", "tf32", "bfloat16", "float16"] = "auto"
+    """Precision of the SAE encoder; inputs are cast to it. auto: tf32 on a GPU, float32 on a CPU. tf32: float32
+    weights, the encoder's matrix products on a GPU's TF32 tensor cores (float32 on a CPU). float32: the exact
+    reference everywhere (no TF32, unless worker.tf32). bench/sae_precision.py measures tf32's and bfloat16's
+    agreement with float32. Each unit records the precision its worker resolved, and a worker that would resolve
+    another one than the run's committed units refuses to start (one run, one precision)."""
     threshold: float = 0.0
     """A feature is active where |value| > threshold (0: any nonzero value)."""
 

@@ -12,6 +12,8 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .. import __version__
 from . import models, partials, reading, saes
 from .config import RunConfig
@@ -165,7 +167,10 @@ def prepare(cfg: RunConfig, reuse: dict[str, Any] | None = None) -> Prepared:
     files, fmt = reading.list_dataset(cfg.data)  # what the store says about each file: no data is read
     identity = {
         "model": {k: v for k, v in cfg.model.__dict__.items() if k != "compile"},  # compiling changes no result
-        "saes": [{**s.__dict__, "digest": i.digest, "hook": i.hook} for s, i in zip(cfg.saes, infos)],
+        # an SAE's precision as a CPU resolves it: what a GPU resolves (tf32 for auto) each unit records, and a
+        # worker that resolves another one than the committed units refuses (worker.same_precision)
+        "saes": [{**s.__dict__, "dtype": saes.resolve_dtype(s.dtype, torch.device("cpu")), "digest": i.digest,
+                  "hook": i.hook} for s, i in zip(cfg.saes, infos)],
         "data": {**cfg.data.__dict__, "format": fmt, "files": [(f.url, f.size, f.version) for f in files]},
         "tokens": {"context_size": context_size, "prepend_bos": prepend_bos,
                    "exclude_special": cfg.tokens.exclude_special},

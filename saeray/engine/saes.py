@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,10 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 
 class SAEError(ValueError):
     """An SAE cannot be found, loaded, or does not fit the model."""
+
+
+class PrecisionError(SAEError):
+    """A worker would encode at another precision than the run's committed units."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +155,37 @@ def describe(cfg: SAEConfig) -> SAEInfo:
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """The SAE dtype a worker on `device` uses: `auto` is bfloat16 on a GPU that has it, float32 elsewhere."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    """The encode precision a worker on `device` uses for saes[].dtype `name`: `auto` is tf32 on a GPU (float32
+    weights, the encoder's matrix products on TF32 tensor cores: bench/sae_precision.py measures its agreement
+    with float32 against bfloat16's) and float32 on a CPU; tf32 is float32 on a CPU, which has no TF32."""
+    if name == "auto":
+        name = "tf32"
+    if name == "tf32" and device.type != "cuda":
+        return "float32"
+    return name
+
+
+def torch_dtype_of(resolved: str) -> str:
+    """The weights' dtype of a resolved encode precision (tf32: float32 weights)."""
+    return "float32" if resolved == "tf32" else resolved
+
+
+TF32_ATTR = "saeray_tf32"
+"""Set on a loaded SAE whose encodes run their matrix products on TF32 tensor cores (`load`)."""
+
+
+@contextmanager
+def tf32_matmuls(on: bool) -> Iterator[None]:
+    """CUDA float32 matrix products on TF32 tensor cores meanwhile (cuBLAS reads the setting at each launch)."""
+    if not on:
+        yield
+        return
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 def encode_chunk_tokens(d_sae: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -170,7 +202,8 @@ def load(cfg: SAEConfig, device: torch.device) -> Any:
     """Load an SAE with sae-lens onto `device` (dtype `auto` resolved for it), in eval mode without gradients."""
     from sae_lens import SAE
 
-    dtype = resolve_dtype(cfg.dtype, device)
+    resolved = resolve_dtype(cfg.dtype, device)
+    dtype = torch_dtype_of(resolved)
     if cfg.path:
         path = disk_path(cfg)
         _check_disk(path, cfg.name)
@@ -183,6 +216,7 @@ def load(cfg: SAEConfig, device: torch.device) -> Any:
         sae = SAE.from_pretrained(cfg.release, cfg.id, device=str(device), dtype=dtype)
     sae.eval()
     sae.requires_grad_(False)
+    setattr(sae, TF32_ATTR, resolved == "tf32")
     return sae
 
 
@@ -263,11 +297,13 @@ def _encoded_chunks(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: i
                     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(first row, code, active mask) of `x`'s chunks of `chunk_tokens` rows, encoded one at a time as they are
     asked for (reconstruction stats folded into `recon`)."""
+    tf32 = getattr(sae, TF32_ATTR, False) and x.is_cuda
     for start in range(0, x.shape[0], chunk_tokens):
         xc = x[start:start + chunk_tokens].to(sae.dtype)
-        acts = sae.encode(xc)
-        if recon is not None:
-            recon.add(xc, sae.decode(acts), acts)
+        with tf32_matmuls(tf32):
+            acts = sae.encode(xc)
+            if recon is not None:
+                recon.add(xc, sae.decode(acts), acts)
         yield start, acts, (acts.abs() > threshold if threshold > 0 else acts != 0)
         del acts  # before the next chunk is encoded
 

@@ -59,6 +59,8 @@ class ShardWorker:
         self.plan = DataPlan.from_dict(manifest["plan"])
         self.run = RunDir(run_dir)
         self.device = pick_device()
+        self.sae_dtypes = {s.name: saes.resolve_dtype(s.dtype, self.device) for s in self.cfg.saes}
+        same_precision(self.run, self.sae_dtypes, self.device)  # before any weights are loaded
         # The Rust tokenizer reads these at its first batch encode (and forks disable its threads anyway).
         self.tokenizer_threads = tokenizer_threads(self.cfg.worker.tokenizer_threads, self.device)
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.tokenizer_threads > 1 else "false"
@@ -90,7 +92,7 @@ class ShardWorker:
         log.info("worker on %s: model %s attention %s%s, SAEs %s, %d tokenizer threads", self.device,
                  self.cfg.model.name, getattr(self.model.config, "_attn_implementation", "?"),
                  " compiled" if getattr(self.hooks, "compiled", False) else "",
-                 ", ".join(f"{h.name} {h.sae.dtype}" for h in self.handles), self.tokenizer_threads)
+                 ", ".join(f"{h.name} {self.sae_dtypes[h.name]}" for h in self.handles), self.tokenizer_threads)
         self.tok = Tokenization(tokenizer, self.cfg.positions, prepend_bos=resolved["prepend_bos"],
                                 context_size=resolved["context_size"], exclude_special=self.cfg.tokens.exclude_special,
                                 processor=processor, images=self.cfg.data.image_column is not None,
@@ -190,7 +192,7 @@ class ShardWorker:
                        peak_rss_mb=peak_rss_mb(), device=self.device.type,
                        credentials=sorted(forwarded_env()),  # the names this worker had, never the values
                        # what `auto` settings resolved to on this worker (a run resumed elsewhere may differ)
-                       sae_dtypes={h.name: str(h.sae.dtype).removeprefix("torch.") for h in self.handles},
+                       sae_dtypes=self.sae_dtypes,
                        attn_implementation=getattr(self.model.config, "_attn_implementation", None))
         self.run.commit(t.uid, tmp, summary)
         return summary
@@ -259,6 +261,27 @@ class ShardWorker:
         notes = {k: n for k, n in self.input_notes.pop(task.uid, {}).items() if n}
         return {**notes, "rows": files.n_rows, "docs": source.n_docs, "tokens": source.n_tokens,
                 "forward_tokens": ext.forward_tokens, "counted_tokens": counted_tokens, "input_wait_s": round(wait, 3)}
+
+
+def same_precision(run: RunDir, resolved: dict[str, str], device: torch.device) -> None:
+    """Refuse to add units to a run whose committed units encoded an SAE at another precision than `resolved` (what
+    this worker's saes[].dtype resolve to on `device`): one run holds one precision. The run's first committed unit
+    stands for all (every worker checks this before its first unit). A unit committed before units recorded their
+    precision ran on a CPU: float32, or its config's explicit dtype."""
+    done = sorted(run.committed())
+    if not done:
+        return
+    theirs = run.completion(done[0]).get("sae_dtypes")
+    if not theirs:
+        return
+    differ = {name: (theirs[name], mine) for name, mine in resolved.items() if name in theirs and theirs[name] != mine}
+    if differ:
+        what = ", ".join(f"SAE {n!r} {t} in its units, {m} on this worker's {device.type}" for n, (t, m) in
+                         differ.items())
+        raise saes.PrecisionError(
+            f"{run.root}: this worker would encode at another precision than the run's committed units ({what}). "
+            "One run holds one precision: resume on the kind of device that started it, or set saes[].dtype to "
+            f"the units' ({', '.join(sorted(set(t for t, _ in differ.values())))}) where the device has it")
 
 
 INPUT_NOTES = ("no_text", "surrogates_replaced")

@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any
 
+from ..engine.saes import PrecisionError
 from ..engine.storage import forwarded_env
 from ..engine.store import OutputNotShared, RunDir
 from ..engine.units import UNITS_PER_FILE, DataPlan, Task
@@ -272,7 +273,8 @@ class Pool:
         try:
             info = self.ray.get(ref)
         except RayTaskError as e:
-            if isinstance(getattr(e, "cause", None), OutputNotShared):  # no unit can commit: stop now
+            # no unit can commit, or none at this run's precision: stop now
+            if isinstance(getattr(e, "cause", None), (OutputNotShared, PrecisionError)):
                 self.retire(actor)
                 self.result.stopped = str(e.cause)
                 return

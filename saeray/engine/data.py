@@ -8,8 +8,6 @@ sources.py, units.py). Files are listed and read through the same code as runs.
 
 from __future__ import annotations
 
-import bisect
-import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -51,14 +49,6 @@ class DataPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @functools.cached_property
-    def _offsets(self) -> list[int]:
-        return [f.offset for f in self.files]
-
-    def file_of(self, row: int) -> str:
-        """Path of the data file that holds row `row`."""
-        return self.files[max(bisect.bisect_right(self._offsets, row) - 1, 0)].path
 
     def keep_arrow_schema(self) -> pa.Schema:
         return _RunPlan("", (), 1, keep_schema=self.keep_schema).keep_arrow_schema()

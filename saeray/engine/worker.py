@@ -27,6 +27,7 @@ from .folder import OutputWriteError
 from .images import load_image
 from .pipeline import Prefetch
 from .reading import check_token_ids, unit_rows
+from .sources import split_doc_id
 from .resources import bound_malloc, default_threads, peak_rss_mb, pick_device, tokenizer_threads
 from .storage import READ, forwarded_env
 from .store import RunDir
@@ -118,7 +119,7 @@ class ShardWorker:
         for doc_id, rec in unit_rows(self.plan, data, task, payload, columns):
             extras = {c: rec.get(c) for c in data.keep_columns}
             if data.token_column:
-                ids = check_token_ids(f"{url} row {doc_id & 0xFFFFFFFF}", rec.get(data.token_column), self.vocab_size)
+                ids = check_token_ids(f"{url} row {split_doc_id(doc_id)[1]}", rec.get(data.token_column), self.vocab_size)
                 yield self.tok.from_ids(doc_id, ids, extras)
             elif image_column:
                 image = load_image(rec.get(image_column), url, doc_id)

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 HELD_UNITS = 2
 """Counted units a worker may hold (their documents in memory) before it must process one."""
 
-OPEN = ("new", "counting", "counted", "processing")
 CLOSED = ("done", "failed", "beyond")
 
 

@@ -26,9 +26,6 @@ from .style import pair_label
 
 log = logging.getLogger(__name__)
 
-HIST_BINS = 40
-
-
 @dataclass(frozen=True)
 class Overview:
     """A run: its manifest and per-feature statistics."""

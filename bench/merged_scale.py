@@ -67,13 +67,13 @@ def _weights(root: Path, d_sae: int) -> tuple[Path, Path, int]:
     return model, sae, int(_json.loads((model / "config.json").read_text())["vocab_size"])
 
 
-def _manifest(root: Path, d_sae: int, model: Path, sae_path: Path) -> dict:
+def _manifest(root: Path, d_sae: int, model: Path, sae_path: Path, last_values: bool = True) -> dict:
     from saeray.engine import config
 
     cfg = config.from_dict({"model": {"name": str(model)}, "saes": [{"name": "res", "path": str(sae_path)}],
                             "data": {"dataset": "synthetic", "keep_columns": ["label"]},
                             "output": {"dir": str(root), "activations": False, "docs": "examples",
-                                       "unit_partials": "drop"}})
+                                       "unit_partials": "drop", "last_values": last_values}})
     sae = {"name": "res", "hook": HOOK, "digest": "synthetic", "d_sae": d_sae}
     return {"saeray_version": "bench", "fingerprint": "synthetic0000000", "config": cfg.to_dict(),
             "resolved": {"prepend_bos": True, "context_size": 1024, "saes": [sae]},
@@ -81,7 +81,7 @@ def _manifest(root: Path, d_sae: int, model: Path, sae_path: Path) -> dict:
 
 
 def write_unit(rd, unit: int, tokens: int, d_sae: int, vocab: int, values: str = "exponential",
-               block_tokens: int = BLOCK_TOKENS) -> None:
+               block_tokens: int = BLOCK_TOKENS, last_values: bool = True) -> None:
     """Commit one unit built by the engine's accumulators from `tokens` synthetic tokens (its own random stream, its
     documents numbered unit << 32 | i as a run numbers a file's rows). `values`: exponential (from 0), or jumprelu
     (each latent's own threshold plus an exponential excess, as a JumpReLU SAE's activations)."""
@@ -140,11 +140,13 @@ def write_unit(rd, unit: int, tokens: int, d_sae: int, vocab: int, values: str =
     pq.write_table(st.to_table("res", "all").cast(STATS_SCHEMA), tmp / "stats.parquet", compression="zstd")
     pq.write_table(st.hist_table("res", "all"), tmp / "hist.parquet", compression="zstd")
     pq.write_table(ex.to_table("res", "all"), tmp / "examples.parquet", compression="zstd", row_group_size=1 << 15)
-    pq.write_table(last_values_table(last, "res", "all"), tmp / "lastvals.parquet", compression="zstd")
+    if last_values:
+        pq.write_table(last_values_table(last, "res", "all"), tmp / "lastvals.parquet", compression="zstd")
     rd.commit(unit, tmp, {"shard": unit, "docs": doc - first_doc, "tokens": done, "fingerprint": "synthetic0000000"})
 
 
-def build(root: Path, units: list[int], tokens: int, d_sae: int, vocab: int, values: str, block_tokens: int) -> None:
+def build(root: Path, units: list[int], tokens: int, d_sae: int, vocab: int, values: str, block_tokens: int,
+          last_values: bool = True) -> None:
     """Write `units` of the run at `root` (one process of --jobs)."""
     import torch
 
@@ -153,7 +155,7 @@ def build(root: Path, units: list[int], tokens: int, d_sae: int, vocab: int, val
     torch.set_num_threads(1)
     rd = RunDir(root)
     for u in units:
-        write_unit(rd, u, tokens, d_sae, vocab, values, block_tokens)
+        write_unit(rd, u, tokens, d_sae, vocab, values, block_tokens, last_values)
 
 
 def sizes(root: Path) -> dict[str, int]:
@@ -179,6 +181,22 @@ def step(what: str, root: Path, feature: int) -> dict:
         rec = merged.merge_run(rd)
         return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": peak_rss_mb(),
                 "units": len(rec["units"])}
+    if what == "windows":  # the merge's windows step again, its source the current generation's windows
+        import polars as pl
+
+        rec = merged.record(rd, rd.completions())
+        path = Path(merged.files(rd, rec, "windows")[0])
+        before = path.stat().st_size
+        examples = merged.files(rd, rec, "examples")
+        picked = (pl.scan_parquet(examples).select("doc_id", "pos").unique().collect()
+                  .with_columns(pl.lit(examples[0]).alias("_src")))
+        radius = int(rd.read_manifest()["config"]["output"].get("context_radius", 32))
+        fresh = path.with_name("windows.new.parquet")
+        merged._write_windows(rd, rec, rd.completions(), [], picked, radius, fresh)
+        seconds = time.perf_counter() - t0
+        fresh.replace(path)
+        return {"seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb(), "bytes_before": before,
+                "bytes_after": path.stat().st_size, "spans": pq.read_metadata(path).num_rows}
     if what == "export":
         from saeray.report.export import neuronpedia
 
@@ -217,17 +235,45 @@ def main() -> None:
     p.add_argument("--values", choices=("exponential", "jumprelu"), default="exponential",
                    help="synthetic activation values (see write_unit)")
     p.add_argument("--jobs", type=int, default=1, help="processes building the units")
+    p.add_argument("--no-last-values", action="store_true",
+                   help="output.last_values: false, as the Pile config sets (per-document rows that grow with the corpus)")
     p.add_argument("--block-tokens", type=int, default=BLOCK_TOKENS,
                    help="tokens per block fed to the accumulators (their results do not depend on it)")
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--no-export", action="store_true", help="skip the Neuronpedia export of every latent")
     p.add_argument("--export-only", action="store_true", help="only the export, on the run kept in --dir")
+    p.add_argument("--windows-only", action="store_true",
+                   help="rewrite the kept run's merged windows with this checkout's merge (their previous version as "
+                        "the source), then `top --feature` and the export again")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     p.add_argument("--label", default=None, help="the figures' key in --out (default: --latents)")
     a = p.parse_args()
     if a.step:
         print(json.dumps(step(a.step, a.dir, a.feature)))
+        return
+    if a.windows_only:  # the windows as this checkout's merge writes them, on a run this bench built and kept
+        root = a.dir / f"run-{a.latents}"
+        saved = json.loads(a.out.read_text())
+        key = a.label or str(a.latents)
+        got = saved[key]
+        got["windows_rewrite"] = _child("windows", root, 0)
+        feature = a.feature if a.feature is not None else a.latents // 2
+        got["top_feature"] = _child("top1", root, feature)
+        got["export_neuronpedia"] = _child("export", root, feature)
+        kinds = {p.stem: p.stat().st_size for p in (root / "merged").rglob("*.parquet")}
+        got["merged_bytes_by_kind"] = kinds
+        got["bytes_after"]["merged"] = sum(kinds.values())
+        got["merged_bytes"] = sum(kinds.values())
+        one = got["one_unit_examples_bytes"]
+        got["merged_over_one_unit_examples"] = round(sum(kinds.values()) / one, 2)
+        got["merged_examples_and_windows_over_one_unit_examples"] = round(
+            (kinds.get("examples", 0) + kinds.get("windows", 0)) / one, 2)
+        got["merged_without_lastvals_over_one_unit_examples"] = round(
+            (sum(kinds.values()) - kinds.get("lastvals", 0)) / one, 2)
+        print(json.dumps({k: got[k] for k in ("windows_rewrite", "top_feature", "export_neuronpedia",
+                                              "merged_bytes_by_kind", "merged_over_one_unit_examples")}, indent=2))
+        a.out.write_text(json.dumps(saved, indent=2) + "\n")
         return
     if a.export_only:  # the export again, on a run this bench built and kept (--dir), e.g. after changing the export
         root = a.dir / f"run-{a.latents}"
@@ -247,17 +293,17 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     model, sae, vocab = _weights(root.parent, a.latents)
     rd = RunDir(root)
-    rd.prepare(_manifest(root, a.latents, model, sae), overwrite=False)
+    rd.prepare(_manifest(root, a.latents, model, sae, not a.no_last_values), overwrite=False)
     t0 = time.perf_counter()
     if a.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(a.jobs) as pool:
             for done in [pool.submit(build, root, list(range(j, a.units, a.jobs)), a.tokens, a.latents, vocab, a.values,
-                                     a.block_tokens) for j in range(a.jobs)]:
+                                     a.block_tokens, not a.no_last_values) for j in range(a.jobs)]:
                 done.result()
     else:
-        build(root, list(range(a.units)), a.tokens, a.latents, vocab, a.values, a.block_tokens)
+        build(root, list(range(a.units)), a.tokens, a.latents, vocab, a.values, a.block_tokens, not a.no_last_values)
     built = time.perf_counter() - t0
     before = sizes(root)
     one_unit = (root / "examples" / "00000.parquet").stat().st_size
@@ -271,7 +317,8 @@ def main() -> None:
     partial_kinds = ("stats", "hist", "examples", "lastvals")
     result = {
         "latents": a.latents, "units": a.units, "tokens_per_unit": a.tokens, "tokens": tokens, "values": a.values,
-        "build_seconds": round(built, 1), "build_jobs": a.jobs, "block_tokens": a.block_tokens, "bytes_before": before, "bytes_after": after,
+        "build_seconds": round(built, 1), "build_jobs": a.jobs, "block_tokens": a.block_tokens,
+        "last_values": not a.no_last_values, "bytes_before": before, "bytes_after": after,
         "one_unit_examples_bytes": one_unit, "merged_bytes_by_kind": merged_kinds,
         "merged_examples_and_windows_over_one_unit_examples": round(
             (merged_kinds.get("examples", 0) + merged_kinds.get("windows", 0)) / one_unit, 2),

@@ -39,7 +39,7 @@ def doc_values(run: str | Path, *, sae: str | None = None, group: str | None = N
     s, g = target(run, sae, group)
     pred = (pl.col("sae") == s) & (pl.col("group") == g)
     if features is not None:
-        pred &= pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
+        pred &= pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32).implode())
     return (scan_activations(run).filter(pred).group_by("doc_id", "feature").agg(pl.col("value").max())
             .collect(engine="streaming").sort("feature", "doc_id"))
 

@@ -51,11 +51,11 @@ def saved_effects(run: str | Path, features: list[int], *, sae: str, k: int) -> 
     saved = read_logits(run)
     if saved is None:
         return None, list(features)
-    mine = saved.filter((pl.col("sae") == sae) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
+    mine = saved.filter((pl.col("sae") == sae) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32).implode())
                         & (pl.col("rank") < k))
     counts = mine.group_by("feature").len()
     have = set(counts.filter(pl.col("len") == 2 * k)["feature"].to_list())
-    mine = mine.filter(pl.col("feature").is_in(pl.Series(sorted(have), dtype=pl.Int32)))
+    mine = mine.filter(pl.col("feature").is_in(pl.Series(sorted(have), dtype=pl.Int32).implode()))
     return (mine if mine.height else None), [f for f in features if f not in have]
 
 
@@ -71,7 +71,7 @@ def write_logits(run: str | Path, frame: pl.DataFrame) -> str:
         old = None
     if old is not None:
         name = frame["sae"][0]
-        keep = ~((pl.col("sae") == name) & pl.col("feature").is_in(frame["feature"].unique().cast(pl.Int32)))
+        keep = ~((pl.col("sae") == name) & pl.col("feature").is_in(frame["feature"].unique().cast(pl.Int32).implode()))
         frame = pl.concat([old.filter(keep), frame])
     frame = frame.sort("sae", "feature", pl.col("direction").replace_strict({"promoted": 0, "suppressed": 1}), "rank")
     rd.write_bytes(LOGITS_FILE, parquet_bytes(frame.to_arrow(), {META_KEY.decode(): identity(rd)}))

@@ -232,7 +232,7 @@ def _heldout(x: pl.DataFrame, docs: pl.DataFrame, keys: pl.DataFrame, *, select_
     for (sae, group), sel in chosen.group_by("sae", "group", maintain_order=True):
         d = docs.filter(pl.col("group") == group).sort("doc_id")
         ids = d["doc_id"].to_numpy()
-        xs = x.filter((pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(sel["feature"]))
+        xs = x.filter((pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(sel["feature"].implode()))
         dense = np.zeros((len(ids), sel.height))
         col = {f: j for j, f in enumerate(sel["feature"].to_list())}
         row = np.searchsorted(ids, xs["doc_id"].to_numpy())

@@ -133,7 +133,7 @@ def histograms(run: str | Path, features: list[int], *, sae: str, group: str) ->
     if not has_kind(run, "hist"):
         raise LookupError(f"{run}: its units hold no histogram partials (a run written without them): extract it "
                           "again with this saeray to get them")
-    pred = (pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
+    pred = (pl.col("sae") == sae) & (pl.col("group") == group) & pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32).implode())
     return (scan_files(committed_files(run, "hist")).filter(pred).group_by("feature", "bin").agg(pl.col("count").sum())
             .sort("feature", "bin").collect())
 

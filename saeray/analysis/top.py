@@ -52,7 +52,7 @@ def scan_feature_rows(run: str | Path, features: list[int], *, sae: str | None =
     _check_sae(run, sae)
     if not features:
         raise ValueError("no features given: pass at least one feature index")
-    pred = pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32))
+    pred = pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32).implode())
     if sae is not None:
         pred &= pl.col("sae") == sae
     if group is not None:
@@ -111,7 +111,7 @@ def scan_examples(run: str | Path, features: list[int], kind: str, *, sae: str |
     _check_sae(run, sae)
     if not features:
         raise ValueError("no features given: pass at least one feature index")
-    pred = pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32)) & (pl.col("kind") == kind)
+    pred = pl.col("feature").is_in(pl.Series(features, dtype=pl.Int32).implode()) & (pl.col("kind") == kind)
     if sae is not None:
         pred &= pl.col("sae") == sae
     if group is not None:
@@ -230,9 +230,12 @@ def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[in
     rd = open_run(run)
     windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
     if windows:
-        exact = (scan_files(windows).filter(pl.col("doc_id").is_in(keys["doc_id"].unique().implode()))
-                 .join(keys.lazy(), on=["doc_id", "pos"], how="semi").select(*merged.SPAN, "pos").collect())
-        parts.append(merged.cut_windows(keys, exact, before, after, on=["doc_id", "pos"]))
+        scan = scan_files(windows).filter(pl.col("doc_id").is_in(keys["doc_id"].unique().implode()))
+        if "pos" in scan.collect_schema().names():  # a generation merged before windows were spans: one per position
+            exact = scan.join(keys.lazy(), on=["doc_id", "pos"], how="semi").select(*merged.SPAN, "pos").collect()
+            parts.append(merged.cut_windows(keys, exact, before, after, on=["doc_id", "pos"]))
+        else:
+            parts.append(merged.span_windows(keys, scan.select(*merged.SPAN).collect(), before, after))
         rest = keys.join(parts[0], on="_i", how="anti")
     if rest.height:
         spans = merged.doc_spans(scan_docs(run), rest["doc_id"])

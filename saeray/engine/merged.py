@@ -11,10 +11,11 @@ reading every unit gives (saeray/engine/partials.py defines the partials):
   merged tables merged again with more units equal one merge of all the units;
 * hist: counts added per (sae, group, feature, bin);
 * lastvals: every unit's rows (one per document and latent active at its last position);
-* windows: per (doc_id, pos) of a kept example, the token ids pos - radius .. pos + radius (clipped to the
-  document), read from the units' docs, so the examples need no docs (none when output.docs is none).
+* windows: the token ids pos - radius .. pos + radius (clipped to the document) of every kept example, as each
+  document's disjoint spans (their union: a token once, however many examples' windows hold it), read from the
+  units' docs, so the examples need no docs (none when output.docs is none).
 
-Files are sorted by (sae, group, feature) (windows by doc_id, pos) in row groups of ROW_GROUP_ROWS rows: readers
+Files are sorted by (sae, group, feature) (windows by doc_id, start) in row groups of ROW_GROUP_ROWS rows: readers
 skip the row groups a feature filter excludes by their statistics.
 
 Commit: the files go to merged/<generation>/, then merged.json (the units merged with their attempts, the files)
@@ -56,8 +57,14 @@ CHUNK_ROWS = 1 << 19
 KEYS = ["sae", "group", "feature"]
 _GEN = re.compile(r"^[0-9a-f]{8}$")
 _NAME = re.compile(r"^merged/[0-9a-f]{8}/(stats|examples|hist|lastvals|windows)\.parquet$")
-WINDOWS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("n_tokens", pa.int32()),
-                            ("start", pa.int32()), ("token_ids", pa.list_(pa.int32()))])
+WINDOWS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("start", pa.int32()), ("n_tokens", pa.int32()),
+                            ("token_ids", pa.list_(pa.int32()))])
+"""windows.parquet: the union of the merged examples' token windows, per document its disjoint spans (a window
+pos - radius .. pos + radius of each kept example, clipped to the document; overlapping or adjacent windows joined),
+sorted by (doc_id, start). Generations merged before spans hold one row per (doc_id, pos) with a `pos` column;
+readers take both."""
+WINDOW_KEYS = 1 << 18
+"""Example positions whose windows are cut at a time while the spans are built: bounds the merge's memory."""
 
 
 class StaleMerge(RunDirError):
@@ -246,20 +253,64 @@ def _chunked(inputs: list[str], path: Path, schema: pa.Schema, pick: Any, source
 
 def _write_windows(rd: RunDir, rec: dict[str, Any] | None, markers: dict[int, dict[str, Any]], new: list[int],
                    picked: pl.DataFrame, radius: int, path: Path) -> None:
-    """windows.parquet: the token window of each (doc_id, pos) the merged examples hold, from the previous
-    generation's windows or the new units' docs."""
-    need = picked.unique(["doc_id", "pos"])
-    parts = []
-    prev = files(rd, rec, "windows")
-    if prev:
-        parts.append(_scan(prev).join(need.lazy().select("doc_id", "pos"), on=["doc_id", "pos"], how="semi").collect())
+    """windows.parquet (WINDOWS_SCHEMA): the spans of the windows of each (doc_id, pos) the merged examples hold,
+    from the previous generation's windows or the new units' docs (a document is in one unit, so in one source)."""
+    need = picked.unique(["doc_id", "pos"]).select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32),
+                                                   "_src")
+    spans = []
+    from_units = set()
     for u in new:
         mine = set(rd.shard_files(u, "examples", markers[u]))
+        from_units |= mine
         want = need.filter(pl.col("_src").is_in(list(mine))).select("doc_id", "pos")
         if want.height:
-            parts.append(_unit_windows(rd.shard_files(u, "docs", markers[u]), want, radius))
-    table = (pl.concat(parts) if parts else pl.from_arrow(WINDOWS_SCHEMA.empty_table())).sort("doc_id", "pos")
+            spans.append(union_spans(_unit_windows(rd.shard_files(u, "docs", markers[u]), want, radius)))
+    prev = files(rd, rec, "windows")
+    old = need.filter(~pl.col("_src").is_in(list(from_units))).select("doc_id", "pos").sort("doc_id", "pos")
+    if prev and old.height:
+        scan = _scan(prev)
+        per_position = "pos" in scan.collect_schema().names()
+        for part in _by_documents(old, WINDOW_KEYS):  # whole documents, about WINDOW_KEYS positions at a time
+            docs = part["doc_id"].unique().implode()
+            got = scan.filter(pl.col("doc_id").is_in(docs))
+            if per_position:
+                rows = got.join(part.lazy(), on=["doc_id", "pos"], how="semi").select(*SPAN).collect()
+            else:
+                rows = span_windows(part, got.select(*SPAN).collect(), radius, radius).rename(
+                    {"window_start": "start"}).select(*SPAN)
+            spans.append(union_spans(rows))
+    table = (pl.concat(spans) if spans else pl.from_arrow(WINDOWS_SCHEMA.empty_table())).sort("doc_id", "start")
     _write(table.select(WINDOWS_SCHEMA.names).to_arrow().cast(WINDOWS_SCHEMA), path)
+
+
+def _by_documents(keys: pl.DataFrame, most: int) -> list[pl.DataFrame]:
+    """`keys` (sorted by doc_id) cut into parts of about `most` rows that never split a document."""
+    if keys.height <= most:
+        return [keys]
+    first_of_doc = keys["doc_id"].rle_id()
+    starts = keys.with_row_index("_r").group_by(first_of_doc.alias("_d"), maintain_order=True).agg(
+        pl.col("_r").first())["_r"]
+    cuts = [0]
+    for s in starts.to_list():
+        if s - cuts[-1] >= most:
+            cuts.append(s)
+    cuts.append(keys.height)
+    return [keys.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def union_spans(windows: pl.DataFrame) -> pl.DataFrame:
+    """Token ranges of documents (doc_id, n_tokens, start, token_ids), possibly overlapping, as the disjoint spans
+    that cover them (overlapping or adjacent ranges joined, each token once), sorted by (doc_id, start)."""
+    w = (windows.select(pl.col(c).cast(t) for c, t in SPAN.items()).sort("doc_id", "start")
+         .with_columns((pl.col("start") + pl.col("token_ids").list.len()).alias("_end")))
+    w = w.with_columns(pl.col("_end").cum_max().shift(1).over("doc_id").alias("_cover"))
+    w = w.with_columns((pl.col("_cover").is_null() | (pl.col("start") > pl.col("_cover"))).cum_sum().alias("_span"),
+                       pl.col("token_ids").list.slice((pl.col("_cover") - pl.col("start")).clip(lower_bound=0)
+                                                      .fill_null(0)).alias("_new"))
+    return (w.group_by("_span", maintain_order=True)
+            .agg(pl.col("doc_id").first(), pl.col("n_tokens").first(), pl.col("start").first(),
+                 pl.col("_new").list.explode(keep_nulls=False, empty_as_null=False).alias("token_ids"))
+            .select(pl.col(c).cast(t) for c, t in SPAN.items()))
 
 
 SPAN = {"doc_id": pl.Int64, "n_tokens": pl.Int32, "start": pl.Int32, "token_ids": pl.List(pl.Int32)}
@@ -283,22 +334,34 @@ def cut_windows(keys: pl.DataFrame, spans: pl.DataFrame, before: int, after: int
     """Per row of `keys` (doc_id, pos and other key columns) whose span (joined `on`) holds positions pos - before ..
     pos + after clipped to the document: the keys, n_tokens, window_start and the window's token_ids. Rows without
     such a span are absent."""
-    return (keys.join(spans, on=on)
-            .with_columns((pl.col("pos") - before).clip(lower_bound=0).alias("window_start"),
-                          pl.min_horizontal(pl.col("pos") + after + 1, pl.col("n_tokens")).alias("_end"))
+    return _cut(keys.join(spans, on=on), keys.columns, before, after)
+
+
+def span_windows(keys: pl.DataFrame, spans: pl.DataFrame, before: int, after: int) -> pl.DataFrame:
+    """`cut_windows` for disjoint spans (windows.parquet's): each key meets one span, its document's with the largest
+    start <= pos (an as-of join), whatever the number of spans a document has."""
+    joined = (keys.sort("doc_id", "pos")
+              .join_asof(spans.select(pl.col(c).cast(t) for c, t in SPAN.items()).sort("doc_id", "start"),
+                         left_on="pos", right_on="start", by="doc_id", strategy="backward", check_sortedness=False))
+    return _cut(joined, keys.columns, before, after)
+
+
+def _cut(joined: pl.DataFrame, key_columns: list[str], before: int, after: int) -> pl.DataFrame:
+    return (joined.with_columns((pl.col("pos") - before).clip(lower_bound=0).alias("window_start"),
+                                pl.min_horizontal(pl.col("pos") + after + 1, pl.col("n_tokens")).alias("_end"))
             .filter(pl.col("token_ids").is_not_null() & (pl.col("start") <= pl.col("window_start"))
                     & (pl.col("_end") <= pl.col("start") + pl.col("token_ids").list.len()))
-            .unique(keys.columns, keep="first")
-            .select(*keys.columns, pl.col("n_tokens").cast(pl.Int32), pl.col("window_start").cast(pl.Int32),
+            .unique(key_columns, keep="first")
+            .select(*key_columns, pl.col("n_tokens").cast(pl.Int32), pl.col("window_start").cast(pl.Int32),
                     pl.col("token_ids").list.slice(pl.col("window_start") - pl.col("start"),
                                                    pl.col("_end") - pl.col("window_start")).cast(pl.List(pl.Int32))))
 
 
 def _unit_windows(docs_files: list[str], want: pl.DataFrame, radius: int) -> pl.DataFrame:
-    """WINDOWS_SCHEMA rows of the windows `want` (doc_id, pos) asks for, from one unit's docs."""
+    """The window (doc_id, n_tokens, start, token_ids) of each (doc_id, pos) `want` asks for, from one unit's docs."""
     keys = want.select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32))
     got = cut_windows(keys, doc_spans(_scan(docs_files), keys["doc_id"]), radius, radius, on=["doc_id"])
-    return got.rename({"window_start": "start"})
+    return got.rename({"window_start": "start"}).select(*SPAN)
 
 
 def _prune(rd: RunDir, keep: set[str | None]) -> None:

@@ -278,7 +278,7 @@ def hidden_token_ids(tokenizer: Any) -> set[int]:
 def visible_logits(effects: pl.DataFrame, hidden: set[int], k: int = LOGIT_RANKS) -> pl.DataFrame:
     """Logit effects without special tokens (ids in `hidden`) and placeholders (UNUSED), the first `k` of
     each feature and direction, ranked again from 0."""
-    keep = ~pl.col("token_id").is_in(pl.Series(sorted(hidden), dtype=effects["token_id"].dtype))
+    keep = ~pl.col("token_id").is_in(pl.Series(sorted(hidden), dtype=effects["token_id"].dtype).implode())
     keep &= ~pl.col("token").fill_null("").str.strip_chars().str.contains(f"^(?:{UNUSED.pattern})$")
     return (effects.filter(keep).sort("feature", "direction", "rank")
             .with_columns(pl.int_range(pl.len()).over("feature", "direction").cast(effects["rank"].dtype).alias("rank"))

@@ -67,9 +67,8 @@ def test_merged_tables_answer_as_the_units_do(runs, name):
         docs = pl.read_parquet(run_dir / "docs" / "**" / "*.parquet")
         assert docs.height == 84 and docs["windows"].null_count() == docs["token_ids"].null_count() == 84
         assert pl.read_parquet(units / "docs" / "**" / "*.parquet")["windows"].null_count() < 84
-    tables = _tables(run_dir)  # a window per example (doc_id, pos), so examples need no docs
-    assert tables["windows"].select("doc_id", "pos").equals(
-        tables["examples"].select("doc_id", "pos").unique().sort("doc_id", "pos"))
+    tables = _tables(run_dir)  # the examples' windows, each token once, so examples need no docs
+    _windows_are_the_union(tables, radius=6)
     _same_stats(features(run_dir).collect(), features(units).collect())
     _same_stats(merged_doc_moments(run_dir), merged_doc_moments(units))
     assert_frame_equal(histograms(run_dir, FEATURES, sae="a", group="all"), histograms(units, FEATURES, sae="a", group="all"))
@@ -86,6 +85,55 @@ def test_merged_tables_answer_as_the_units_do(runs, name):
             top_examples(run_dir, FEATURES, k=4, window=(3, 3), source="rows"))
 
 
+def _windows_are_the_union(tables: dict[str, pl.DataFrame], radius: int) -> None:
+    """The merged windows are disjoint, non-adjacent spans per document whose token positions are exactly those of
+    the merged examples' windows (pos +- radius, clipped), and whose tokens agree with every example's."""
+    spans = tables["windows"]
+    assert spans.columns == ["doc_id", "start", "n_tokens", "token_ids"]
+    ordered = spans.sort("doc_id", "start")
+    assert spans.equals(ordered)
+    ends = (ordered["start"] + ordered["token_ids"].list.len()).to_list()
+    for i in range(1, ordered.height):
+        if ordered["doc_id"][i] == ordered["doc_id"][i - 1]:
+            assert ordered["start"][i] > ends[i - 1]  # disjoint and not adjacent
+    covered = {(d, s + i) for d, s, ids in spans.select("doc_id", "start", "token_ids").iter_rows()
+               for i in range(len(ids))}
+    n_tokens = dict(spans.select("doc_id", "n_tokens").iter_rows())
+    wanted = {(d, q) for d, p in tables["examples"].select("doc_id", "pos").unique().iter_rows()
+              for q in range(max(0, p - radius), min(n_tokens[d], p + radius + 1))}
+    assert covered == wanted
+
+
+def test_spans_and_span_windows_against_a_loop():
+    """union_spans joins overlapping and adjacent token ranges into disjoint spans holding each token once, and
+    span_windows cuts from them what cut_windows cuts from the ranges themselves, on random documents."""
+    import random
+
+    rnd = random.Random(3)
+    docs = {d: [rnd.randrange(1000) for _ in range(rnd.randrange(1, 80))] for d in range(40)}
+    rows, keys = [], []
+    for d, ids in docs.items():
+        for _ in range(rnd.randrange(0, 9)):
+            p = rnd.randrange(len(ids))
+            keys.append((d, p))
+            a, b = max(0, p - 5), min(len(ids), p + 6)
+            rows.append((d, len(ids), a, ids[a:b]))
+    windows = pl.DataFrame(rows, schema=merged.SPAN, orient="row")
+    spans = merged.union_spans(windows)
+    covered = {}
+    for d, n, s, ids in spans.iter_rows():
+        for i, t in enumerate(ids):
+            assert (d, s + i) not in covered
+            covered[(d, s + i)] = t
+    want = {(d, s + i): t for d, n, s, ids in rows for i, t in enumerate(ids)}
+    assert covered == want and all(t == docs[d][q] for (d, q), t in covered.items())
+    k = pl.DataFrame(sorted(set(keys)), schema={"doc_id": pl.Int64, "pos": pl.Int32}, orient="row").with_row_index("_i")
+    for before, after in ((5, 5), (2, 3), (0, 0)):
+        a = merged.span_windows(k, spans, before, after).sort("_i")
+        b = merged.cut_windows(k, windows, before, after, on=["doc_id"]).sort("_i")
+        assert a.height == k.height and a.equals(b)
+
+
 def test_merging_again_changes_nothing(runs):
     run_dir = runs["seven"][0]
     rd = RunDir(run_dir)
@@ -99,9 +147,23 @@ def _tables(run_dir: Path) -> dict[str, pl.DataFrame]:
     return {k: pl.read_parquet(merged.files(rd, rec, k)) for k in rec["files"]}
 
 
-def test_merged_then_resumed_equals_uninterrupted(tiny, runs, tmp_path, monkeypatch):
+def _per_position(run_dir: Path, radius: int) -> None:
+    """Rewrite the current generation's windows as merges before spans wrote them: one row per (doc_id, pos)."""
+    rd = RunDir(run_dir)
+    rec = merged.record(rd, rd.completions())
+    tables = _tables(run_dir)
+    keys = tables["examples"].select(pl.col("doc_id").cast(pl.Int64), pl.col("pos").cast(pl.Int32)).unique()
+    old = (merged.span_windows(keys, tables["windows"], radius, radius)
+           .select("doc_id", "pos", "n_tokens", pl.col("window_start").alias("start"), "token_ids").sort("doc_id", "pos"))
+    old.write_parquet(merged.files(rd, rec, "windows")[0])
+
+
+@pytest.mark.parametrize("old_windows", [False, True])
+def test_merged_then_resumed_equals_uninterrupted(tiny, runs, tmp_path, monkeypatch, old_windows):
     """Units 2 and 5 fail in the first run, whose end merges (and drops) the other five; the rerun commits 2 and 5
-    and merges them into those tables: the result is the uninterrupted run's."""
+    and merges them into those tables: the result is the uninterrupted run's. With old_windows the first merge's
+    windows are rewritten one row per example position, as merges before spans wrote them: they read as they were,
+    and the rerun's merge writes spans equal to the uninterrupted run's."""
     out = tmp_path / "run"
     raw = _config(tiny, runs["data"], out, "drop", data__shards=7)
     real = ShardWorker.process
@@ -117,6 +179,11 @@ def test_merged_then_resumed_equals_uninterrupted(tiny, runs, tmp_path, monkeypa
     rd = RunDir(out)
     first = merged.record(rd, rd.completions())
     assert sorted(map(int, first["units"])) == [0, 1, 3, 4, 6] and first["dropped"] == [0, 1, 3, 4, 6]
+    if old_windows:
+        shown = top_examples(out, FEATURES, k=4, window=(6, 6), source="partials")
+        _per_position(out, radius=6)
+        assert "pos" in pl.read_parquet_schema(merged.files(rd, first, "windows")[0])
+        assert top_examples(out, FEATURES, k=4, window=(6, 6), source="partials").equals(shown)
     monkeypatch.setattr(ShardWorker, "process", real)
     run(config.from_dict(raw), executor="local")
     want, got = _tables(runs["seven"][0]), _tables(out)

@@ -61,8 +61,8 @@ WINDOWS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("start", pa.int32()), ("n_t
                             ("token_ids", pa.list_(pa.int32()))])
 """windows.parquet: the union of the merged examples' token windows, per document its disjoint spans (a window
 pos - radius .. pos + radius of each kept example, clipped to the document; overlapping or adjacent windows joined),
-sorted by (doc_id, start). Generations merged before spans hold one row per (doc_id, pos) with a `pos` column;
-readers take both."""
+sorted by (doc_id, start). A windows file with one row per (doc_id, pos) (a `pos` column) reads too, and the next
+merge rewrites it as spans."""
 WINDOW_KEYS = 1 << 18
 """Example positions whose windows are cut at a time while the spans are built: bounds the merge's memory."""
 

@@ -152,8 +152,8 @@ def neuronpedia(run: str | Path, out: str | Path, *, sae: str | None = None, gro
 
         pair = {"sae": sae_name, "group": group, "window": window}
         for reads in _reads(todo, READ_FEATURES):
-            logit_fields = [(pool.submit(fields, [f for _, batch in run for f in batch]), run)
-                            for run in _reads(reads, LOGIT_ROWS)]
+            logit_fields = [(pool.submit(fields, [f for _, batch in part for f in batch]), part)
+                            for part in _reads(reads, LOGIT_ROWS)]
             feats = [f for _, batch in reads for f in batch]
             tops = top_examples(run, feats, k=top, **pair)
             ivs = interval_examples(run, feats, bins=n_intervals, per_bin=per_interval, **pair)

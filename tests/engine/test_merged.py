@@ -158,7 +158,7 @@ def _per_position(run_dir: Path, radius: int) -> None:
     old.write_parquet(merged.files(rd, rec, "windows")[0])
 
 
-@pytest.mark.parametrize("old_windows", [False, True])
+@pytest.mark.parametrize("old_windows", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_merged_then_resumed_equals_uninterrupted(tiny, runs, tmp_path, monkeypatch, old_windows):
     """Units 2 and 5 fail in the first run, whose end merges (and drops) the other five; the rerun commits 2 and 5
     and merges them into those tables: the result is the uninterrupted run's. With old_windows the first merge's

@@ -58,6 +58,7 @@ def test_fingerprint_holds_the_cpu_resolution(tiny, tmp_path):
     assert fps["auto"] == fps["tf32"] == fps["float32"] != fps["bfloat16"]
 
 
+@pytest.mark.slow
 def test_a_worker_refuses_another_precision_than_the_runs(tiny, tmp_path):
     """Units record the precision their worker resolved. A run whose committed units say tf32 (a GPU's) is refused
     by a CPU worker, which would encode in float32, before it loads anything, with a message naming both; units

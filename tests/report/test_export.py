@@ -258,6 +258,7 @@ def test_record_size_against_saedashboard(both):
     assert rest["ours"] <= 1.15 * rest["theirs"]
 
 
+@pytest.mark.slow
 def test_smaller_records_by_option(both, tmp_path):
     """The export's size options: fewer top documents and interval examples, shorter contexts (each example's
     tokens within `context` of its maximum, the same tokens and values as the full record's there) and gzip (the

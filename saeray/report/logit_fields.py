@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,11 +21,11 @@ _PIECE_SUBSTITUTIONS = [("Ġ", " "), ("Ċ", "\n"), ("ĉ", "\t"), ("âĢĶ", "—
                         ("âĢĺ", "‘"), ("âĢĻ", "’"), ("âĢĭ", " ")]
 
 
-def vocab_strings(tokenizer: Any, d_vocab: int | None = None) -> list[str]:
-    """Display string per token id (0..d_vocab-1; default: to the vocabulary's largest id) as Neuronpedia's batch
-    files carry them: the vocabulary piece with SAEDashboard's substitutions; ids past the vocabulary are
-    `<|outofrange|>`."""
-    pieces = {i: p for p, i in tokenizer.get_vocab().items()}
+def vocab_strings(vocab: dict[str, int], d_vocab: int | None = None) -> list[str]:
+    """Display string per token id of a tokenizer's vocabulary {piece: id} (0..d_vocab-1; default: to its largest
+    id) as Neuronpedia's batch files carry them: the piece with SAEDashboard's substitutions; ids past the
+    vocabulary are `<|outofrange|>`."""
+    pieces = {i: p for p, i in vocab.items()}
     marked = re.compile("[" + "".join({a[0] for a, _ in _PIECE_SUBSTITUTIONS}) + "]").search
     out = []
     for i in range(max(pieces, default=-1) + 1 if d_vocab is None else d_vocab):
@@ -66,13 +65,12 @@ def token_strings(model_cfg: Any) -> np.ndarray:
     source, kwargs = resolve_source(model_cfg.name)
     path = Path(source) / "tokenizer.json"
     vocab = file_vocab(path) if not kwargs and model_cfg.revision in (None, "main") and path.is_file() else None
-    if vocab is not None:
-        return np.array(vocab_strings(SimpleNamespace(get_vocab=lambda: vocab)), dtype=object)
-    from transformers import AutoTokenizer
+    if vocab is None:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
-                                              trust_remote_code=model_cfg.trust_remote_code, **kwargs)
-    return np.array(vocab_strings(tokenizer), dtype=object)
+        vocab = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
+                                              trust_remote_code=model_cfg.trust_remote_code, **kwargs).get_vocab()
+    return np.array(vocab_strings(vocab), dtype=object)
 
 
 def file_vocab(path: Path) -> dict[str, int] | None:

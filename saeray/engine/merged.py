@@ -37,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -287,11 +288,10 @@ def _by_documents(keys: pl.DataFrame, most: int) -> list[pl.DataFrame]:
     """`keys` (sorted by doc_id) cut into parts of about `most` rows that never split a document."""
     if keys.height <= most:
         return [keys]
-    first_of_doc = keys["doc_id"].rle_id()
-    starts = keys.with_row_index("_r").group_by(first_of_doc.alias("_d"), maintain_order=True).agg(
-        pl.col("_r").first())["_r"]
+    doc = keys["doc_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])  # each document's first row
     cuts = [0]
-    for s in starts.to_list():
+    for s in starts.tolist():
         if s - cuts[-1] >= most:
             cuts.append(s)
     cuts.append(keys.height)

@@ -134,6 +134,14 @@ def test_spans_and_span_windows_against_a_loop():
         assert a.height == k.height and a.equals(b)
 
 
+def test_window_keys_cut_at_document_boundaries():
+    """The merge builds spans a few documents at a time: parts of about `most` keys, never splitting a document."""
+    keys = pl.DataFrame({"doc_id": [1, 1, 1, 2, 2, 3, 4, 4, 4, 4], "pos": list(range(10))})
+    parts = merged._by_documents(keys, 3)
+    assert [p["doc_id"].to_list() for p in parts] == [[1, 1, 1], [2, 2, 3], [4, 4, 4, 4]]
+    assert merged._by_documents(keys, 20) == [keys]
+
+
 def test_merging_again_changes_nothing(runs):
     run_dir = runs["seven"][0]
     rd = RunDir(run_dir)

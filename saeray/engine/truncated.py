@@ -65,8 +65,7 @@ class Truncated(HookHandles):
     """The model's forward up to the deepest layer of `sites`; calling it returns {hook name: [batch, seq, d]}.
 
     Same call as `models.Hooks` (input_ids, attention_mask, pixel_values, token_type_ids), so the extractor
-    takes either. `compile`: wrap the forward in torch.compile (inductor, one graph per batch shape;
-    see `compile_forward`)."""
+    takes either. `compile`: wrap the forward in torch.compile (inductor; see `compile_options`)."""
 
     def __init__(self, model: nn.Module, sites: list[HookSite], compile: bool = False):
         reason = why_not(model)
@@ -96,8 +95,7 @@ class Truncated(HookHandles):
         self.compiled = compile
         if compile:
             use_compile_cache()
-            # dynamic=False: one graph per (rows, length) batch shape; the batcher's length buckets bound them
-            self._forward = torch.compile(self.forward_tensors, dynamic=False)
+            self._forward = torch.compile(self.forward_tensors, **compile_options(_device_of(model)))
         else:
             self._forward = self.forward_tensors
 
@@ -189,6 +187,27 @@ class Truncated(HookHandles):
         if missing:
             raise ModelError(f"hooks {sorted(missing)} never fired during the truncated forward pass")
         return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """torch.compile's arguments for the truncated forward on `device`.
+
+    On a GPU: static shapes (dynamic=False), one graph per (rows, length) batch shape, which the batcher's
+    buckets bound (a few dozen in a long run); each compiles in seconds there and gets kernels for its sizes.
+    On a CPU, where inductor's compile is slow (tens of seconds per graph on 2 cores): one graph with
+    symbolic rows and length (dynamic=True) compiled once for every shape, and inductor's freezing, which
+    folds the weights into the graph as constants and packs them for oneDNN's matmuls (on this project's
+    2-core machine, Gemma 3 270M's forward to layer 6 in bf16: 1.27x the static graphs' speed; see
+    bench/throughput.py --compile). Freezing keeps a packed copy of the hooked layers' weights beside the
+    model's own: the truncated layers' parameters count twice in host memory."""
+    if device.type == "cpu":
+        return {"dynamic": True, "options": {"freezing": True}}
+    return {"dynamic": False}
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:

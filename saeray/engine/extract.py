@@ -160,7 +160,7 @@ class Extractor:
             if key in self.examples:
                 self.examples[key].add(pf, block.doc_ids[pr], ppos, pmax, (pair, pos, val))
             if self.last is not None:
-                at = pos == block.last[g][rank]
+                at = torch.nonzero(pos == block.last[g][rank]).squeeze(1)
                 self.last[key].append(tuple(to_host(feat[at].to(torch.int32), doc[at], val[at])))
             if block.keep_rows:
                 # (doc_id, pos, feature) order from two stable sorts on the device: by feature, then by the

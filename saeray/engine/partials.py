@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .saes import nonzero_sized
+
 BINS_PER_DECADE = 8
 EDGES = np.concatenate([[0.0], 10.0 ** (np.arange(-4 * BINS_PER_DECADE, 4 * BINS_PER_DECADE + 1) / BINS_PER_DECADE)]
                        ).astype(np.float32)
@@ -164,25 +166,32 @@ def _merge_lists(old: list[torch.Tensor], new: list[torch.Tensor], n_groups: int
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
     """Merge `new` entries into kept lists `old` (parallel columns, column 0 the group): per group the first k under
     `order(*columns)` (keys for `_first_per_group`). Only the groups `new` touches are re-sorted. Returns (the lists,
-    the kept entries of the touched groups or None, which of `new` were kept)."""
+    the kept entries of the touched groups or None, which of `new` were kept).
+
+    Two host syncs on a GPU: the count of kept entries in touched groups (their complement is then gathered by
+    `nonzero_sized`), and `_first_per_group`'s count of entries that stay."""
     if not new[0].numel():
         return old, None, torch.zeros(0, dtype=torch.bool, device=new[0].device)
     touched = torch.zeros(n_groups, dtype=torch.bool, device=new[0].device)
     touched[new[0]] = True
     hit = touched[old[0]]
-    both = [torch.cat([o[hit], n]) for o, n in zip(old, new)]
+    at = torch.nonzero(hit).squeeze(1)
+    n_old = len(at)
+    rest = nonzero_sized(~hit, len(hit) - n_old).squeeze(1)
+    both = [torch.cat([o[at], n]) for o, n in zip(old, new)]
     sel = _first_per_group(both[0], order(*both), k)
     kept = [t[sel] for t in both]
-    n_old = int(hit.sum())
-    survived = torch.zeros(len(new[0]), dtype=torch.bool, device=sel.device)
-    survived[sel[sel >= n_old] - n_old] = True
-    return [torch.cat([o[~hit], t]) for o, t in zip(old, kept)], kept, survived
+    flag = torch.zeros(len(both[0]), dtype=torch.bool, device=sel.device)
+    flag[sel] = True
+    return [torch.cat([o[rest], t]) for o, t in zip(old, kept)], kept, flag[n_old:]
 
 
 def _threshold(current: torch.Tensor, group: torch.Tensor, key: torch.Tensor, k: int, reduce: str, fill: Any
                ) -> torch.Tensor:
-    """The entry bar per group: `reduce` (amin/amax) of the kept keys where a group holds k, else unchanged."""
-    full = torch.bincount(group, minlength=len(current)) >= k
+    """The entry bar per group: `reduce` (amin/amax) of the kept keys where a group holds k, else unchanged.
+    Counts by scatter-add, not bincount (CUDA's reads the input's range back to the host)."""
+    full = torch.zeros(len(current), dtype=torch.int64, device=group.device).scatter_add_(
+        0, group, torch.ones_like(group)) >= k
     bar = torch.full_like(current, fill).scatter_reduce(0, group, key, reduce)
     return torch.where(full, bar, current)
 
@@ -251,16 +260,16 @@ class UnitExamples:
         if self.k:
             cand = torch.nonzero(value >= self.kth[feat]).squeeze(1)
             self.top, kept = self._merge(self.top, [feat[cand], doc[cand], pos[cand], value[cand]])
-            entered[cand[kept]] = True
+            entered[cand] = kept  # candidates are distinct: no mask indexing (a host sync on a GPU)
         if self.m:
             gid = feat * N_BINS + value_bins(value)
             dr = draws(doc, feat)
             cand = torch.nonzero(dr <= self.mth[gid]).squeeze(1)
             self.samples, kept = self._merge_samples([gid[cand], dr[cand], doc[cand], pos[cand], value[cand]])
-            entered[cand[kept]] = True
+            entered[cand] |= kept
         if entries is not None:  # the contexts of the pairs that made it into the lists (for now)
             pair, epos, evalue = entries
-            near = entered[pair] & ((epos - pos[pair]).abs() <= self.radius)
+            near = torch.nonzero(entered[pair] & ((epos - pos[pair]).abs() <= self.radius)).squeeze(1)
             pair, epos, evalue = pair[near], epos[near], evalue[near]
             f, d, off, v = to_host(feat[pair], doc[pair], epos - pos[pair], evalue.double())
             self.contexts.append(np.stack([f, d, off, v.view(np.int64)], axis=1))

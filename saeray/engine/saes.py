@@ -340,10 +340,10 @@ def encode_dense(sae: Any, x: torch.Tensor, threshold: float, chunk_tokens: int,
 
 def nonzero_sized(mask: torch.Tensor, size: int) -> torch.Tensor:
     """`mask.nonzero()` when its count `size` is known on the host: no sync on a GPU (torch.nonzero_static, whose
-    CUDA kernel came with torch 2.6). An empty mask takes nonzero() (nonzero_static's CUDA kernel failed on empty
-    input before torch 2.9), which needs no sync either: there is nothing to count."""
+    CUDA kernel came with torch 2.6). An empty mask gets an empty result without a kernel (nonzero_static's
+    CUDA kernel failed on empty input before torch 2.9)."""
     if mask.numel() == 0:
-        return mask.nonzero()
+        return torch.zeros((0, mask.dim()), dtype=torch.int64, device=mask.device)
     return torch.nonzero_static(mask, size=size)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from saeray.assets.tiny import make_sae
 from saeray.engine import saes
@@ -86,16 +87,13 @@ def test_auto_attention_choice():
         config._build(config.ModelConfig, {"name": "x", "compile": "yes"}, "model")
 
 
-def test_host_reads_per_block(tiny):
-    """A block's bookkeeping reads the device through partials.to_host: per (SAE, group), one transfer each for the
-    example contexts, the last values and the rows (each a single copy of all their columns)."""
-    import numpy as np
-
+def _extractor(tiny, **kw):
+    """The tiny Llama and standard SAE in an Extractor with examples (top 2, 1 per bin), contexts and last values;
+    (extractor, documents)."""
     from saeray.engine import models
-    from saeray.engine.batching import blocks
     from saeray.engine.config import ModelConfig, PositionsConfig
     from saeray.engine.contexts import Tokenization
-    from saeray.engine.partials import HOST_READS, packed_to_host, to_host
+    from saeray.engine.extract import Extractor
 
     cpu = torch.device("cpu")
     model, tok = models.load_model(ModelConfig(name=str(tiny["llama"]), dtype="float32"), cpu)
@@ -103,9 +101,76 @@ def test_host_reads_per_block(tiny):
     handle = SAEHandle("s", saes.load(sae_cfg, cpu), models.parse_hook(saes.describe(sae_cfg).hook, 4), 0.0)
     t = Tokenization(tok, PositionsConfig(), prepend_bos=True, context_size=24, exclude_special=True)
     docs = t.text_documents([(i, text, {}) for i, text in enumerate(tiny["docs"])])
+    ext = Extractor(model, [handle], t, batch_tokens=64, device=cpu, top_k=2, per_bin=1, radius=2, last_values=True,
+                    **kw)
+    return ext, docs
+
+
+class DataSizedOps(TorchDispatchMode):
+    """Counts the operations a GPU cannot run without the host waiting for the device: outputs sized by the data
+    (nonzero, unique, masked_select, indexing or assigning through a boolean mask), values read as Python numbers
+    (`item`, `int(t)`), and bincount (CUDA's reads its input's range back). `nonzero_static` with a size the host
+    knows is none of these."""
+
+    SIZED = {"aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select",
+             "aten::_local_scalar_dense", "aten::bincount"}
+    INDEXED = {"aten::index", "aten::index_put_", "aten::index_put", "aten::_index_put_impl_"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.SIZED or (name == "aten::repeat_interleave" and "output_size" not in (kwargs or {})):
+            self.n += 1
+        elif name in self.INDEXED and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_syncs_per_batch_and_block(tiny, monkeypatch):
+    """What a GPU waits for, counted on CPU tensors with the GPU's variants of each operation (feature_stats.on_host
+    off): with batches in flight, none per batch beyond the wait for its counts (read from pinned memory behind
+    the batch's event, which no CPU op shows), and per block and (SAE, group) at most nine, as docs/performance.md
+    says: the block's (document, feature) pairs; for the top lists and for the binned samples each, the
+    candidates, the entries kept in the groups they touch, and those that stay (none of these three when nothing
+    is a candidate); the contexts near kept maxima; the last values' positions."""
+    from saeray.engine import feature_stats
+    from saeray.engine.batching import blocks
     from saeray.engine.extract import Extractor
 
-    ext = Extractor(model, [handle], t, batch_tokens=64, device=cpu, top_k=2, per_bin=1, radius=2, last_values=True)
+    monkeypatch.setattr(feature_stats, "on_host", lambda t: False)
+    ext, docs = _extractor(tiny, ahead=2)
+    per_batch, per_block = [], []
+
+    def counted(method, into):
+        def run(self, *args):
+            with DataSizedOps() as ops:
+                out = method(self, *args)
+            into.append(ops.n)
+            return out
+        return run
+
+    monkeypatch.setattr(Extractor, "_finish", counted(Extractor._finish, per_batch))
+    monkeypatch.setattr(Extractor, "_collect", counted(Extractor._collect, per_block))
+    for keep_rows, block in zip([True, False] * 100, blocks(docs, 200)):
+        ext.push(block, keep_rows)
+    ext.drain()
+    assert len(per_block) > 3 and len(per_batch) > len(per_block)
+    assert set(per_batch) == {0}
+    assert max(per_block) == 9 and per_block.count(9) > len(per_block) // 2
+
+
+def test_host_reads_per_block(tiny):
+    """A block's bookkeeping reads the device through partials.to_host: per (SAE, group), one transfer each for the
+    example contexts, the last values and the rows (each a single copy of all their columns)."""
+    import numpy as np
+
+    from saeray.engine.batching import blocks
+    from saeray.engine.partials import HOST_READS, packed_to_host, to_host
+
+    ext, docs = _extractor(tiny)
     n_blocks = 0
     for block in blocks(docs, 200):
         before = HOST_READS["transfers"]

@@ -93,11 +93,30 @@ class Truncated(HookHandles):
                 self._slots[s.name] = [None]
                 self._handles.append(self._record(module, where, self._slots[s.name]))
         self.compiled = compile
+        self._min_size = 1
+        """Batches smaller than this in rows or length are padded to it (see `_padded`)."""
         if compile:
             use_compile_cache()
-            self._forward = torch.compile(self.forward_tensors, **compile_options(_device_of(model)))
+            options = compile_options(_device_of(model))
+            self._forward = torch.compile(self.forward_tensors, **options)
+            if options["dynamic"]:
+                self._min_size = 2
         else:
             self._forward = self.forward_tensors
+
+    def _padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The forward of a batch with 1 row or 1 position, padded to 2 (masked out, as padding is) and cut back.
+        A graph with dynamic shapes specializes sizes 0 and 1: without this, a run's first one-row batch (a
+        block's last window) would compile a second graph (~30 s on 2 cores). Rows and positions do not mix,
+        except through attention, where padding is masked."""
+        n, length = input_ids.shape
+        rows, cols = max(n, self._min_size), max(length, self._min_size)
+        with torch.inference_mode(False):  # tensors like the batcher's (an inference tensor fails the graph's guards)
+            ids, mask = _pad_to(input_ids, rows, cols, 0), _pad_to(attention_mask, rows, cols, 0)
+            types = None if token_type_ids is None else _pad_to(token_type_ids, rows, cols, 1)
+        out = self._forward(ids, mask, pixel_values, types)
+        return {name: t[:n, :length] for name, t in out.items()}
 
     @staticmethod
     def _record(module: nn.Module, where: str, slot: list[torch.Tensor | None]) -> Any:
@@ -182,11 +201,18 @@ class Truncated(HookHandles):
             token_type_ids = torch.ones_like(input_ids)  # text stays causal (see models.Hooks)
         if not self.token_types:
             token_type_ids = None
-        out = self._forward(input_ids, attention_mask, pixel_values, token_type_ids)
+        if min(input_ids.shape) < self._min_size:
+            out = self._padded(input_ids, attention_mask, pixel_values, token_type_ids)
+        else:
+            out = self._forward(input_ids, attention_mask, pixel_values, token_type_ids)
         missing = {s.name for s in self.sites} - set(out)
         if missing:
             raise ModelError(f"hooks {sorted(missing)} never fired during the truncated forward pass")
         return out
+
+
+def _pad_to(t: torch.Tensor, rows: int, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[1], 0, rows - t.shape[0]), value=value)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -33,6 +33,15 @@ def test_rows_equal_reference(tiny, tmp_path, model, arch):
     assert_same_rows(read_rows(out, arch, "all"), want)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "gemma3"])
+def test_compiled_rows_equal_reference(tiny, tmp_path, model):
+    """model.compile: true (inductor, as on a GPU by default) gives the slow one-window loop's rows too."""
+    out = _run(tiny, tmp_path, model, [("jumprelu", "sae_jumprelu")], model__compile=True)
+    want = reference_rows(tiny[model], tiny["sae_jumprelu"], tiny["docs"], doc_ids=tiny["doc_ids"], context_size=24)
+    assert_same_rows(read_rows(out, "jumprelu", "all"), want)
+
+
 def test_several_saes_one_pass_and_last_position(tiny, tmp_path):
     out = _run(tiny, tmp_path, "llama", [("a", "sae_standard"), ("b", "sae_topk")], positions={"mode": "last"})
     got = read_rows(out)

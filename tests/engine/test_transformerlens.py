@@ -204,9 +204,10 @@ def test_hook_points_match_transformerlens(ref: dict[str, Any]) -> None:
 SAES = [("std", "standard", "blocks.2.hook_resid_post"), ("topk", "topk", "blocks.1.hook_mlp_out")]
 
 
-def test_run_matches_hooked_sae_transformer(ref: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_run_matches_hooked_sae_transformer(ref: dict[str, Any], tmp_path: Path, compiled: bool) -> None:
     """Every nonzero (doc_id, pos, feature, value) saeray writes equals the SAE code of
-    `run_with_cache_with_saes` on [BOS] + the document's tokens, and none is missing."""
+    `run_with_cache_with_saes` on [BOS] + the document's tokens, and none is missing; with model.compile too."""
     from sae_lens import SAE
 
     arch, tok, tl, docs = ref["arch"], ref["tok"], ref["tl"], ref["docs"]
@@ -214,7 +215,7 @@ def test_run_matches_hooked_sae_transformer(ref: dict[str, Any], tmp_path: Path)
                 for i, (name, sae_arch, hook) in enumerate(SAES)}
     data = write_dataset(tmp_path / "data", docs, 2)
     raw = base_config(ref["dir"], [{"name": n, "path": str(p)} for n, p in sae_dirs.items()], data,
-                      tmp_path / "run", tokens={"batch_tokens": 1024, "context_size": CONTEXT})
+                      tmp_path / "run", tokens={"batch_tokens": 1024, "context_size": CONTEXT}, model__compile=compiled)
     result = run(config_mod.from_dict(raw), executor="local")
     run_dir = Path(result.run_dir)
     assert result.n_shards == 2 and not result.errors

@@ -105,7 +105,8 @@ def test_hooks_removed_on_close(family_models):
 def test_compiled_equals_eager(family_models, fam, tmp_path, monkeypatch):
     """model.compile: the inductor-compiled truncated forward agrees with eager in float32 (fusions reorder
     sums: 1e-5), and a second call of the same shape runs the compiled graph again without recompiling; on a
-    CPU (dynamic shapes, frozen weights) a batch of another length runs the same graph too."""
+    CPU (dynamic shapes, frozen weights) a text model runs batches of another length, or of one row, on the same
+    graph too."""
     import torch._dynamo
 
     monkeypatch.setenv("SAERAY_CACHE", str(tmp_path))
@@ -131,13 +132,21 @@ def test_compiled_equals_eager(family_models, fam, tmp_path, monkeypatch):
         ids16, mask16 = ids[:, :16].contiguous(), mask[:, :16].contiguous()  # as the batcher's are
         short = {k: (v[:, :16].contiguous() if k == "token_type_ids" else v) for k, v in extra.items()}
         other = compiled(ids16, mask16, **short)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before  # CPU: one graph, any shape
+        # one row (a block's last window): padded to two, so the dynamic graph does not specialize size 1
+        one = {k: v[:1] for k, v in extra.items()}  # row 0 (with an image on a VLM: its image is pixel_values[0])
+        single = compiled(ids[:1], mask[:1], **one)
+        if fam != "paligemma":  # a VLM's image merge breaks the graph and its sizes follow the images: it recompiles
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before  # CPU: one graph, any shape
     with Truncated(model, sites) as eager:
         want_other = eager(ids16, mask16, **short)
+        want_single = eager(ids[:1], mask[:1], **one)
     valid = mask.bool()
     for name in want:
         torch.testing.assert_close(got[name][valid], want[name][valid], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again[name][valid], want[name][valid], rtol=1e-5, atol=1e-5)
         cut = mask16.bool()
         torch.testing.assert_close(other[name][cut], want_other[name][cut], rtol=1e-5, atol=1e-5)
+        assert single[name].shape == want_single[name].shape
+        cut = mask[:1].bool()
+        torch.testing.assert_close(single[name][cut], want_single[name][cut], rtol=1e-5, atol=1e-5)
     assert any((tmp_path / "inductor").iterdir())  # compiled code cached where SAERAY_CACHE says

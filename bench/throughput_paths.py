@@ -475,40 +475,47 @@ class _IdTokenizer:
 
 
 def gpu_sized(spec: dict) -> dict:
-    """A Gemma-2-2B-shaped model and a 16k JumpReLU SAE with random weights (bf16, built on the
-    device from configs), random-token documents, through saeray's Extractor: tokens/s and MFU."""
+    """A Gemma-2-2B-shaped model with random weights (bf16, built on the device from its config) and random JumpReLU
+    SAEs (spec["layers"], spec["d_sae"] latents each) through the worker's own pieces, configured as
+    jobs/configs/gemmascope-pile-rates.yaml configures a run: 16,384-token batches of 1024-token contexts, blocks of
+    BLOCK_BATCHES batches read, batched and pinned by a prefetch thread `worker.prefetch_blocks` ahead, the batches
+    in flight that `in_flight` allows, the output section's defaults (top_k, samples per bin, contexts; last values
+    as spec["last_values"]), one Extractor per unit and its partials written to Parquet at the unit's end. The first
+    unit warms up (kernels, compiled graphs, allocator) and is not timed. Statistics only, as the job; then rows."""
+    import tempfile
+    import warnings
+
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     from saeray.engine import models, saes
-    from saeray.engine.config import PositionsConfig
+    from saeray.engine.batching import blocks
+    from saeray.engine.config import OutputConfig, PositionsConfig, WorkerConfig
     from saeray.engine.contexts import Document, Tokenization
-    from saeray.engine.extract import Extractor, SAEHandle
+    from saeray.engine.extract import Extractor, SAEHandle, in_flight
+    from saeray.engine.pipeline import Prefetch
     from saeray.engine.resources import bound_malloc
+    from saeray.engine.truncated import forward_to_hooks, resolve_compile
+    from saeray.engine.worker import BLOCK_BATCHES
+    from saeray.engine.writing import write_partials
 
     bound_malloc()
     device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    dims = GEMMA2_2B if spec["scale"] == "full" else GEMMA2_TOY
+    full = spec["scale"] == "full"
+    dims = GEMMA2_2B if full else GEMMA2_TOY
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     cfg = Gemma2Config(**dims, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    attn = models.auto_attention(cfg, device)  # as model.attn_implementation auto picks it (flex_attention on a GPU)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    model.requires_grad_(False)
-    layer = spec["layer"] if spec["scale"] == "full" else dims["num_hidden_layers"] // 2
-    hook = f"blocks.{layer}.hook_resid_post"
-    d_in, d_sae = dims["hidden_size"], spec["d_sae"] if spec["scale"] == "full" else 256
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **({"attn_implementation": attn} if attn else {}))
+    model.eval().requires_grad_(False)
+    d_in, d_sae = dims["hidden_size"], spec["d_sae"]
     precision = saes.resolve_dtype(spec["sae_dtype"], device)  # as a worker resolves saes[].dtype
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, dtype=saes.torch_dtype_of(precision),
-                                        device=str(device),
-                                        metadata=SAEMetadata(hook_name=hook, prepend_bos=True,
-                                                             context_size=spec["context"])))
-    sae.eval().requires_grad_(False)
-    setattr(sae, saes.TF32_ATTR, precision == "tf32")
     rng = np.random.default_rng(0)
     lengths = rng.integers(spec["context"] // 8, 2 * spec["context"], size=spec["docs"])
     tok = Tokenization(_IdTokenizer(), PositionsConfig(), prepend_bos=True, context_size=spec["context"],
@@ -517,29 +524,87 @@ def gpu_sized(spec: dict) -> dict:
     for i, n in enumerate(lengths):
         ids = rng.integers(3, dims["vocab_size"], size=int(n)).astype(np.int32)
         docs.append(Document(i, ids, {}, tok.select(ids)))
-    site = models.parse_hook(hook, dims["num_hidden_layers"])
-    _calibrate_jumprelu(sae, model, site, docs[:4], tok, device, spec["density"])
-    from saeray.engine.truncated import forward_to_hooks, resolve_compile
-
+    handles = []
+    for layer in spec["layers"]:
+        hook = f"blocks.{layer}.hook_resid_post"
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, dtype=saes.torch_dtype_of(precision),
+                                            device=str(device),
+                                            metadata=SAEMetadata(hook_name=hook, prepend_bos=True,
+                                                                 context_size=spec["context"])))
+        sae.eval().requires_grad_(False)
+        setattr(sae, saes.TF32_ATTR, precision == "tf32")
+        site = models.parse_hook(hook, dims["num_hidden_layers"])
+        _calibrate_jumprelu(sae, model, site, docs[:4], tok, device, spec["density"])
+        handles.append(SAEHandle(f"l{layer}", sae, site, 0.0))
+    out_cfg = OutputConfig(dir="unused", last_values=spec["last_values"])
+    batch_tokens, block_tokens = spec["batch_tokens"], BLOCK_BATCHES * spec["batch_tokens"]
     compiled = resolve_compile(spec.get("compile", "auto"), device)
-    ext_args = dict(batch_tokens=spec["batch_tokens"], device=device,
-                    hooks=forward_to_hooks(model, [site], compile=compiled))  # as the worker: built once
+    t0 = time.perf_counter()
+    hooks = forward_to_hooks(model, [h.site for h in handles], compile=compiled)  # as the worker: built once
+    ahead = in_flight(batch_tokens, handles, device)
+    pin = device.type == "cuda"
+    units = np.array_split(np.arange(len(docs)), spec["units"] + 1)  # the first: warm-up
+    tmp = Path(tempfile.mkdtemp(prefix="saeray-gpu-sized-"))
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                           "scale": spec["scale"], "model": dims, "hook": hook, "d_sae": d_sae,
-                           "dtype": spec["dtype"], "sae_dtype": spec["sae_dtype"], "docs": len(docs),
+                           "scale": spec["scale"], "model": dims, "hooks": [h.site.name for h in handles],
+                           "d_sae": d_sae, "saes": len(handles), "dtype": spec["dtype"], "sae_dtype": precision,
+                           "docs": len(docs), "units": spec["units"], "batch_tokens": batch_tokens,
+                           "context": spec["context"], "in_flight": ahead, "last_values": spec["last_values"],
                            "attn_implementation": model.config._attn_implementation, "compiled": compiled}
+
+    def one_unit(unit_docs: list, keep: bool, syncs: list) -> tuple[int, int, int]:
+        """A unit as Worker._process runs it; (tokens, blocks, rows)."""
+        def prepared():
+            for block in blocks(unit_docs, block_tokens):
+                yield block, tok.batches(block, batch_tokens, pin=pin)
+
+        ext = Extractor(model, handles, tok, batch_tokens=batch_tokens, device=device, hooks=hooks, ahead=ahead,
+                        top_k=out_cfg.top_k, per_bin=out_cfg.samples_per_bin, radius=out_cfg.context_radius,
+                        last_values=out_cfg.last_values)
+        n_blocks = n_rows = 0
+        with Prefetch(prepared(), WorkerConfig().prefetch_blocks) as items, warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")  # each synchronizing CUDA call warns: counted per block
+            try:
+                done = []
+                for block, batches in items:
+                    done += ext.push(block, keep, batches)
+                    n_blocks += 1
+                done += ext.drain()
+                n_rows = sum(len(cols["doc_id"]) for _, rows in done for cols in rows.values())
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs.append(sum("synchroniz" in str(x.message) for x in w))
+        write_partials(ext, tmp)
+        return int(sum(len(d.token_ids) for d in unit_docs)), n_blocks, n_rows
+
     for mode, keep in (("stats_only", False), ("rows", True)):
-        ext = Extractor(model, [SAEHandle("sae", sae, site, 0.0)], tok, **ext_args)
-        ext.process(docs[:max(1, len(docs) // 8)], keep)  # warm-up: kernels, allocator, autotuning
-        _sync(device)
+        syncs: list[int] = []
+        w0 = time.perf_counter()
+        one_unit([docs[i] for i in units[0]], keep, [])
+        warm = time.perf_counter() - w0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        n_tokens = n_blocks = n_rows = 0
         with Timer() as t:
-            result = ext.process(docs, keep)
+            for u in units[1:]:
+                got = one_unit([docs[i] for i in u], keep, syncs)
+                n_tokens, n_blocks, n_rows = n_tokens + got[0], n_blocks + got[1], n_rows + got[2]
             _sync(device)
-        n_tokens = int(sum(len(d.token_ids) for d in docs))
         out[mode] = {"tokens": n_tokens, "seconds": t.seconds, "tokens_per_s": n_tokens / t.seconds,
-                     "rows": int(sum(len(r["doc_id"]) for r in result.values())) if keep else 0}
+                     "blocks": n_blocks, "rows": n_rows, "warm_up_unit_s": round(warm, 2),
+                     "syncs_per_block": (sum(syncs) / n_blocks if device.type == "cuda" else None),
+                     "peak_gpu_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda"
+                                     else None)}
+    out["build_s"] = round(time.perf_counter() - t0, 2)
     lengths_w = [n + 1 for _, _, n in tok.windows(docs)]
-    out["flops_per_token"] = flops_per_token(model, layer + 1, lengths_w, d_in, d_sae)
+    deepest = max(h.site.layer for h in handles)
+    fpt = flops_per_token(model, deepest + 1, lengths_w, d_in, d_sae)
+    fpt["sae_encoder"] *= len(handles)
+    fpt["total"] = fpt["linear"] + fpt["attention"] + fpt["sae_encoder"]
+    out["flops_per_token"] = fpt
     return out
 
 

@@ -38,27 +38,32 @@ def test_attended_keys_equal_a_direct_count() -> None:
 
 
 def test_gpu_sized_mode_at_toy_scale(tmp_path: Path) -> None:
-    """The Gemma-2-2B-sized mode's code at toy size on CPU: tokens/s, MFU, and FLOPs counted by hand."""
-    report, stdout = _run(["--gpu-sized", "--scale", "toy", "--gpu-docs", "12"], tmp_path / "gpu.json", timeout=240)
+    """The Gemma-2-2B-sized mode's code at toy size on CPU, every configuration: tokens/s through several units of
+    several blocks, MFU, and FLOPs counted by hand (one SAE on layer 2; three on layers 1-3)."""
+    report, stdout = _run(["--gpu-sized", "--scale", "toy", "--gpu-docs", "24", "--gpu-compile", "false"],
+                          tmp_path / "gpu.json", timeout=400)
     d = report["model"]
     assert report["device"] == "cpu" and report["scale"] == "toy"
-    # FLOPs per token of the 3 layers that run (layer 2 hooked), counted from the config by hand:
+    assert list(report["configs"]) == ["16k-eager", "16k", "131k", "3x16k"]
+    # FLOPs per token of one layer, counted from the config by hand:
     # q, o: d x (heads x head_dim); k, v: d x (kv_heads x head_dim); gate, up, down: d x d_mlp.
     hd, h, kv, dm, f = d["head_dim"], d["num_attention_heads"], d["num_key_value_heads"], d["hidden_size"], \
         d["intermediate_size"]
     per_layer = 2 * (2 * dm * h * hd + 2 * dm * kv * hd + 3 * dm * f)
-    fpt = report["flops_per_token"]
-    assert fpt["linear"] == 3 * per_layer
-    assert fpt["sae_encoder"] == 2 * dm * report["d_sae"]
-    assert _positive(fpt["attention"]) and fpt["total"] == pytest.approx(sum(v for k, v in fpt.items() if k != "total"))
-    for mode in ("stats_only", "rows"):
-        r = report[mode]
-        assert r["tokens"] > 0 and _positive(r["seconds"]) and _positive(r["tokens_per_s"])
-        assert _positive(r["mfu_vs_measured_matmul"])
-        assert r["mfu_vs_measured_matmul"] == pytest.approx(
-            r["tokens_per_s"] * fpt["total"] / report["matmul"]["bfloat16"]["best_flops_per_s"])
-    assert report["stats_only"]["tokens"] == report["rows"]["tokens"]
-    assert report["rows"]["rows"] > 0
+    for name, (layers_run, n_saes, d_sae) in {"16k": (3, 1, 256), "131k": (3, 1, 2048), "3x16k": (4, 3, 256)}.items():
+        r = report["configs"][name]
+        fpt = r["flops_per_token"]
+        assert r["saes"] == n_saes and r["d_sae"] == d_sae and r["units"] == 3
+        assert fpt["linear"] == layers_run * per_layer
+        assert fpt["sae_encoder"] == n_saes * 2 * dm * d_sae
+        assert _positive(fpt["attention"]) and fpt["total"] == pytest.approx(sum(v for k, v in fpt.items() if k != "total"))
+        for mode in ("stats_only", "rows"):
+            m = r[mode]
+            assert m["tokens"] > 0 and m["blocks"] >= 3 and _positive(m["seconds"]) and _positive(m["tokens_per_s"])
+            assert m["mfu_vs_measured_matmul"] == pytest.approx(
+                m["tokens_per_s"] * fpt["total"] / report["matmul"]["bfloat16"]["best_flops_per_s"])
+        assert r["stats_only"]["tokens"] == r["rows"]["tokens"] and r["rows"]["rows"] > 0 == r["stats_only"]["rows"]
+    assert "131k:" in stdout and report["targets"][0]["status"].startswith("not run on an H100")
     assert "MFU" in stdout and "not run on an H100" in stdout
 
 

@@ -23,5 +23,6 @@ def test_gpu_acceptance_toy(tmp_path: Path) -> None:
     for row in check["families"]:
         assert row["eager"]["max_abs_diff"] <= check["atol"] and row["sae"]["active_cpu"] > 0
     gpu = json.loads((tmp_path / "throughput_gpu.json").read_text())
-    assert gpu["scale"] == "toy" and gpu["stats_only"]["tokens_per_s"] > 0 and gpu["compiled"] is False
+    assert gpu["scale"] == "toy" and list(gpu["configs"]) == ["16k-eager", "16k", "131k", "3x16k"]
+    assert all(r["stats_only"]["tokens_per_s"] > 0 and r["compiled"] is False for r in gpu["configs"].values())
     assert "gpu_acceptance:" in done.stdout

@@ -230,7 +230,8 @@ def worker(spec: dict) -> dict:
     prepared = prepare(cfg)
     rd = RunDir(cfg.output.dir)
     rd.prepare(prepared.manifest(), True)
-    w = ShardWorker(rd.read_manifest(), str(rd.root), threads=spec.get("threads"))
+    with Timer() as start:
+        w = ShardWorker(rd.read_manifest(), str(rd.root), threads=spec.get("threads"))
 
     def one_pass() -> dict:  # a later pass redoes every shard; its commit finds the shard done and drops it
         with Timer() as t:
@@ -238,13 +239,14 @@ def worker(spec: dict) -> dict:
         return {"tokens": sum(s["tokens"] for s in done), "seconds": t.seconds, "cpu_seconds": t.cpu,
                 "rows": sum(s["rows"] for s in done), "forward_tokens": sum(s["forward_tokens"] for s in done)}
 
-    warmup = {}
-    if spec.get("compile") is True:  # the first pass compiles one graph per batch shape: timed apart
+    warmup = {"worker_start_s": start.seconds}
+    if spec.get("compile") is True:  # the worker compiles at its start; the first pass may compile more shapes
         import torch._dynamo
 
         with Timer() as t:
             first = one_pass()
-        warmup = {"first_pass_s": t.seconds, "first_pass_tokens_per_s": first["tokens"] / t.seconds,
+        warmup = {**warmup, "first_pass_s": t.seconds,
+                  "first_pass_tokens_per_s": first["tokens"] / t.seconds,
                   "graphs_compiled": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
                   "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     if spec.get("profile"):  # the model's forward alone takes turns with the worker's passes

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from typing import Any
 
 import torch
@@ -103,6 +104,23 @@ class Truncated(HookHandles):
                 self._min_size = 2
         else:
             self._forward = self.forward_tensors
+
+    def warm_up(self, batch_tokens: int, context_size: int) -> float:
+        """Compile now, on a batch of the run's full shape (batch_tokens // context rows of context tokens): the
+        worker calls it once it has loaded the model, so compiling is part of its start, not of its first unit's
+        time (or timeout). On a CPU the graph has dynamic shapes and serves every batch; on a GPU this is the
+        shape most batches have. Seconds it took; 0 when not compiled or for a vision-language model (whose
+        batches carry images)."""
+        if not self.compiled or self.vlm is not None:
+            return 0.0
+        device = _device_of(self.model)
+        width = min(context_size, batch_tokens)
+        ids = torch.zeros((max(1, batch_tokens // width), width), dtype=torch.long, device=device)
+        t0 = time.perf_counter()
+        self(ids, torch.ones_like(ids))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
 
     def _padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ..engine.partials import chan_m2
 from ..engine.run import open_run
 from .stats import merged_doc_moments, scan_docs, scan_files, source_for
 
@@ -110,8 +111,7 @@ def doc_moments(run: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     totals = allp.group_by(KEYS).agg((pl.col("mean") * pl.col("n")).sum().alias("_s")).join(n_docs, on="group")
     totals = totals.with_columns((pl.col("_s") / pl.col("n_docs")).alias("doc_mean"))
     spread = (allp.join(totals.select(*KEYS, "doc_mean"), on=KEYS)
-              .group_by(KEYS).agg((pl.col("m2") + pl.col("n") * (pl.col("mean") - pl.col("doc_mean")) ** 2).sum()
-                                  .alias("_m2"), pl.col("n").sum().alias("_n_seen")))
+              .group_by(KEYS).agg(chan_m2("m2", "n", "mean", "doc_mean").alias("_m2"), pl.col("n").sum().alias("_n_seen")))
     moments = (totals.join(spread, on=KEYS)
                .with_columns(((pl.col("_m2") + (pl.col("n_docs") - pl.col("_n_seen")) * pl.col("doc_mean") ** 2)
                               / (pl.col("n_docs") - 1)).alias("doc_var"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ..engine.partials import chan_m2
 from ..engine.run import open_run
 from ..engine.storage import polars_options
 
@@ -95,7 +96,7 @@ def merge_partials(partials: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("sum").sum(),
     ).with_columns((pl.col("sum") / pl.col("n_tokens")).alias("mean"))
     spread = with_mean.join(totals.select(*keys, pl.col("mean").alias("_mean")), on=keys).group_by(keys).agg(
-        (pl.col("m2") + pl.col("n_tokens") * (pl.col("_mean_i") - pl.col("_mean")) ** 2).sum().alias("m2"))
+        chan_m2("m2", "n_tokens", "_mean_i", "_mean").alias("m2"))
     best = (with_mean.filter(pl.col("max").is_not_null())
             .sort(["max", "max_doc_id", "max_pos"], descending=[True, False, False])
             .group_by(keys).first().select(*keys, "max", "max_doc_id", "max_pos"))
@@ -122,7 +123,7 @@ def merged_doc_moments(run: str | Path) -> pl.DataFrame:
     tot = p.group_by(keys).agg(pl.col("n_docs").sum(), pl.col("doc_sum").sum()).with_columns(
         (pl.col("doc_sum") / pl.col("n_docs")).alias("doc_mean"))
     m2 = (p.join(tot.select(*keys, pl.col("doc_mean")), on=keys).group_by(keys)
-          .agg((pl.col("doc_m2") + pl.col("n_docs") * (pl.col("_m") - pl.col("doc_mean")) ** 2).sum().alias("_m2")))
+          .agg(chan_m2("doc_m2", "n_docs", "_m", "doc_mean").alias("_m2")))
     return (tot.join(m2, on=keys).with_columns((pl.col("_m2") / (pl.col("n_docs") - 1)).alias("doc_var"))
             .select(*keys, "n_docs", "doc_mean", "doc_var").sort(keys).collect())
 

@@ -49,12 +49,14 @@ class ModelConfig:
     flex_attention compiles its kernel on first use; flash_attention_2/3 need the flash-attn package and a GPU
     (flash_attention_2 applies the soft-cap too); sdpa on Gemma 2 is refused."""
     compile: Union[Literal["auto"], bool] = "auto"
-    """Compile the model's forward (up to the deepest hooked layer) with torch.compile (inductor), one graph
-    per batch shape; compiled code is cached under $SAERAY_CACHE/inductor so a later worker reuses it.
-    auto: on for a GPU, off on CPU: there the first compile takes minutes (one graph per batch shape; Gemma 3
-    270M: 8 shapes, 93 s on 2 cores; a later process loads them from the cache in about 13 s) for 1.23x the eager
-    worker's tokens/s (bench/throughput.py --compile), so set true for long CPU runs only. Results agree with
-    eager within rounding (float32: 1e-5)."""
+    """Compile the model's forward (up to the deepest hooked layer) with torch.compile (inductor). The worker
+    compiles at its start, before its first unit. On a GPU: one graph per batch shape (the batcher's buckets
+    bound them), cached under $SAERAY_CACHE/inductor so a later worker loads them. On a CPU: one graph for
+    every shape (dynamic shapes) with inductor's freezing (weights packed into the graph), which is not cached:
+    each worker process compiles again, about 30 s for Gemma 3 270M to layer 6 on 2 cores. auto: on for a GPU,
+    off on a CPU, where it pays only for runs of more than ~0.6M tokens per worker process
+    (bench/throughput.py --compile: the compiled worker 1.15-1.35x eager's tokens/s). Results agree with eager
+    within rounding (float32: 1e-5)."""
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .feature_stats import STATS_SCHEMA
-from .partials import EXAMPLES_SCHEMA, HIST_SCHEMA, LAST_VALUES_SCHEMA
+from .partials import EXAMPLES_SCHEMA, HIST_SCHEMA, LAST_VALUES_SCHEMA, chan_m2
 from .storage import polars_options
 from .store import MERGED, MERGED_FOLDER, RunDir, RunDirError, parquet_bytes
 
@@ -199,8 +199,7 @@ def _merged_stats(inputs: list[str]) -> pa.Table:
     ).with_columns((pl.col("sum") / pl.col("n_tokens")).alias("_mean"),
                    (pl.col("doc_sum") / pl.col("n_docs")).fill_nan(0.0).alias("_dmean"))
     spread = p.join(tot.select(*KEYS, "_mean", "_dmean"), on=KEYS).group_by(KEYS).agg(
-        (pl.col("m2") + pl.col("n_tokens") * (pl.col("_m") - pl.col("_mean")) ** 2).sum().alias("m2"),
-        (pl.col("doc_m2") + pl.col("n_docs") * (pl.col("_dm") - pl.col("_dmean")) ** 2).sum().alias("doc_m2"))
+        chan_m2("m2", "n_tokens", "_m", "_mean").alias("m2"), chan_m2("doc_m2", "n_docs", "_dm", "_dmean").alias("doc_m2"))
     best = (p.filter(pl.col("max").is_not_null())
             .sort(["max", "max_doc_id", "max_pos"], descending=[True, False, False])
             .group_by(KEYS).first().select(*KEYS, "max", "max_doc_id", "max_pos"))

@@ -77,6 +77,15 @@ _M1, _M2, _C3 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x165667B19E3779F9
 _BIG = torch.iinfo(torch.int64).max
 
 
+def chan_m2(m2: str, n: str, part_mean: str, mean: str) -> Any:
+    """Polars: the merged centred sum of squares of parts (column `m2` each, over `n` values with mean
+    `part_mean`) around the merged `mean`: sum_i [m2_i + n_i (mean_i - mean)^2], the many-way form of Chan's
+    formula (aggregated per group, e.g. within `group_by(...).agg`). Every merge of m2 and doc_m2 goes through it."""
+    import polars as pl
+
+    return (pl.col(m2) + pl.col(n) * (pl.col(part_mean) - pl.col(mean)) ** 2).sum()
+
+
 def value_bins_np(values: np.ndarray) -> np.ndarray:
     """Bin (int16) of each value (compared as float32, the engine's value type)."""
     return np.searchsorted(EDGES, np.asarray(values, dtype=np.float32), side="left").astype(np.int16)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +66,7 @@ class Run(RunDir):
 
     def completions(self) -> dict[int, dict[str, Any]]:
         if self._markers is None:
-            shards = sorted(RunDir.committed(self))
-            with ThreadPoolExecutor(max_workers=16 if self.remote else 1) as pool:
-                self._markers = dict(zip(shards, pool.map(lambda i: RunDir.completion(self, i), shards)))
+            self._markers = self.read_markers(sorted(RunDir.committed(self)))
         return self._markers
 
     def committed(self) -> set[int]:

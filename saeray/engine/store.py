@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .folder import Folder, OutputWriteError, writing
-from .units import UNITS_PER_FILE
+from .units import split_uid
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class RunDir(Folder):
         """Uncommit the units of data files whose identity changed: their markers go first (a unit without a
         marker does not exist; clean_tmp then removes its files), and the run-level tables derived from them."""
         redo = set(files)
-        stale = sorted(u for u in self.committed() if u // UNITS_PER_FILE in redo)
+        stale = sorted(u for u in self.committed() if split_uid(u)[0] in redo)
         urls = [f["url"] for f in manifest["plan"]["files"]]
         names = ", ".join(urls[i].rsplit("/", 1)[-1] for i in files[:5]) + (
             f" and {len(files) - 5} more" if len(files) > 5 else "")
@@ -283,9 +283,12 @@ class RunDir(Folder):
 
     def completions(self) -> dict[int, dict[str, Any]]:
         """Every committed shard's marker (read in parallel from object stores)."""
-        shards = sorted(self.committed())
+        return self.read_markers(sorted(self.committed()))
+
+    def read_markers(self, shards: list[int]) -> dict[int, dict[str, Any]]:
+        """The markers of `shards`, read from storage (in parallel from object stores), never from a cache."""
         with ThreadPoolExecutor(max_workers=16 if self.remote else 1) as pool:
-            return dict(zip(shards, pool.map(self.completion, shards)))
+            return dict(zip(shards, pool.map(lambda i: RunDir.completion(self, i), shards)))
 
     def shard_files(self, shard: int, kind: str, marker: dict[str, Any] | None = None) -> list[str]:
         """Paths/URIs of the `kind` files (store.KINDS) of a committed shard: only the files its marker lists.

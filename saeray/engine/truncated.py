@@ -242,21 +242,21 @@ def compile_options(device: torch.device) -> dict[str, Any]:
     """torch.compile's arguments for the truncated forward on `device`.
 
     On a GPU: static shapes (dynamic=False), one graph per (rows, length) batch shape, which the batcher's
-    buckets bound (a few dozen in a long run); each compiles in seconds there and gets kernels for its sizes.
-    On a CPU, where inductor's compile is slow (tens of seconds per graph on 2 cores): one graph with
-    symbolic rows and length (dynamic=True) compiled once for every shape, and inductor's freezing, which
-    folds the weights into the graph as constants and packs them for oneDNN's matmuls (on this project's
-    2-core machine, Gemma 3 270M's forward to layer 6 in bf16: 1.27x the static graphs' speed; see
-    bench/throughput.py --compile). Freezing keeps a packed copy of the hooked layers' weights beside the
-    model's own: the truncated layers' parameters count twice in host memory."""
+    buckets bound (a few dozen in a long run), each with kernels for its sizes; compiled graphs are cached
+    on disk for later workers. On a CPU, where inductor compiles a graph of Gemma 3 270M's first 7 layers in
+    ~30 s on 2 cores: one graph with symbolic rows and length (dynamic=True) for every shape, and inductor's
+    freezing, which folds the weights into the graph as constants and packs them for oneDNN's matmuls (the
+    compiled forward alone ran at 1.3-1.5x eager's in bench/throughput.py --compile). A frozen graph is not
+    loaded from the cache: each process compiles it again. Freezing also keeps a packed copy of the hooked
+    layers' weights beside the model's own: they count twice in host memory."""
     if device.type == "cpu":
         return {"dynamic": True, "options": {"freezing": True}}
     return {"dynamic": False}
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """model.compile resolved for `device`: auto compiles on a GPU only (on CPU the first compile costs minutes:
-    see ModelConfig.compile and bench/throughput.py --compile)."""
+    """model.compile resolved for `device`: auto compiles on a GPU only (on a CPU each worker process compiles
+    for tens of seconds: see ModelConfig.compile and bench/throughput.py --compile)."""
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)

@@ -28,7 +28,13 @@ DEFAULT_UNIT_BYTES = 64 << 20
 
 
 def uid_of(file: int, k: int) -> int:
+    """A unit's id: its file's index and its index k within the file (`split_uid` undoes it)."""
     return file * UNITS_PER_FILE + k
+
+
+def split_uid(uid: int) -> tuple[int, int]:
+    """(file index, k) of a unit id."""
+    return divmod(uid, UNITS_PER_FILE)
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class Ledger:
     def _advance(self) -> None:
         while self._end is None:
             uid = self._frontier
-            file, k = divmod(uid, UNITS_PER_FILE)
+            file, k = split_uid(uid)
             if file >= self.n_files:
                 return
             if self.units_in_file.get(file) == k:  # past the file's last unit: the next file starts

@@ -20,7 +20,7 @@ from typing import Any
 from ..engine.saes import PrecisionError
 from ..engine.storage import forwarded_env
 from ..engine.store import OutputNotShared, RunDir
-from ..engine.units import UNITS_PER_FILE, DataPlan, Task
+from ..engine.units import Task, split_uid, uid_of
 from . import signals
 from .base import Executor, Job, register
 from .cluster import Capacity, describe, first_line, quiet_ray, worker_resources
@@ -133,7 +133,7 @@ class Pool:
                     return
                 f = self.next_file
                 self.next_file += 1
-                skip = [u for u in self.job.markers if u // UNITS_PER_FILE == f]
+                skip = [u for u in self.job.markers if split_uid(u)[0] == f]
                 self.readers[f] = self.Reader.remote(self.plan.to_dict(), f, skip)
                 self.read_units[f] = 0
                 free = [f]
@@ -156,7 +156,7 @@ class Pool:
             meta = self.ray.get(ref)
         except RayError as e:
             cause = getattr(e, "cause", None) or e
-            uid = f * UNITS_PER_FILE + self.read_units.get(f, 0)
+            uid = uid_of(f, self.read_units.get(f, 0))
             self.result.errors[uid] = f"reading {self.plan.files[f].url}: {type(cause).__name__}: {cause}"
             self.retire(self.readers.pop(f))
             if self.ledger is not None:  # later units' share of the budget cannot be known

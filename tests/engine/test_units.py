@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from saeray.engine.reading import _apportion
-from saeray.engine.units import Ledger, parquet_units, split_rows, uid_of
+from saeray.engine.units import Ledger, parquet_units, split_rows, split_uid, uid_of
 
 
 def test_parquet_units_merge_row_groups_and_split_big_ones():
@@ -67,3 +67,9 @@ def test_ledger_waits_for_earlier_units_and_file_ends():
     assert ledger.prefix(uid_of(1, 0)) == 50 and not ledger.reached()
     ledger.counted(uid_of(1, 1), 40)
     assert ledger.reached() and ledger.prefix(uid_of(1, 1)) == 60 and ledger.beyond(uid_of(2, 0))
+
+
+def test_unit_ids_split_back_into_file_and_index():
+    for file, k in [(0, 0), (0, 999_999), (3, 7), (29, 12_345)]:
+        assert split_uid(uid_of(file, k)) == (file, k)
+    assert uid_of(1, 0) > uid_of(0, 999_999)  # ids order by file, then by unit within it

@@ -4,7 +4,8 @@
     python bench/throughput.py --agg-rows 10_000_000      # a smaller aggregation (the 100M one generates ~7 min)
     python bench/throughput.py --skip-aggregate --docs 60 # a quicker look
     python bench/throughput.py --memory-growth            # also bench/memory_growth.py on the same model (minutes)
-    python bench/throughput.py --gpu-sized                # Gemma-2-2B-sized model + 16k JumpReLU SAE, random weights, CUDA
+    python bench/throughput.py --gpu-sized                # Gemma-2-2B-sized model + JumpReLU SAEs (16k eager and
+                                                          # compiled, 131k, 3 x 16k), random weights, CUDA
     python bench/throughput.py --gpu-sized --scale toy    # the same code at toy size (runs on CPU in seconds)
     python bench/throughput.py --tiny --skip-aggregate    # a tiny random in-process model (seconds; numbers mean nothing)
     python bench/throughput.py --compile --docs 40 --notebook-docs 0 --skip-saelens --skip-ray --skip-aggregate \
@@ -549,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--simulate", action="store_true",
                    help="a SIMULATED H100 fed by the real host pipeline: bench/simulate.py (its own options)")
     p.add_argument("--tiny", action="store_true", help="tiny random model and SAE built in-process (for tests)")
-    p.add_argument("--gpu-sized", action="store_true", help="Gemma-2-2B-sized model + 16k JumpReLU SAE, random weights")
+    p.add_argument("--gpu-sized", action="store_true", help="Gemma-2-2B-sized model + JumpReLU SAEs (--gpu-configs), random weights")
     p.add_argument("--scale", choices=["full", "toy"], default="full", help="with --gpu-sized: toy = the CPU test size")
     p.add_argument("--gpu-docs", type=num, default=512, help="documents in all (~1,100 tokens each at full size)")
     p.add_argument("--gpu-units", type=num, default=3, help="timed units (plus one warm-up unit)")

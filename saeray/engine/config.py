@@ -54,7 +54,7 @@ class ModelConfig:
     bound them), cached under $SAERAY_CACHE/inductor so a later worker loads them. On a CPU: one graph for
     every shape (dynamic shapes) with inductor's freezing (weights packed into the graph), which is not cached:
     each worker process compiles again, about 30 s for Gemma 3 270M to layer 6 on 2 cores. auto: on for a GPU,
-    off on a CPU, where it pays only for runs of more than ~0.6M tokens per worker process
+    off on a CPU, where it pays only for runs of more than ~1M tokens per worker process
     (bench/throughput.py --compile: the compiled worker 1.15-1.35x eager's tokens/s). Results agree with eager
     within rounding (float32: 1e-5)."""
 

@@ -230,12 +230,7 @@ def _partial_examples(run: str | Path, chosen: pl.DataFrame, *, window: tuple[in
     rd = open_run(run)
     windows = merged.files(rd, merged.record(rd, rd.completions()), "windows")
     if windows:
-        scan = scan_files(windows).filter(pl.col("doc_id").is_in(keys["doc_id"].unique().implode()))
-        if "pos" in scan.collect_schema().names():  # a generation merged before windows were spans: one per position
-            exact = scan.join(keys.lazy(), on=["doc_id", "pos"], how="semi").select(*merged.SPAN, "pos").collect()
-            parts.append(merged.cut_windows(keys, exact, before, after, on=["doc_id", "pos"]))
-        else:
-            parts.append(merged.span_windows(keys, scan.select(*merged.SPAN).collect(), before, after))
+        parts.append(merged.stored_windows(scan_files(windows), keys, before, after))
         rest = keys.join(parts[0], on="_i", how="anti")
     if rest.height:
         spans = merged.doc_spans(scan_docs(run), rest["doc_id"])

@@ -269,16 +269,9 @@ def _write_windows(rd: RunDir, rec: dict[str, Any] | None, markers: dict[int, di
     old = need.filter(~pl.col("_src").is_in(list(from_units))).select("doc_id", "pos").sort("doc_id", "pos")
     if prev and old.height:
         scan = _scan(prev)
-        per_position = "pos" in scan.collect_schema().names()
         for part in _by_documents(old, WINDOW_KEYS):  # whole documents, about WINDOW_KEYS positions at a time
-            docs = part["doc_id"].unique().implode()
-            got = scan.filter(pl.col("doc_id").is_in(docs))
-            if per_position:
-                rows = got.join(part.lazy(), on=["doc_id", "pos"], how="semi").select(*SPAN).collect()
-            else:
-                rows = span_windows(part, got.select(*SPAN).collect(), radius, radius).rename(
-                    {"window_start": "start"}).select(*SPAN)
-            spans.append(union_spans(rows))
+            got = stored_windows(scan, part, radius, radius)
+            spans.append(union_spans(got.rename({"window_start": "start"}).select(*SPAN)))
     table = (pl.concat(spans) if spans else pl.from_arrow(WINDOWS_SCHEMA.empty_table())).sort("doc_id", "start")
     _write(table.select(WINDOWS_SCHEMA.names).to_arrow().cast(WINDOWS_SCHEMA), path)
 
@@ -343,6 +336,17 @@ def span_windows(keys: pl.DataFrame, spans: pl.DataFrame, before: int, after: in
               .join_asof(spans.select(pl.col(c).cast(t) for c, t in SPAN.items()).sort("doc_id", "start"),
                          left_on="pos", right_on="start", by="doc_id", strategy="backward", check_sortedness=False))
     return _cut(joined, keys.columns, before, after)
+
+
+def stored_windows(scan: pl.LazyFrame, keys: pl.DataFrame, before: int, after: int) -> pl.DataFrame:
+    """`cut_windows` of `keys` (doc_id Int64, pos Int32 and other key columns) from a windows.parquet scan, of
+    either form: disjoint spans (an as-of join), or one row per (doc_id, pos) as generations merged before the
+    spans hold them (a `pos` column: joined on it)."""
+    got = scan.filter(pl.col("doc_id").is_in(keys["doc_id"].unique().implode()))
+    if "pos" in got.collect_schema().names():
+        exact = got.join(keys.lazy(), on=["doc_id", "pos"], how="semi").select(*SPAN, "pos").collect()
+        return cut_windows(keys, exact, before, after, on=["doc_id", "pos"])
+    return span_windows(keys, got.select(*SPAN).collect(), before, after)
 
 
 def _cut(joined: pl.DataFrame, key_columns: list[str], before: int, after: int) -> pl.DataFrame:

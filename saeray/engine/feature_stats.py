@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .partials import N_BINS, hist_table, value_bins
+from . import partials
+from .partials import N_BINS, add_counts, counts, hist_table, value_bins
 
 _NO_KEY = torch.iinfo(torch.int64).max
 
@@ -23,26 +24,6 @@ STATS_SCHEMA = pa.schema([
     ("n_docs", pa.int64()), ("doc_sum", pa.float64()), ("doc_m2", pa.float64()),
 ])
 """Per-unit statistics; n_docs/doc_sum/doc_m2 are the per-document moments (partials.DEFINITIONS)."""
-
-
-def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """How often each of 0..n-1 occurs in `idx` (int64 [n])."""
-    return add_counts(torch.zeros(n, dtype=torch.int64, device=idx.device), idx)
-
-
-def on_host(t: torch.Tensor) -> bool:
-    """Whether `t` lives in host memory, where an output sized by the data costs no sync: the one test that
-    picks the CPU's faster variant of an operation over the GPU's sync-free one (the sync-count test turns it
-    off to count a GPU's syncs on CPU tensors)."""
-    return t.device.type == "cpu"
-
-
-def add_counts(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """`out` (int64) plus how often each of its indexes occurs in `idx`, in place: bincount on CPU (the fastest
-    there); on a GPU a scatter-add into `out`, since CUDA's bincount reads the input's range back to the host."""
-    if on_host(idx):
-        return out.add_(torch.bincount(idx, minlength=len(out)))
-    return out.scatter_add_(0, idx, torch.ones_like(idx))
 
 
 DENSE_PAIR_CELLS = 1 << 23
@@ -58,11 +39,11 @@ def segment_sum(index: torch.Tensor, values: torch.Tensor, size: int, determinis
     segment summed by torch.segment_reduce (CUB's segmented reduction, no atomics). On CPU index_add_ adds in
     order already."""
     if deterministic is None:
-        deterministic = not on_host(values)
+        deterministic = not partials.on_host(values)
     if not deterministic:
         return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, index, values)
     order = torch.sort(index, stable=True).indices
-    lengths = torch.zeros(size, dtype=torch.int64, device=index.device).scatter_add_(0, index, torch.ones_like(index))
+    lengths = counts(index, size)
     return torch.segment_reduce(values[order], "sum", lengths=lengths, unsafe=True)
 
 
@@ -154,7 +135,7 @@ class FeatureStats:
         # the histogram of positive values, counted into place (others go to the spare cell: no mask indexing)
         cell = torch.where(val > 0, feat * N_BINS + value_bins(val), len(self.hist) - 1)
         add_counts(self.hist, cell)
-        if feat.numel() and on_host(feat):
+        if feat.numel() and partials.on_host(feat):
             # Only entries >= their feature's running max can change it (ties included): after the first
             # batches few are, and the passes below touch only those. (On a GPU the mask would cost a sync.)
             keep = val >= self.max[feat]

@@ -195,12 +195,30 @@ def _merge_lists(old: list[torch.Tensor], new: list[torch.Tensor], n_groups: int
     return [torch.cat([o[rest], t]) for o, t in zip(old, kept)], kept, flag[n_old:]
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether `t` lives in host memory, where an output sized by the data costs no sync: the one test that
+    picks the CPU's faster variant of an operation over the GPU's sync-free one (the sync-count test turns it
+    off to count a GPU's syncs on CPU tensors)."""
+    return t.device.type == "cpu"
+
+
+def add_counts(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`out` (int64) plus how often each of its indexes occurs in `idx`, in place: bincount on CPU (the fastest
+    there); on a GPU a scatter-add into `out`, since CUDA's bincount reads the input's range back to the host."""
+    if on_host(idx):
+        return out.add_(torch.bincount(idx, minlength=len(out)))
+    return out.scatter_add_(0, idx, torch.ones_like(idx))
+
+
+def counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in `idx` (int64 [n])."""
+    return add_counts(torch.zeros(n, dtype=torch.int64, device=idx.device), idx)
+
+
 def _threshold(current: torch.Tensor, group: torch.Tensor, key: torch.Tensor, k: int, reduce: str, fill: Any
                ) -> torch.Tensor:
-    """The entry bar per group: `reduce` (amin/amax) of the kept keys where a group holds k, else unchanged.
-    Counts by scatter-add, not bincount (CUDA's reads the input's range back to the host)."""
-    full = torch.zeros(len(current), dtype=torch.int64, device=group.device).scatter_add_(
-        0, group, torch.ones_like(group)) >= k
+    """The entry bar per group: `reduce` (amin/amax) of the kept keys where a group holds k, else unchanged."""
+    full = counts(group, len(current)) >= k
     bar = torch.full_like(current, fill).scatter_reduce(0, group, key, reduce)
     return torch.where(full, bar, current)
 

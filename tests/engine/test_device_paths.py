@@ -130,17 +130,17 @@ class DataSizedOps(TorchDispatchMode):
 
 
 def test_host_syncs_per_batch_and_block(tiny, monkeypatch):
-    """What a GPU waits for, counted on CPU tensors with the GPU's variants of each operation (feature_stats.on_host
+    """What a GPU waits for, counted on CPU tensors with the GPU's variants of each operation (partials.on_host
     off): with batches in flight, none per batch beyond the wait for its counts (read from pinned memory behind
     the batch's event, which no CPU op shows), and per block and (SAE, group) at most nine, as docs/performance.md
     says: the block's (document, feature) pairs; for the top lists and for the binned samples each, the
     candidates, the entries kept in the groups they touch, and those that stay (none of these three when nothing
     is a candidate); the contexts near kept maxima; the last values' positions."""
-    from saeray.engine import feature_stats
+    from saeray.engine import partials
     from saeray.engine.batching import blocks
     from saeray.engine.extract import Extractor
 
-    monkeypatch.setattr(feature_stats, "on_host", lambda t: False)
+    monkeypatch.setattr(partials, "on_host", lambda t: False)
     ext, docs = _extractor(tiny, ahead=2)
     per_batch, per_block = [], []
 

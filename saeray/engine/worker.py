@@ -83,8 +83,10 @@ class ShardWorker:
         # the model up to its deepest hooked layer, built once for the worker's life (see engine.truncated)
         self.hooks = forward_to_hooks(self.model, list({h.site.name: h.site for h in self.handles}.values()),
                                       compile=resolve_compile(self.cfg.model.compile, self.device))
-        if getattr(self.hooks, "compiled", False):  # compiling belongs to the worker's start, not to a unit
-            log.info("compiled the forward in %.1f s", self.hooks.warm_up(self.batch_tokens, resolved["context_size"]))
+        warm_up = getattr(self.hooks, "warm_up", None)  # compiling belongs to the worker's start, not to a unit
+        compiled_s = warm_up(self.batch_tokens, resolved["context_size"]) if warm_up else 0.0
+        if compiled_s:
+            log.info("compiled the forward in %.1f s", compiled_s)
         # batches in flight, sized once from the memory left with the model and SAEs loaded (a later unit would
         # see the previous unit's cached blocks as taken)
         self.ahead = in_flight(self.batch_tokens, self.handles, self.device)
